@@ -1,0 +1,335 @@
+"""Typed configuration for every stage, YAML loading with ``key.sub=value`` overrides, stable hashing.
+
+A run is described by one :class:`LumenConfig`. It is loaded from a YAML file with
+:func:`load_config`, optionally patched by dotted overrides from the command line, validated by
+pydantic (unknown keys are rejected with the list of valid ones) and written, resolved, into the run
+folder with :func:`save_config`. :func:`config_hash` is a stable content hash used in provenance and
+cache keys.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from pipeline.io import atomic_write_text
+
+__all__ = [
+    "BaseModelConfig",
+    "ConfigError",
+    "DataConfig",
+    "GenerateConfig",
+    "LayoutConfig",
+    "LumenConfig",
+    "LumenTrainConfig",
+    "PerceptionConfig",
+    "RunnerConfig",
+    "ShardConfig",
+    "apply_overrides",
+    "config_hash",
+    "load_config",
+    "save_config",
+]
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with a message that names the key and how to fix it."""
+
+
+class _Section(BaseModel):
+    """Base for every config section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage configs
+# --------------------------------------------------------------------------------------------------
+
+
+class DataConfig(_Section):
+    """Where samples come from. ``adapter`` picks the dataset adapter by name."""
+
+    adapter: Literal["toyscenes", "folder", "camvid", "webdataset"] = "toyscenes"
+    root: Path | None = Field(None, description="dataset folder (folder, camvid, webdataset adapters)")
+    split: Literal["train", "val"] = "train"
+    num_images: int | None = Field(256, ge=1, description="cap on the number of samples; null = all")
+    num_val_images: int | None = Field(64, ge=1, description="cap on validation samples; null = all")
+    image_size: tuple[int, int] | None = Field(
+        (128, 128), description="(height, width) samples are rendered or resized to; null = native size"
+    )
+    seed: int = 0
+    # toyscenes
+    domains: list[str] = Field(default_factory=lambda: ["day", "evening", "studio"])
+    min_objects: int = Field(2, ge=0)
+    max_objects: int = Field(5, ge=0)
+    # folder
+    image_dir: str = "images"
+    seg_dir: str | None = "seg"
+    depth_dir: str | None = "depth"
+    normal_dir: str | None = "normal"
+    val_image_dir: str | None = None
+    val_seg_dir: str | None = None
+    val_depth_dir: str | None = None
+    val_normal_dir: str | None = None
+    depth_scale: float = Field(1000.0, gt=0, description="PNG16 depth value per metre (1000 = millimetres)")
+    # folder / camvid / webdataset
+    classes: list[str] | None = None
+    ignore_index: int | None = None
+
+    @field_validator("image_size", mode="before")
+    @classmethod
+    def _square(cls, v: Any) -> Any:
+        return (v, v) if isinstance(v, int) else v
+
+    @field_validator("image_size")
+    @classmethod
+    def _positive(cls, v: tuple[int, int] | None) -> tuple[int, int] | None:
+        if v is not None and (v[0] < 8 or v[1] < 8):
+            raise ValueError(f"image_size must be at least 8x8, got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> DataConfig:
+        if self.min_objects > self.max_objects:
+            raise ValueError(f"min_objects ({self.min_objects}) > max_objects ({self.max_objects})")
+        if self.adapter in ("folder", "camvid", "webdataset") and self.root is None:
+            raise ValueError(f"adapter '{self.adapter}' needs data.root (the dataset folder)")
+        return self
+
+
+class LayoutConfig(_Section):
+    """How neural layouts are made: backbone features reduced by a dataset-level PCA."""
+
+    backbone: Literal["sd", "dinov2", "dino", "clip"] = "sd"
+    model: str | None = Field(None, description="hub id or local folder; null = the run's base model (sd)")
+    layer: str | int = Field("up_blocks.1", description="sd: decoder block name; vit: hidden-state index")
+    timestep: int = Field(261, ge=0, le=999)
+    noise_draws: int = Field(1, ge=1)
+    num_components: int = Field(8, ge=1)
+    drop_first: int = Field(0, ge=0)
+    pca_images: int = Field(64, ge=1, description="images sampled to fit the PCA")
+    pca_vectors_per_image: int = Field(256, ge=1)
+    clip_sigma: float = Field(3.0, gt=0)
+    input_size: int | None = Field(None, description="backbone input side; null = the image size")
+    batch_size: int = Field(8, ge=1)
+    cache: bool = True
+
+
+class BaseModelConfig(_Section):
+    """The frozen text-to-image base model: a diffusers folder/hub id, or the tiny preset trained here."""
+
+    source: Literal["tiny", "pretrained"] = "tiny"
+    pretrained: str | None = Field(None, description="hub id or diffusers folder, e.g. runwayml/stable-diffusion-v1-5")
+    local_files_only: bool = True
+    resolution: int = Field(64, ge=16)
+    train_steps: int = Field(2000, ge=0)
+    vae_steps: int = Field(1000, ge=0)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(2e-4, gt=0)
+
+
+class LumenTrainConfig(_Section):
+    """LUMEN ControlNet training (or a comparison condition trained by the same trainer)."""
+
+    condition: Literal["layout", "seg", "seg_sparse", "edges", "depth", "none"] = "layout"
+    sparse_min_share: float = Field(0.3, ge=0, le=1)
+    sparse_max_share: float = Field(0.9, ge=0, le=1)
+    train_steps: int = Field(2000, ge=0)
+    batch_size: int = Field(16, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    empty_prompt_prob: float = Field(0.1, ge=0, le=1)
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "auto"
+    checkpoint_every: int = Field(500, ge=1)
+    validate_every: int = Field(500, ge=1)
+
+
+class GenerateConfig(_Section):
+    """Variant generation from layouts."""
+
+    variants: int = Field(4, ge=1)
+    steps: int = Field(20, ge=1)
+    guidance_scale: float = Field(3.0, ge=0)
+    scheduler: Literal["ddim", "dpm", "euler", "pndm"] = "ddim"
+    prompt_template: str = "{caption}"
+    variation_prompts: list[str] = Field(default_factory=list)
+    batch_size: int = Field(16, ge=1)
+    chunk_size: int = Field(32, ge=1, description="images per resumable unit of work")
+    quality_filter: bool = False
+    quality_threshold: float = Field(0.3, ge=0, le=1)
+
+
+class ShardConfig(_Section):
+    """WebDataset shard writing."""
+
+    max_samples: int = Field(256, ge=1)
+    max_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    image_format: Literal["png", "jpg", "webp"] = "png"
+    store_layout: bool = False
+
+
+class PerceptionConfig(_Section):
+    """Downstream perception models trained on real vs real+synthetic."""
+
+    tasks: list[Literal["seg", "depth", "normal"]] = Field(default_factory=lambda: ["seg", "depth", "normal"])
+    arch: str = "Unet"
+    encoder: str = "resnet18"
+    encoder_weights: str | None = None
+    steps: int = Field(300, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
+    synthetic_ratio: float = Field(0.5, ge=0, le=1)
+    low_label_fraction: float | None = Field(0.1, gt=0, le=1)
+
+
+class RunnerConfig(_Section):
+    """How Prefect runs tasks."""
+
+    kind: Literal["thread", "dask"] = "thread"
+    max_workers: int = Field(2, ge=1)
+    dask_address: str | None = None
+    gpu_concurrency: int = Field(1, ge=1)
+
+
+class LumenConfig(_Section):
+    """One run of the pipeline, every stage included."""
+
+    name: str = "run"
+    seed: int = 0
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N | mps")
+    runs_dir: Path = Path("runs")
+    data: DataConfig = Field(default_factory=DataConfig)
+    layouts: LayoutConfig = Field(default_factory=LayoutConfig)
+    base: BaseModelConfig = Field(default_factory=BaseModelConfig)
+    lumen: LumenTrainConfig = Field(default_factory=LumenTrainConfig)
+    generate: GenerateConfig = Field(default_factory=GenerateConfig)
+    shards: ShardConfig = Field(default_factory=ShardConfig)
+    perception: PerceptionConfig = Field(default_factory=PerceptionConfig)
+    runner: RunnerConfig = Field(default_factory=RunnerConfig)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if not v or any(c in v for c in "/\\. "):
+            raise ValueError(f"name must be non-empty without '/', '\\\\', '.' or spaces, got {v!r}")
+        return v
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading, overrides, hashing
+# --------------------------------------------------------------------------------------------------
+
+
+def _valid_keys(model: type[BaseModel]) -> list[str]:
+    return sorted(model.model_fields)
+
+
+def _check_keys(raw: Mapping[str, Any], model: type[BaseModel], prefix: str = "") -> None:
+    """Reject unknown keys before pydantic does, so the message lists the valid keys at that level."""
+    for key, value in raw.items():
+        where = f"{prefix}{key}"
+        if key not in model.model_fields:
+            valid = ", ".join(_valid_keys(model))
+            section = prefix.rstrip(".") or "the top level"
+            raise ConfigError(f"unknown config key '{where}'. Valid keys under {section}: {valid}")
+        annotation = model.model_fields[key].annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel) and isinstance(value, Mapping):
+            _check_keys(value, annotation, prefix=f"{where}.")
+
+
+def _parse_value(text: str) -> Any:
+    """Parse an override value as YAML (numbers, booleans, null, lists), falling back to the raw string."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict (in place) and return it.
+
+    Values are parsed as YAML, so ``data.num_images=64``, ``generate.variation_prompts=[a, b]`` and
+    ``data.root=null`` do what they look like.
+    """
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.sub=value")
+        dotted, text = item.split("=", 1)
+        parts = [p for p in dotted.strip().split(".") if p]
+        if not parts:
+            raise ConfigError(f"override '{item}' has an empty key")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override '{item}': '{'.'.join(parts[: i + 1])}' is a value, not a section")
+            node = child
+        node[parts[-1]] = _parse_value(text)
+    return raw
+
+
+def _format_validation_error(err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"]) or "config"
+        lines.append(f"  {loc}: {e['msg']} (got {e.get('input')!r})")
+    return "invalid config:\n" + "\n".join(lines)
+
+
+def build_config(raw: Mapping[str, Any] | None = None, overrides: Iterable[str] = ()) -> LumenConfig:
+    """Validate a raw dict (plus overrides) into a :class:`LumenConfig`."""
+    data = json.loads(json.dumps(dict(raw or {}), default=str))  # deep copy, plain types
+    apply_overrides(data, overrides)
+    _check_keys(data, LumenConfig)
+    try:
+        return LumenConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err)) from None
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: Iterable[str] = ()) -> LumenConfig:
+    """Load a YAML config (``yaml.safe_load``), apply overrides and validate.
+
+    Relative ``data.root`` paths are resolved against the current directory, as a user typing a path
+    on the command line expects; the resolved config records the absolute path.
+    """
+    raw: dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file not found: {p}. Pass a YAML file such as configs/demo.yaml")
+        with p.open() as f:
+            loaded = yaml.safe_load(f)
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{p}: the top level of a config must be a mapping, got {type(loaded).__name__}")
+        raw = loaded
+    return build_config(raw, overrides)
+
+
+def config_dict(cfg: BaseModel) -> dict[str, Any]:
+    """Plain JSON-compatible dict of a config (paths as strings, tuples as lists)."""
+    return json.loads(cfg.model_dump_json())
+
+
+def config_hash(cfg: BaseModel, length: int = 16) -> str:
+    """Stable content hash: sha256 of the canonical JSON of the config (sorted keys)."""
+    text = json.dumps(config_dict(cfg), sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def save_config(cfg: LumenConfig, path: str | os.PathLike[str]) -> Path:
+    """Write the resolved config as YAML (with its hash in a header comment), atomically."""
+    body = yaml.safe_dump(config_dict(cfg), sort_keys=False)
+    atomic_write_text(path, f"# resolved config, hash {config_hash(cfg)}\n{body}")
+    return Path(path)
