@@ -106,28 +106,69 @@ class DataConfig(_Section):
 
 
 class LayoutConfig(_Section):
-    """How neural layouts are made: backbone features reduced by a dataset-level PCA."""
+    """How neural layouts are made: backbone features reduced by a dataset-level PCA (docs/layouts.md)."""
 
     backbone: Literal["sd", "dinov2", "dino", "clip"] = "sd"
-    model: str | None = Field(None, description="hub id or local folder; null = the run's base model (sd)")
-    layer: str | int = Field("up_blocks.1", description="sd: decoder block name; vit: hidden-state index")
-    timestep: int = Field(261, ge=0, le=999)
-    noise_draws: int = Field(1, ge=1)
-    num_components: int = Field(8, ge=1)
-    drop_first: int = Field(0, ge=0)
+    model: str | None = Field(
+        None,
+        description="hub id or local folder (loaded with local_files_only); null = the run's base model (sd) "
+        "or the backbone's default id (dinov2: facebook/dinov2-base, dino: facebook/dino-vitb16, "
+        "clip: openai/clip-vit-base-patch16)",
+    )
+    layer: str | int | None = Field(
+        None,
+        description="sd: UNet submodule whose output is read, e.g. up_blocks.1 (null = up_blocks.1); "
+        "vit: hidden-state index, 0 = patch embeddings, -1 = last (null = -1)",
+    )
+    timestep: int = Field(261, ge=0, le=999, description="sd: diffusion timestep at which features are read")
+    noise_draws: int = Field(1, ge=1, description="sd: features are averaged over this many noise draws")
+    prompt: Literal["empty", "caption"] = Field("empty", description="sd: text condition of the UNet")
+    num_components: int = Field(8, ge=1, description="N, the layout channels (1 <= N <= feature channels)")
+    drop_first: int = Field(0, ge=0, description="skip the first k principal components")
     pca_images: int = Field(64, ge=1, description="images sampled to fit the PCA")
-    pca_vectors_per_image: int = Field(256, ge=1)
-    clip_sigma: float = Field(3.0, gt=0)
-    input_size: int | None = Field(None, description="backbone input side; null = the image size")
+    pca_vectors_per_image: int = Field(256, ge=1, description="feature vectors sampled per image for the PCA")
+    clip_sigma: float = Field(
+        3.0, gt=0, description="components are clipped at +-clip_sigma std, then mapped to [0, 1]"
+    )
+    input_size: int | None = Field(
+        None,
+        description="backbone input: the shorter image side is resized to this (both sides then rounded to "
+        "the backbone's stride); null = the image size",
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="backbone compute dtype; auto = float16 on CUDA, float32 elsewhere"
+    )
+    seed: int = Field(0, description="seed of the noise draws (sd) and of the PCA's image/vector sampling")
     batch_size: int = Field(8, ge=1)
     cache: bool = True
+
+    @field_validator("input_size")
+    @classmethod
+    def _input_size(cls, v: int | None) -> int | None:
+        if v is not None and v < 8:
+            raise ValueError(f"input_size must be at least 8 (or null for the image size), got {v}")
+        return v
+
+    @model_validator(mode="after")
+    def _check_layer(self) -> LayoutConfig:
+        if self.backbone == "sd" and isinstance(self.layer, int):
+            raise ValueError(
+                f"layouts.layer: the sd backbone reads a UNet block by name (e.g. up_blocks.1), got {self.layer}"
+            )
+        if self.backbone != "sd" and isinstance(self.layer, str):
+            raise ValueError(
+                f"layouts.layer: the {self.backbone} backbone reads a hidden state by index (e.g. -1), got {self.layer!r}"
+            )
+        return self
 
 
 class BaseModelConfig(_Section):
     """The frozen text-to-image base model: a diffusers folder/hub id, or the tiny preset trained here."""
 
     source: Literal["tiny", "pretrained"] = "tiny"
-    pretrained: str | None = Field(None, description="hub id or diffusers folder, e.g. runwayml/stable-diffusion-v1-5")
+    pretrained: str | None = Field(
+        None, description="hub id or diffusers folder, e.g. runwayml/stable-diffusion-v1-5"
+    )
     local_files_only: bool = True
     resolution: int = Field(64, ge=16)
     train_steps: int = Field(2000, ge=0)
@@ -168,18 +209,25 @@ class GenerateConfig(_Section):
 
 
 class ShardConfig(_Section):
-    """WebDataset shard writing."""
+    """WebDataset shard writing (see docs/shards.md for the schema)."""
 
-    max_samples: int = Field(256, ge=1)
-    max_bytes: int = Field(256 * 1024 * 1024, ge=1024)
+    max_samples: int = Field(256, ge=1, description="samples per shard at most")
+    max_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="tar bytes per shard, approximately at most")
     image_format: Literal["png", "jpg", "webp"] = "png"
+    image_quality: int = Field(95, ge=1, le=100, description="jpg/webp quality; webp at 100 is lossless")
+    depth_dtype: Literal["float32", "float16"] = Field("float32", description="float16 halves depth.npy, lossy")
+    normal_dtype: Literal["float32", "float16"] = Field("float32", description="float16 halves normal.npy, lossy")
     store_layout: bool = False
+
+
+Task = Literal["seg", "depth", "normal"]
+_ALL_TASKS: tuple[Task, ...] = ("seg", "depth", "normal")
 
 
 class PerceptionConfig(_Section):
     """Downstream perception models trained on real vs real+synthetic."""
 
-    tasks: list[Literal["seg", "depth", "normal"]] = Field(default_factory=lambda: ["seg", "depth", "normal"])
+    tasks: list[Task] = Field(default_factory=lambda: list(_ALL_TASKS))
     arch: str = "Unet"
     encoder: str = "resnet18"
     encoder_weights: str | None = None
@@ -271,7 +319,9 @@ def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, 
         for i, part in enumerate(parts[:-1]):
             child = node.setdefault(part, {})
             if not isinstance(child, dict):
-                raise ConfigError(f"override '{item}': '{'.'.join(parts[: i + 1])}' is a value, not a section")
+                raise ConfigError(
+                    f"override '{item}': '{'.'.join(parts[: i + 1])}' is a value, not a section"
+                )
             node = child
         node[parts[-1]] = _parse_value(text)
     return raw
@@ -312,9 +362,14 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Iterable[str] = 
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):
-            raise ConfigError(f"{p}: the top level of a config must be a mapping, got {type(loaded).__name__}")
+            raise ConfigError(
+                f"{p}: the top level of a config must be a mapping, got {type(loaded).__name__}"
+            )
         raw = loaded
-    return build_config(raw, overrides)
+    cfg = build_config(raw, overrides)
+    if cfg.data.root is not None and not cfg.data.root.is_absolute():
+        cfg.data.root = cfg.data.root.resolve()
+    return cfg
 
 
 def config_dict(cfg: BaseModel) -> dict[str, Any]:

@@ -75,20 +75,44 @@ class Domain:
 
 DOMAINS: dict[str, Domain] = {
     "day": Domain(
-        _SATURATED, (40, 75), (1.0, 0.98, 0.92), (1.0, 1.25), (0.32, 0.34, 0.38),
-        (0.75, 0.85, 0.95), (0.3, 0.5, 0.85), ("bright daylight", "midday sun"),
+        _SATURATED,
+        (40, 75),
+        (1.0, 0.98, 0.92),
+        (1.0, 1.25),
+        (0.32, 0.34, 0.38),
+        (0.75, 0.85, 0.95),
+        (0.3, 0.5, 0.85),
+        ("bright daylight", "midday sun"),
     ),
     "evening": Domain(
-        _SATURATED, (8, 22), (1.0, 0.62, 0.32), (0.9, 1.2), (0.18, 0.16, 0.24),
-        (0.95, 0.6, 0.35), (0.3, 0.25, 0.5), ("low evening light", "warm sunset light"),
+        _SATURATED,
+        (8, 22),
+        (1.0, 0.62, 0.32),
+        (0.9, 1.2),
+        (0.18, 0.16, 0.24),
+        (0.95, 0.6, 0.35),
+        (0.3, 0.25, 0.5),
+        ("low evening light", "warm sunset light"),
     ),
     "studio": Domain(
-        _PASTEL, (50, 80), (1.0, 1.0, 1.0), (0.6, 0.8), (0.5, 0.5, 0.52),
-        (0.9, 0.9, 0.9), (0.8, 0.8, 0.82), ("soft studio light", "even diffuse light"),
+        _PASTEL,
+        (50, 80),
+        (1.0, 1.0, 1.0),
+        (0.6, 0.8),
+        (0.5, 0.5, 0.52),
+        (0.9, 0.9, 0.9),
+        (0.8, 0.8, 0.82),
+        ("soft studio light", "even diffuse light"),
     ),
     "night": Domain(
-        _SATURATED, (55, 85), (0.7, 0.8, 1.0), (0.45, 0.6), (0.06, 0.07, 0.12),
-        (0.08, 0.1, 0.2), (0.01, 0.01, 0.05), ("dim night light", "cold moonlight"),
+        _SATURATED,
+        (55, 85),
+        (0.7, 0.8, 1.0),
+        (0.45, 0.6),
+        (0.06, 0.07, 0.12),
+        (0.08, 0.1, 0.2),
+        (0.01, 0.01, 0.05),
+        ("dim night light", "cold moonlight"),
     ),
 }
 
@@ -257,7 +281,11 @@ def sample_scene(
                 r = float(rng.uniform(0.3, 0.7))
                 size = (r, r, r)
             elif shape == "box":
-                size = (float(rng.uniform(0.25, 0.6)), float(rng.uniform(0.25, 0.75)), float(rng.uniform(0.25, 0.6)))
+                size = (
+                    float(rng.uniform(0.25, 0.6)),
+                    float(rng.uniform(0.25, 0.75)),
+                    float(rng.uniform(0.25, 0.6)),
+                )
             else:
                 size = (float(rng.uniform(0.2, 0.5)), float(rng.uniform(0.5, 1.8)), 0.0)
                 size = (size[0], size[1], size[0])
@@ -271,7 +299,8 @@ def sample_scene(
             mat.shininess = float(rng.choice([0.0, 0.0, 0.35]))
             cand = Obj(shape, (x, y, z), size, float(rng.uniform(0, math.pi)), mat, name)
             ok = all(
-                math.hypot(x - o.center[0], z - o.center[2]) > cand.footprint + o.footprint + 0.1 for o in objects
+                math.hypot(x - o.center[0], z - o.center[2]) > cand.footprint + o.footprint + 0.1
+                for o in objects
             )
             if ok:
                 objects.append(cand)
@@ -388,8 +417,8 @@ def _screen_rect(
     def span(c: float, focal: float, centre_px: float, size: int) -> slice:
         lo = min((c - radius) / (z - radius), (c - radius) / (z + radius))
         hi = max((c + radius) / (z - radius), (c + radius) / (z + radius))
-        a = max(0, int(math.floor(centre_px + focal * lo - 0.5)) - 1)
-        b = min(size, int(math.ceil(centre_px + focal * hi - 0.5)) + 2)
+        a = max(0, math.floor(centre_px + focal * lo - 0.5) - 1)
+        b = min(size, math.ceil(centre_px + focal * hi - 0.5) + 2)
         return slice(a, max(a, b))
 
     return span(y, fy, cy, height), span(x, fx, cx, width)
@@ -399,7 +428,9 @@ def _object_normal(p: np.ndarray, obj: Obj) -> tuple[np.ndarray, np.ndarray]:
     """World normals and 2-D texture coordinates (metres) for hit points ``p`` (M, 3) on ``obj``."""
     if obj.shape == "sphere":
         n = (p - np.asarray(obj.center)) / obj.size[0]
-        uv = np.stack([np.arctan2(n[:, 0], n[:, 2]) * obj.size[0], np.arcsin(np.clip(n[:, 1], -1, 1)) * obj.size[0]], 1)
+        uv = np.stack(
+            [np.arctan2(n[:, 0], n[:, 2]) * obj.size[0], np.arcsin(np.clip(n[:, 1], -1, 1)) * obj.size[0]], 1
+        )
         return n, uv
     if obj.shape == "box":
         rot = _yaw_matrix(obj.yaw)
@@ -467,8 +498,8 @@ def render_scene(scene: Scene, height: int, width: int) -> dict[str, np.ndarray]
     cam = scene.camera
     r, dn, f = cam.axes()
     fx, fy, cx, cy = cam.intrinsics(height, width)
-    xc = ((np.tile(np.arange(width), height) + 0.5 - cx) / fx)
-    yc = ((np.repeat(np.arange(height), width) + 0.5 - cy) / fy)
+    xc = (np.tile(np.arange(width), height) + 0.5 - cx) / fx
+    yc = (np.repeat(np.arange(height), width) + 0.5 - cy) / fy
     # Ray directions with unit camera-z component: the ray parameter t *is* the z-depth.
     d = (xc[:, None] * r + yc[:, None] * dn + f).astype(np.float32)
     o = np.broadcast_to(np.asarray(cam.position, dtype=np.float32), d.shape)
@@ -557,7 +588,9 @@ def render_scene(scene: Scene, height: int, width: int) -> dict[str, np.ndarray]
     # Sky: vertical gradient from horizon to zenith.
     if sky.any():
         elev = np.clip(d[sky, 1] / np.linalg.norm(d[sky], axis=1), 0, 1) ** 0.6
-        color[sky] = np.asarray(scene.sky_horizon) * (1 - elev[:, None]) + np.asarray(scene.sky_zenith) * elev[:, None]
+        color[sky] = (
+            np.asarray(scene.sky_horizon) * (1 - elev[:, None]) + np.asarray(scene.sky_zenith) * elev[:, None]
+        )
 
     # Gentle distance haze towards the horizon colour keeps far surfaces readable.
     haze = (1 - np.exp(-depth / 40.0))[:, None]
@@ -617,7 +650,11 @@ class ToyScenes:
         self.domains = list(domains)
         self.min_objects, self.max_objects = int(min_objects), int(max_objects)
         self.info = DatasetInfo(
-            name="toyscenes", classes=CLASSES, ignore_index=None, labels=("seg", "depth", "normal"), depth_units="m"
+            name="toyscenes",
+            classes=CLASSES,
+            ignore_index=None,
+            labels=("seg", "depth", "normal"),
+            depth_units="m",
         )
 
     def __len__(self) -> int:

@@ -1,0 +1,195 @@
+"""The ``lumen`` command line: ``lumen <command> CONFIG [key=value ...] [--out DIR]``.
+
+Configs are YAML files (see ``configs/``); any key can be overridden with ``section.key=value``.
+New features are config keys, not new flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from pipeline import __version__
+from pipeline.config import ConfigError, LumenConfig, config_dict, config_hash, load_config
+
+__all__ = ["main"]
+
+log = logging.getLogger("lumen")
+
+# Sub-packages that contribute command groups through a ``register(subparsers)`` function.
+_PLUGINS = ("pipeline.layouts.cli", "pipeline.shards.cli")
+
+# Stages that later issues add; until then the commands exist and fail honestly.
+_PENDING = {
+    "train-base": "train the tiny base text-to-image model",
+    "train-lumen": "train the LUMEN ControlNet on images + neural layouts",
+    "expand": "generate synthetic variants and shard real + synthetic samples",
+    "evaluate": "train perception models on real vs real+synthetic and report the gains",
+}
+
+
+def add_config_args(p: argparse.ArgumentParser, out: bool = True) -> None:
+    """The arguments every config-driven command takes."""
+    p.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. data.num_images=64"
+    )
+    if out:
+        p.add_argument("--out", type=Path, default=None, help="run folder (default: a new one under runs/)")
+
+
+def config_from_args(args: argparse.Namespace) -> LumenConfig:
+    return load_config(args.config, args.overrides)
+
+
+def _cmd_config_show(args: argparse.Namespace) -> int:
+    import yaml
+
+    cfg = config_from_args(args)
+    print(f"# hash {config_hash(cfg)}")
+    print(yaml.safe_dump(config_dict(cfg), sort_keys=False), end="")
+    return 0
+
+
+def _cmd_data_preview(args: argparse.Namespace) -> int:
+    from pipeline.data import build_dataset
+    from pipeline.data.preview import preview_dataset
+
+    cfg = config_from_args(args)
+    path = preview_dataset(build_dataset(cfg.data, args.split), args.out, num=args.num)
+    print(f"wrote {path}")
+    return 0
+
+
+def _cmd_data_check(args: argparse.Namespace) -> int:
+    from pipeline.data import Quarantine, build_dataset
+    from pipeline.data.validate import scan_dataset
+
+    cfg = config_from_args(args)
+    quarantine = Quarantine(args.quarantine)
+    summary = scan_dataset(build_dataset(cfg.data, args.split), quarantine, progress=True)
+    print(json.dumps(summary, indent=2))
+    for reason, n in sorted(quarantine.counts().items()):
+        print(f"quarantined {n} sample(s): {reason}")
+    return 0 if summary["quarantined"] == 0 else 1
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    from pipeline.data import Quarantine, build_dataset
+    from pipeline.data.validate import scan_dataset
+    from pipeline.io import atomic_write_json
+    from pipeline.runs import RUN_LAYOUT, prepare_run_dir
+
+    cfg = config_from_args(args)
+    run_dir = prepare_run_dir(cfg, args.out)
+    print(f"run folder: {run_dir} (config hash {config_hash(cfg)})")
+    quarantine = Quarantine(run_dir / RUN_LAYOUT["quarantine"])
+    summary = {
+        split: scan_dataset(
+            build_dataset(cfg.data, split), quarantine, stage=f"validate-{split}", progress=True
+        )
+        for split in ("train", "val")
+    }
+    atomic_write_json(run_dir / "data_summary.json", summary)
+    for split, s in summary.items():
+        print(f"{split}: {s['valid']} valid samples, {s['quarantined']} quarantined ({s['dataset']})")
+    print(
+        "error: the stages after validation (layouts, LUMEN training, generation, shards, perception) are not "
+        "implemented yet; `lumen run` stops here.",
+        file=sys.stderr,
+    )
+    return 3
+
+
+def _pending(name: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        config_from_args(args)  # still validate the config, so typos surface now
+        print(f"error: `lumen {name}` ({_PENDING[name]}) is not implemented yet.", file=sys.stderr)
+        return 3
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lumen",
+        description="LUMEN synthetic-data augmentation: neural layouts -> ControlNet -> synthetic variants -> "
+        "WebDataset shards -> perception gains.",
+    )
+    parser.add_argument("--version", action="version", version=f"lumen {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("run", help="the whole pipeline end to end")
+    add_config_args(p)
+    p.set_defaults(func=_cmd_run)
+    for name, text in _PENDING.items():
+        p = sub.add_parser(name, help=text)
+        add_config_args(p)
+        p.set_defaults(func=_pending(name))
+
+    data = sub.add_parser("data", help="look at and check a dataset").add_subparsers(
+        dest="data_command", metavar="ACTION"
+    )
+    data.required = True
+    p = data.add_parser("preview", help="PNG grid of a few samples with their labels")
+    add_config_args(p, out=False)
+    p.add_argument("--out", type=Path, required=True, help="folder for preview.png")
+    p.add_argument("--num", type=int, default=8, help="number of samples")
+    p.add_argument("--split", choices=("train", "val"), default=None)
+    p.set_defaults(func=_cmd_data_preview)
+    p = data.add_parser("check", help="validate every sample; bad ones are listed with a reason")
+    add_config_args(p, out=False)
+    p.add_argument("--split", choices=("train", "val"), default=None)
+    p.add_argument(
+        "--quarantine", type=Path, default=None, help="also write the bad samples to this JSONL file"
+    )
+    p.set_defaults(func=_cmd_data_check)
+
+    cfg = sub.add_parser("config", help="configs").add_subparsers(dest="config_command", metavar="ACTION")
+    cfg.required = True
+    p = cfg.add_parser("show", help="print the resolved config and its hash")
+    add_config_args(p, out=False)
+    p.set_defaults(func=_cmd_config_show)
+
+    for module in _PLUGINS:
+        try:
+            importlib.import_module(module).register(sub)
+        except ModuleNotFoundError as err:
+            if err.name is None or not module.startswith(err.name):
+                raise
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    # Overrides may come after options (`lumen run CFG --out D a.b=1`): argparse leaves those unparsed.
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    try:
+        return int(args.func(args))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""Datasets on disk: an image folder with optional label folders matched by file stem, and CamVid.
+
+Layout of a ``folder`` dataset (folder names are configurable)::
+
+    root/images/<stem>.png|jpg|...    RGB image (any PIL-readable format)
+    root/seg/<stem>.png               class ids (mode L, P or 16-bit)
+    root/depth/<stem>.npy|png         float depth (.npy) or 16-bit PNG divided by ``depth_scale``; 0 = invalid
+    root/normal/<stem>.npy|png        float (H, W, 3) unit normals (.npy) or RGB PNG with n = rgb / 127.5 - 1;
+                                      black (0, 0, 0) = invalid
+
+CamVid uses the SegNet layout (``train/`` + ``trainannot/``, ``val/`` + ``valannot/``) with its 11
+classes and ignore index 11 built in.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from pipeline.data.sample import DatasetInfo, Sample, SampleError
+
+__all__ = ["CAMVID_CLASSES", "CamVid", "FolderDataset", "resize_sample"]
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff")
+CAMVID_CLASSES: tuple[str, ...] = (
+    "sky", "building", "pole", "road", "pavement", "tree", "sign", "fence", "car", "pedestrian", "bicyclist",
+)  # fmt: skip
+CAMVID_IGNORE = 11
+
+
+def _sanitise(stem: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", stem)
+
+
+def _find(folder: Path | None, stem: str, exts: Sequence[str]) -> Path | None:
+    if folder is None:
+        return None
+    for ext in exts:
+        p = folder / f"{stem}{ext}"
+        if p.is_file():
+            return p
+    return None
+
+
+def _open_image(path: Path, reason: str) -> Image.Image:
+    try:
+        img = Image.open(path)
+        img.load()
+        return img
+    except (OSError, SyntaxError, ValueError) as err:  # PIL raises all three for corrupt files
+        raise SampleError(reason, f"{path.name}: {err}", file=str(path)) from err
+
+
+def _load_seg(path: Path) -> np.ndarray:
+    img = _open_image(path, "seg_unreadable")
+    if img.mode not in ("L", "P", "I;16", "I"):
+        raise SampleError(
+            "seg_bad_mode", f"{path.name}: mode {img.mode}, expected L, P or 16-bit", file=str(path)
+        )
+    arr = np.asarray(img)
+    return arr.astype(np.uint8) if arr.max(initial=0) < 256 else arr.astype(np.uint16)
+
+
+def _load_array(path: Path, what: str) -> np.ndarray:
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as err:
+        raise SampleError(f"{what}_unreadable", f"{path.name}: {err}", file=str(path)) from err
+
+
+def _load_depth(path: Path, depth_scale: float) -> np.ndarray:
+    if path.suffix == ".npy":
+        return _load_array(path, "depth").astype(np.float32)
+    img = _open_image(path, "depth_unreadable")
+    return np.asarray(img).astype(np.float32) / depth_scale
+
+
+def _load_normal(path: Path) -> np.ndarray:
+    if path.suffix == ".npy":
+        return _load_array(path, "normal").astype(np.float32)
+    rgb = np.asarray(_open_image(path, "normal_unreadable").convert("RGB")).astype(np.float32)
+    n = rgb / 127.5 - 1.0
+    norm = np.linalg.norm(n, axis=-1, keepdims=True)
+    n = np.divide(n, norm, out=np.zeros_like(n), where=norm > 0)
+    n[rgb.sum(-1) == 0] = 0.0
+    return n
+
+
+def _cover_crop_box(h: int, w: int, th: int, tw: int) -> tuple[int, int, int, int, int, int]:
+    """Scale (sh, sw) so the image covers (th, tw), then the centred crop (top, left, th, tw)."""
+    scale = max(th / h, tw / w)
+    sh, sw = max(th, round(h * scale)), max(tw, round(w * scale))
+    top, left = (sh - th) // 2, (sw - tw) // 2
+    return sh, sw, top, left, th, tw
+
+
+def resize_sample(sample: Sample, size: tuple[int, int]) -> Sample:
+    """Resize a sample to ``size`` = (height, width): scale to cover, then centre-crop (no distortion).
+
+    The image is resampled bilinearly (PIL antialiases when shrinking); labels with nearest neighbour, so class ids
+    and depths stay exact values of the source; normals are re-normalised.
+    """
+    h, w = sample.size
+    if (h, w) == tuple(size):
+        return sample
+    sh, sw, top, left, th, tw = _cover_crop_box(h, w, size[0], size[1])
+
+    def fit(arr: np.ndarray, resample: Image.Resampling) -> np.ndarray:
+        if arr.ndim == 3 and arr.dtype != np.uint8:  # float multi-channel: per channel
+            return np.stack([fit(arr[..., c], resample) for c in range(arr.shape[-1])], -1)
+        img = Image.fromarray(arr).resize((sw, sh), resample=resample)
+        return np.asarray(img)[top : top + th, left : left + tw]
+
+    out = Sample(key=sample.key, image=fit(sample.image, Image.Resampling.BILINEAR), caption=sample.caption)
+    out.meta = dict(sample.meta, original_size=[h, w])
+    if sample.seg is not None:
+        out.seg = fit(sample.seg, Image.Resampling.NEAREST)
+    if sample.depth is not None:
+        out.depth = fit(sample.depth.astype(np.float32), Image.Resampling.NEAREST)
+    if sample.normal is not None:
+        n = fit(sample.normal.astype(np.float32), Image.Resampling.NEAREST)
+        norm = np.linalg.norm(n, axis=-1, keepdims=True)
+        out.normal = np.divide(n, norm, out=np.zeros_like(n), where=norm > 0)
+    return out
+
+
+class FolderDataset:
+    """Images plus optional label folders matched by file stem.
+
+    Args:
+        root: dataset folder.
+        image_dir, seg_dir, depth_dir, normal_dir: sub-folders (relative to ``root``); ``None`` or a
+            missing folder means the dataset has no such label.
+        classes: class names (index = class id); needed when there are seg labels.
+        ignore_index: seg value that marks unlabelled pixels, or None.
+        num_images: cap on the number of samples (first ones in sorted stem order), or None for all.
+        image_size: (height, width) to resize to (cover + centre crop), or None for native size.
+        depth_scale: PNG16 depth value per metre.
+        name: dataset name, used as key prefix and in provenance.
+        caption: caption given to every sample (folders carry no text).
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        image_dir: str = "images",
+        seg_dir: str | None = "seg",
+        depth_dir: str | None = "depth",
+        normal_dir: str | None = "normal",
+        classes: Sequence[str] | None = None,
+        ignore_index: int | None = None,
+        num_images: int | None = None,
+        image_size: tuple[int, int] | None = None,
+        depth_scale: float = 1000.0,
+        name: str = "folder",
+        caption: str = "",
+    ) -> None:
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(
+                f"data.root: dataset folder {self.root} does not exist; set data.root to it"
+            )
+        self.image_dir = self.root / image_dir
+        if not self.image_dir.is_dir():
+            raise FileNotFoundError(
+                f"data.image_dir: no image folder {self.image_dir}; set data.image_dir (relative to data.root)"
+            )
+        self.label_dirs: dict[str, Path | None] = {}
+        for label, sub in (("seg", seg_dir), ("depth", depth_dir), ("normal", normal_dir)):
+            folder = self.root / sub if sub else None
+            if folder is not None and not folder.is_dir():
+                log.info("no %s folder at %s: samples have no %s labels", label, folder, label)
+                folder = None
+            self.label_dirs[label] = folder
+        if self.label_dirs["seg"] is not None and not classes:
+            raise ValueError(
+                "data.classes: a dataset with seg labels needs its class names (index = class id)"
+            )
+        self.image_size = image_size
+        self.depth_scale = depth_scale
+        self.caption = caption
+        self.name = name
+        files = sorted(p for p in self.image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+        if not files:
+            raise FileNotFoundError(
+                f"data.image_dir: no images ({', '.join(IMAGE_EXTS)}) in {self.image_dir}"
+            )
+        self._files: dict[str, Path] = {}
+        for path in files:
+            key = f"{name}-{_sanitise(path.stem)}"
+            if key in self._files:
+                raise ValueError(
+                    f"two images map to the same sample key {key!r}: {self._files[key]} and {path}"
+                )
+            self._files[key] = path
+            if num_images is not None and len(self._files) >= num_images:
+                break
+        self.info = DatasetInfo(
+            name=name,
+            classes=tuple(classes or ()),
+            ignore_index=ignore_index,
+            labels=tuple(k for k, v in self.label_dirs.items() if v is not None),
+            depth_units="m",
+        )
+
+    def __len__(self) -> int:
+        return len(self._files)
+
+    def keys(self) -> list[str]:
+        return list(self._files)
+
+    def load(self, key: str) -> Sample:
+        try:
+            path = self._files[key]
+        except KeyError:
+            raise KeyError(f"{key!r} is not a key of dataset {self.name!r}") from None
+        image = _open_image(path, "image_unreadable")
+        sample = Sample(
+            key=key,
+            image=np.asarray(image.convert("RGB")),
+            caption=self.caption,
+            meta={"source": self.name, "file": str(path)},
+        )
+        seg_path = _find(self.label_dirs["seg"], path.stem, (".png",))
+        depth_path = _find(self.label_dirs["depth"], path.stem, (".npy", ".png"))
+        normal_path = _find(self.label_dirs["normal"], path.stem, (".npy", ".png"))
+        for label, p in (("seg", seg_path), ("depth", depth_path), ("normal", normal_path)):
+            if self.label_dirs[label] is not None and p is None:
+                raise SampleError(f"{label}_missing", f"no {label} file for {path.name}", file=str(path))
+        if seg_path is not None:
+            sample.seg = _load_seg(seg_path)
+        if depth_path is not None:
+            sample.depth = _load_depth(depth_path, self.depth_scale)
+        if normal_path is not None:
+            sample.normal = _load_normal(normal_path)
+        _check_label_sizes(sample, path)
+        if self.image_size is not None:
+            sample = resize_sample(sample, self.image_size)
+        return sample
+
+    def __iter__(self) -> Iterator[Sample]:
+        for key in self.keys():
+            yield self.load(key)
+
+
+def _check_label_sizes(sample: Sample, path: Path) -> None:
+    """Labels must match the image size *before* resizing (resizing would hide the mismatch)."""
+    h, w = sample.size
+    for label in sample.labels:
+        arr = getattr(sample, label)
+        if arr.shape[:2] != (h, w):
+            raise SampleError(
+                f"{label}_size_mismatch", f"{label} is {arr.shape[:2]}, image is {(h, w)}", file=str(path)
+            )
+
+
+class CamVid(FolderDataset):
+    """CamVid in the SegNet layout: 11 classes, ignore index 11, ``train``/``val`` splits."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "train",
+        num_images: int | None = None,
+        image_size: tuple[int, int] | None = None,
+        caption: str = "a street scene in a city, photographed from a car",
+    ) -> None:
+        if split not in ("train", "val", "test"):
+            raise ValueError(f"CamVid split must be train, val or test, got {split!r}")
+        super().__init__(
+            root,
+            image_dir=split,
+            seg_dir=f"{split}annot",
+            depth_dir=None,
+            normal_dir=None,
+            classes=CAMVID_CLASSES,
+            ignore_index=CAMVID_IGNORE,
+            num_images=num_images,
+            image_size=image_size,
+            name="camvid",
+            caption=caption,
+        )
+        if self.label_dirs["seg"] is None:
+            raise FileNotFoundError(
+                f"data.root: {self.root} has no {split}annot/ folder; is it the SegNet CamVid layout?"
+            )

@@ -1,0 +1,75 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ConfigError, apply_overrides, build_config, config_hash, load_config, save_config
+from pipeline.runs import prepare_run_dir
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("name", ["demo.yaml", "camvid.yaml", "sd15-dinov2.yaml"])
+def test_shipped_configs_validate(name: str) -> None:
+    cfg = load_config(REPO / "configs" / name)
+    assert cfg.name
+
+
+def test_overrides_are_parsed_as_yaml_values() -> None:
+    cfg = build_config(
+        {}, ["data.num_images=64", "generate.variation_prompts=[at night, in snow]", "data.root=null"]
+    )
+    assert cfg.data.num_images == 64
+    assert cfg.generate.variation_prompts == ["at night", "in snow"]
+    assert cfg.data.root is None
+
+
+def test_unknown_key_lists_valid_keys() -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(REPO / "configs" / "demo.yaml", ["data.num_imgs=3"])
+    msg = str(info.value)
+    assert "data.num_imgs" in msg and "num_images" in msg and "image_size" in msg
+
+
+def test_unknown_top_level_section_is_rejected() -> None:
+    with pytest.raises(ConfigError, match=r"Valid keys under the top level: .*data"):
+        build_config({"dta": {}})
+
+
+def test_bad_value_names_the_key() -> None:
+    with pytest.raises(ConfigError, match=r"data\.num_images"):
+        build_config({}, ["data.num_images=-1"])
+
+
+def test_override_into_a_value_is_an_error() -> None:
+    with pytest.raises(ConfigError, match="is a value, not a section"):
+        apply_overrides({"seed": 1}, ["seed.x=2"])
+
+
+def test_folder_adapter_requires_root() -> None:
+    with pytest.raises(ConfigError, match=r"data\.root"):
+        build_config({"data": {"adapter": "camvid"}})
+
+
+def test_hash_is_stable_and_content_based(tmp_path: Path) -> None:
+    a = build_config({"seed": 3})
+    assert config_hash(a) == config_hash(build_config({"seed": 3}))
+    assert config_hash(a) != config_hash(build_config({"seed": 4}))
+    path = save_config(a, tmp_path / "config.yaml")
+    assert config_hash(load_config(path)) == config_hash(a)
+    assert yaml.safe_load(path.read_text())["seed"] == 3
+
+
+def test_run_dir_refuses_a_different_config(tmp_path: Path) -> None:
+    run = prepare_run_dir(build_config({"seed": 1}), tmp_path / "run")
+    assert (run / "config.yaml").is_file()
+    assert prepare_run_dir(build_config({"seed": 1}), run) == run  # same config: resume
+    with pytest.raises(ConfigError, match="different config"):
+        prepare_run_dir(build_config({"seed": 2}), run)
+
+
+def test_default_run_dirs_are_new_each_time(tmp_path: Path) -> None:
+    cfg = build_config({"runs_dir": str(tmp_path)})
+    assert prepare_run_dir(cfg) != prepare_run_dir(cfg)
