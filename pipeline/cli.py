@@ -26,7 +26,6 @@ _PLUGINS = ("pipeline.layouts.cli", "pipeline.shards.cli")
 
 # Stages that later issues add; until then the commands exist and fail honestly.
 _PENDING = {
-    "train-base": "train the tiny base text-to-image model",
     "train-lumen": "train the LUMEN ControlNet on images + neural layouts",
     "expand": "generate synthetic variants and shard real + synthetic samples",
     "evaluate": "train perception models on real vs real+synthetic and report the gains",
@@ -106,6 +105,18 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 3
 
 
+def _cmd_train_base(args: argparse.Namespace) -> int:
+    from pipeline.lumen.stages import run_train_base
+    from pipeline.runs import prepare_run_dir
+
+    cfg = config_from_args(args)
+    run_dir = prepare_run_dir(cfg, args.out)
+    print(f"run folder: {run_dir} (config hash {config_hash(cfg)})")
+    out = run_train_base(cfg, run_dir)
+    print(f"base model: {out} (samples: {out / 'samples.png'})")
+    return 0
+
+
 def _pending(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         config_from_args(args)  # still validate the config, so typos surface now
@@ -129,6 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("run", help="the whole pipeline end to end")
     add_config_args(p)
     p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("train-base", help="train the tiny base text-to-image model on the dataset's images")
+    add_config_args(p)
+    p.set_defaults(func=_cmd_train_base)
     for name, text in _PENDING.items():
         p = sub.add_parser(name, help=text)
         add_config_args(p)

@@ -1,0 +1,139 @@
+"""The paper's comparison conditions, as (C, H, W) float32 maps in [0, 1] (what a ControlNet takes).
+
+- ``seg``: one-hot segmentation labels (ignored pixels are all zeros).
+- ``seg_sparse``: one-hot labels with **class-wise random sparse masking**: for every class present a
+  random share (between ``min_share`` and ``max_share``) of its pixels is hidden, in blobs of a random
+  pattern, mimicking sparse user-drawn layouts.
+- ``edges``: Canny edges of the image (1 channel).
+- ``depth``: inverse depth normalised per image to [0, 1] (1 channel; invalid = 0).
+
+Neural layouts (the LUMEN condition) come from :mod:`pipeline.layouts`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+
+from pipeline.data.sample import DatasetInfo, Sample
+
+__all__ = ["CONDITIONS", "condition_channels", "depth_map", "edge_map", "seg_onehot", "sparse_mask"]
+
+
+def seg_onehot(seg: np.ndarray, num_classes: int, ignore_index: int | None = None) -> np.ndarray:
+    """(H, W) class ids -> (num_classes, H, W) float32 one-hot; ignored / out-of-range pixels all zero."""
+    ids = seg.astype(np.int64)
+    valid = (ids >= 0) & (ids < num_classes)
+    if ignore_index is not None:
+        valid &= ids != ignore_index
+    out = np.zeros((num_classes, *seg.shape), np.float32)
+    rows, cols = np.nonzero(valid)
+    out[ids[rows, cols], rows, cols] = 1.0
+    return out
+
+
+def sparse_mask(
+    seg: np.ndarray, rng: np.random.Generator, min_share: float = 0.3, max_share: float = 0.9, blob: int = 4
+) -> np.ndarray:
+    """(H, W) bool mask, True = keep. For every class, a random pattern hides a random share of its pixels.
+
+    The pattern is coarse random noise (cells of ``blob`` pixels, bilinearly smoothed), thresholded per
+    class at the quantile that hides the drawn share, so the hidden share is exact up to ties.
+    """
+    h, w = seg.shape
+    keep = np.ones((h, w), bool)
+    for cls in np.unique(seg):
+        where = seg == cls
+        n = int(where.sum())
+        share = float(rng.uniform(min_share, max_share))
+        hide = round(share * n)
+        if hide == 0:
+            continue
+        coarse = rng.random((h // blob + 2, w // blob + 2))
+        ys = np.linspace(0, coarse.shape[0] - 1.001, h)
+        xs = np.linspace(0, coarse.shape[1] - 1.001, w)
+        y0, x0 = ys.astype(int), xs.astype(int)
+        fy, fx = (ys - y0)[:, None], (xs - x0)[None, :]
+        pattern = (
+            coarse[y0][:, x0] * (1 - fy) * (1 - fx)
+            + coarse[y0 + 1][:, x0] * fy * (1 - fx)
+            + coarse[y0][:, x0 + 1] * (1 - fy) * fx
+            + coarse[y0 + 1][:, x0 + 1] * fy * fx
+        )
+        pattern += rng.random((h, w)) * 1e-9  # break ties so the hidden share is exact
+        values = pattern[where]
+        order = np.argsort(values)
+        hidden = np.zeros(n, bool)
+        hidden[order[:hide]] = True
+        idx = np.flatnonzero(where.ravel())
+        keep.ravel()[idx[hidden]] = False
+    return keep
+
+
+def edge_map(image: np.ndarray, low: int = 60, high: int = 150) -> np.ndarray:
+    """(H, W, 3) uint8 -> (1, H, W) float32 Canny edges in {0, 1}."""
+    import cv2
+
+    gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
+    return (cv2.Canny(gray, low, high) > 0).astype(np.float32)[None]
+
+
+def depth_map(depth: np.ndarray) -> np.ndarray:
+    """(H, W) depth -> (1, H, W) float32 inverse depth scaled to [0, 1] per image; invalid (0) stays 0."""
+    valid = np.isfinite(depth) & (depth > 0)
+    out = np.zeros(depth.shape, np.float32)
+    if valid.any():
+        inv = 1.0 / depth[valid]
+        lo, hi = inv.min(), inv.max()
+        out[valid] = 0.05 + 0.95 * (inv - lo) / max(hi - lo, 1e-9)
+    return out[None]
+
+
+def _seg(sample: Sample, info: DatasetInfo, rng: np.random.Generator, **_: float) -> np.ndarray:
+    if sample.seg is None:
+        raise ValueError(f"{sample.key}: the seg condition needs seg labels")
+    return seg_onehot(sample.seg, info.num_classes, info.ignore_index)
+
+
+def _seg_sparse(
+    sample: Sample,
+    info: DatasetInfo,
+    rng: np.random.Generator,
+    min_share: float = 0.3,
+    max_share: float = 0.9,
+) -> np.ndarray:
+    onehot = _seg(sample, info, rng)
+    seg = sample.seg if sample.seg is not None else np.zeros(sample.size, np.uint8)  # _seg raised if None
+    return onehot * sparse_mask(seg, rng, min_share, max_share)[None]
+
+
+def _edges(sample: Sample, info: DatasetInfo, rng: np.random.Generator, **_: float) -> np.ndarray:
+    return edge_map(sample.image)
+
+
+def _depth(sample: Sample, info: DatasetInfo, rng: np.random.Generator, **_: float) -> np.ndarray:
+    if sample.depth is None:
+        raise ValueError(f"{sample.key}: the depth condition needs depth labels")
+    return depth_map(sample.depth)
+
+
+CONDITIONS: dict[str, Callable[..., np.ndarray]] = {
+    "seg": _seg,
+    "seg_sparse": _seg_sparse,
+    "edges": _edges,
+    "depth": _depth,
+}
+
+
+def condition_channels(name: str, info: DatasetInfo, layout_components: int) -> int:
+    """Number of channels of a condition (``layout`` uses the PCA's N; ``none`` has no ControlNet)."""
+    if name == "layout":
+        return layout_components
+    if name in ("seg", "seg_sparse"):
+        return info.num_classes
+    if name in ("edges", "depth"):
+        return 1
+    if name == "none":
+        return 0
+    raise KeyError(f"unknown condition {name!r}; valid: layout, none, {', '.join(CONDITIONS)}")

@@ -1,0 +1,207 @@
+"""The frozen text-to-image base model: load any diffusers SD-family model, or build/train the tiny preset.
+
+The tiny preset is the Stable Diffusion architecture at toy scale (AutoencoderKL with a 4x downsampling,
+a three-level ``UNet2DConditionModel`` with cross-attention, a two-layer ``CLIPTextModel`` and a
+word-level tokenizer built from the captions), a few million parameters in all. It is saved in the
+standard diffusers layout, so ``StableDiffusionPipeline.from_pretrained(dir)`` loads it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "TINY_PRESET",
+    "BaseComponents",
+    "BaseModelNotFoundError",
+    "build_tiny_components",
+    "load_base",
+    "resolve_device",
+]
+
+log = logging.getLogger(__name__)
+
+TINY_PRESET: dict[str, dict[str, Any]] = {
+    # 4x downsampling VAE: 64x64 images <-> 16x16x4 latents.
+    "vae": {
+        "block_out_channels": (16, 32, 64),
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 8,
+    },
+    # Self/cross-attention at 8x8 and 4x4 only: at 16x16 it would cost more than the rest of the UNet.
+    "unet": {
+        "block_out_channels": (32, 64, 96),
+        "layers_per_block": 1,
+        "attention_head_dim": 8,
+        "norm_num_groups": 16,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    },
+    "text": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128},
+}
+
+
+class BaseModelNotFoundError(FileNotFoundError):
+    """The base model's weights are not available locally."""
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; anything else is passed to ``torch.device``."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    return torch.device(name)
+
+
+@dataclass
+class BaseComponents:
+    """The parts of an SD-family text-to-image model."""
+
+    vae: Any
+    unet: Any
+    text_encoder: Any
+    tokenizer: Any
+    scheduler: Any
+
+    def to(self, device: torch.device | str, dtype: torch.dtype | None = None) -> BaseComponents:
+        for m in (self.vae, self.unet, self.text_encoder):
+            m.to(device) if dtype is None else m.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def vae_scale(self) -> int:
+        """Pixels per latent cell (8 for SD 1.5, 4 for the tiny preset)."""
+        return int(2 ** (len(self.vae.config.block_out_channels) - 1))
+
+    def pipeline(self, **extra: Any) -> Any:
+        """A stock ``StableDiffusionPipeline`` over these components (no safety checker)."""
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=self.scheduler,
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+            **extra,
+        )
+
+    def save(self, out_dir: str | os.PathLike[str]) -> Path:
+        """Save in the diffusers layout (safetensors), loadable by ``StableDiffusionPipeline.from_pretrained``."""
+        out = Path(out_dir)
+        self.pipeline().save_pretrained(out, safe_serialization=True)
+        return out
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts: list[str], device: torch.device | str | None = None) -> torch.Tensor:
+        """(B, L, D) text embeddings, padded to the tokenizer's ``model_max_length``."""
+        ids = self.tokenizer(
+            prompts, padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids  # fmt: skip
+        return self.text_encoder(ids.to(device or self.text_encoder.device))[0]
+
+
+def build_tiny_components(
+    tokenizer: Any,
+    resolution: int = 64,
+    seed: int = 0,
+    preset: dict[str, dict[str, Any]] | None = None,
+) -> BaseComponents:
+    """Randomly initialised tiny SD components (seeded) for the given tokenizer.
+
+    Args:
+        tokenizer: a tokenizer with ``model_max_length`` (see :func:`pipeline.lumen.tokenizer.build_tokenizer`).
+        resolution: image side in pixels (a multiple of the VAE factor times the UNet's downsampling).
+        seed: seed of every weight.
+        preset: sizes; defaults to :data:`TINY_PRESET` (tests pass smaller ones).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    p = preset or TINY_PRESET
+    vae_cfg, unet_cfg, text_cfg = dict(p["vae"]), dict(p["unet"]), dict(p["text"])
+    nv = len(vae_cfg["block_out_channels"])
+    factor = 2 ** (nv - 1) * 2 ** (len(unet_cfg["block_out_channels"]) - 1)
+    if resolution % factor:
+        raise ValueError(f"base.resolution={resolution} must be a multiple of {factor} for this preset")
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * nv,
+        up_block_types=("UpDecoderBlock2D",) * nv,
+        sample_size=resolution,
+        **vae_cfg,
+    )
+    torch.manual_seed(seed + 1)
+    unet = UNet2DConditionModel(
+        sample_size=resolution // 2 ** (nv - 1),
+        in_channels=vae_cfg["latent_channels"],
+        out_channels=vae_cfg["latent_channels"],
+        cross_attention_dim=text_cfg["hidden_size"],
+        **unet_cfg,
+    )
+    torch.manual_seed(seed + 2)
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            max_position_embeddings=tokenizer.model_max_length,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+            **text_cfg,
+        )
+    )
+    # SD's noise schedule; DDIM so the stock pipeline loaded from the saved folder samples well by default.
+    scheduler = DDIMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, set_alpha_to_one=False, steps_offset=1, prediction_type="epsilon",
+    )  # fmt: skip
+    return BaseComponents(vae, unet, text_encoder, tokenizer, scheduler)
+
+
+def load_base(
+    source: str | os.PathLike[str],
+    local_files_only: bool = True,
+    torch_dtype: torch.dtype | None = None,
+) -> BaseComponents:
+    """Load an SD-family model (diffusers folder or hub id) without touching the network by default.
+
+    Raises:
+        BaseModelNotFoundError: the weights are not on this machine, with instructions to provide them.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(source),
+            local_files_only=local_files_only,
+            torch_dtype=torch_dtype,
+            safety_checker=None,
+            requires_safety_checker=False,
+        )
+    except (OSError, ValueError) as err:
+        raise BaseModelNotFoundError(
+            f"base model {str(source)!r} is not available locally ({type(err).__name__}: {err}).\n"
+            "Provide it in one of these ways:\n"
+            f"  - on a machine with internet: `huggingface-cli download {source}` and copy the Hugging Face cache "
+            "(~/.cache/huggingface) here, or set HF_HOME to it;\n"
+            "  - or set base.pretrained to a local diffusers folder (model_index.json, vae/, unet/, text_encoder/, "
+            "tokenizer/, scheduler/);\n"
+            "  - or use the embedded tiny model: base.source=tiny."
+        ) from err
+    return BaseComponents(pipe.vae, pipe.unet, pipe.text_encoder, pipe.tokenizer, pipe.scheduler)

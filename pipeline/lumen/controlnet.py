@@ -1,0 +1,326 @@
+"""LUMEN ControlNet: a diffusers ``ControlNetModel`` with N conditioning channels over a frozen base model.
+
+The trainer is a plain loop of our own (diffusers' ``train_controlnet.py`` forces conditioning images to
+RGB): frozen VAE, UNet and text encoder; the ControlNet learns the noise-prediction loss on
+(image, condition, caption) triples, with a share of empty captions, horizontal flips applied jointly to
+image and condition, gradient accumulation, mixed precision where the device supports it, a checkpoint
+every K steps that resumes exactly, validation grids and a CSV loss curve.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pipeline.lumen.base import BaseComponents
+from pipeline.lumen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.lumen.train_base import images_to_tensor
+
+__all__ = ["ControlTrainSettings", "LumenTrainer", "build_controlnet", "embedding_channels"]
+
+log = logging.getLogger(__name__)
+
+
+def embedding_channels(vae_scale: int) -> tuple[int, ...]:
+    """Conditioning-embedding channels that downsample the image by ``vae_scale`` onto the latent grid.
+
+    The embedding halves the resolution ``len(channels) - 1`` times; SD's (16, 32, 96, 256) is for 8x.
+    """
+    k = round(math.log2(vae_scale))
+    if 2**k != vae_scale:
+        raise ValueError(f"VAE scale must be a power of two, got {vae_scale}")
+    return (16, 32, 96, 256)[: k + 1] if k <= 3 else (16, 32, 96, 256) + (256,) * (k - 3)
+
+
+def build_controlnet(base: BaseComponents, channels: int, seed: int = 0) -> Any:
+    """``ControlNetModel.from_unet`` with ``channels`` conditioning channels, initialised from the base UNet.
+
+    The zero convolutions make the untrained ControlNet a no-op, so training starts from the base model.
+    """
+    from diffusers import ControlNetModel
+
+    if channels < 1:
+        raise ValueError(f"a ControlNet needs at least one conditioning channel, got {channels}")
+    torch.manual_seed(seed)
+    return ControlNetModel.from_unet(
+        base.unet,
+        conditioning_channels=channels,
+        conditioning_embedding_out_channels=embedding_channels(base.vae_scale),
+    )
+
+
+@dataclass
+class ControlTrainSettings:
+    """Hyper-parameters of the ControlNet trainer."""
+
+    steps: int = 2000
+    batch_size: int = 16
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup_steps: int = 100
+    empty_prompt_prob: float = 0.1
+    mixed_precision: str = "auto"  # auto | no | fp16 | bf16
+    checkpoint_every: int = 500
+    validate_every: int = 500
+    flip: bool = True
+    seed: int = 0
+
+
+def _autocast(device: torch.device, mode: str) -> tuple[Any, torch.dtype | None]:
+    if mode == "auto":
+        if device.type == "cuda":
+            mode = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            mode = "no"
+    if mode == "no":
+        return nullcontext(), None
+    dtype = torch.bfloat16 if mode == "bf16" else torch.float16
+    return torch.autocast(device_type=device.type, dtype=dtype), dtype
+
+
+class LumenTrainer:
+    """Train a ControlNet on (image, condition, caption) triples; resumable from ``out_dir/checkpoints``.
+
+    Args:
+        base: the frozen base model (moved to ``device``).
+        controlnet: the ControlNet to train (see :func:`build_controlnet`).
+        out_dir: output folder: ``checkpoints/``, ``validation/``, ``train_log.csv``.
+        settings: hyper-parameters.
+        device: torch device.
+    """
+
+    def __init__(
+        self,
+        base: BaseComponents,
+        controlnet: Any,
+        out_dir: str | os.PathLike[str],
+        settings: ControlTrainSettings | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.base = base
+        self.controlnet = controlnet
+        self.s = settings or ControlTrainSettings()
+        self.device = torch.device(device)
+        self.out = Path(out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
+        for m in (base.vae, base.unet, base.text_encoder):
+            m.requires_grad_(False)
+            m.eval()
+        base.to(self.device)
+        controlnet.to(self.device)
+        self.opt = torch.optim.AdamW(controlnet.parameters(), lr=self.s.lr, weight_decay=1e-2)
+        self.gen = torch.Generator().manual_seed(self.s.seed)
+        self.step = 0
+        self.scaler: torch.amp.GradScaler | None = None
+
+    # -- data preparation -------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def _prepare(self, images: np.ndarray, captions: Sequence[str]) -> None:
+        """Cache what the frozen parts compute: latent posteriors (plus mirrored) and caption embeddings."""
+        x = images_to_tensor(images)
+        means, stds = [], []
+        for flip in (False, True):
+            for i in range(0, len(x), 64):
+                b = x[i : i + 64].to(self.device)
+                dist = self.base.vae.encode(b.flip(-1) if flip else b).latent_dist
+                means.append(dist.mean.cpu())
+                stds.append(dist.std.cpu())
+        self.means, self.stds = torch.cat(means), torch.cat(stds)
+        unique = sorted(set(captions) | {""})
+        index = {c: i for i, c in enumerate(unique)}
+        embs = [
+            self.base.encode_prompts(unique[i : i + 64], self.device).cpu() for i in range(0, len(unique), 64)
+        ]
+        self.text_emb = torch.cat(embs)
+        self.caption_idx = torch.tensor([index[c] for c in captions])
+        self.empty_idx = index[""]
+
+    # -- training -----------------------------------------------------------------------------------
+
+    def loss_on(
+        self, idx: torch.Tensor, conds: torch.Tensor, flip: torch.Tensor, drop: torch.Tensor
+    ) -> torch.Tensor:
+        """Noise-prediction loss of a batch (indices into the prepared data)."""
+        n = len(self.caption_idx)
+        lat_idx = idx + flip.long() * n
+        scale = float(self.base.vae.config.scaling_factor)
+        z = (
+            self.means[lat_idx]
+            + self.stds[lat_idx] * torch.randn(self.means[lat_idx].shape, generator=self.gen)
+        ) * scale
+        noise = torch.randn(z.shape, generator=self.gen)
+        t = torch.randint(0, self.base.scheduler.config.num_train_timesteps, (len(idx),), generator=self.gen)
+        noisy = self.base.scheduler.add_noise(z, noise, t)
+        cap = torch.where(drop, torch.full_like(idx, self.empty_idx), self.caption_idx[idx])
+        emb = self.text_emb[cap]
+        cond = torch.where(flip[:, None, None, None], conds.flip(-1), conds)
+        dev = self.device
+        noisy, t, emb, cond, noise = noisy.to(dev), t.to(dev), emb.to(dev), cond.to(dev), noise.to(dev)
+        down, mid = self.controlnet(noisy, t, emb, controlnet_cond=cond, return_dict=False)
+        pred = self.base.unet(
+            noisy, t, emb, down_block_additional_residuals=down, mid_block_additional_residual=mid
+        ).sample
+        return F.mse_loss(pred.float(), noise.float())
+
+    def _lr(self, step: int) -> float:
+        return self.s.lr * min(1.0, (step + 1) / max(1, self.s.warmup_steps))
+
+    def resume(self) -> int:
+        """Load the latest checkpoint, if any; returns the step training continues from."""
+        ckpt = latest_checkpoint(self.out / "checkpoints")
+        if ckpt is None:
+            return 0
+        state = load_checkpoint(ckpt, {"controlnet": self.controlnet}, {"opt": self.opt})
+        self.gen.set_state(torch.load(ckpt / "gen.pt", weights_only=True))
+        self.step = int(state["step"])
+        log.info("resumed ControlNet training at step %d from %s", self.step, ckpt)
+        return self.step
+
+    def checkpoint(self) -> Path:
+        path = save_checkpoint(
+            self.out / "checkpoints", self.step, {"controlnet": self.controlnet}, {"opt": self.opt}
+        )
+        torch.save(self.gen.get_state(), path / "gen.pt")
+        return path
+
+    def fit(
+        self,
+        images: np.ndarray,
+        conditions: np.ndarray,
+        captions: Sequence[str],
+        validation: tuple[np.ndarray, list[str]] | None = None,
+        progress: bool = True,
+        stop_after: int | None = None,
+    ) -> list[float]:
+        """Train to ``settings.steps`` (resuming if a checkpoint exists); returns the per-step losses.
+
+        Args:
+            images: (N, H, W, 3) uint8.
+            conditions: (N, C, H, W) float16/32 in [0, 1], the same H, W as the images.
+            captions: N captions.
+            validation: (conditions (V, C, H, W), prompts) to render as grids every ``validate_every`` steps.
+            progress: progress bar.
+            stop_after: stop after this many steps of this call (tests simulate a crash with it).
+        """
+        if conditions.shape[0] != images.shape[0] or conditions.shape[2:] != images.shape[1:3]:
+            raise ValueError(f"conditions {conditions.shape} do not match images {images.shape}")
+        self._prepare(images, captions)
+        conds = torch.from_numpy(np.ascontiguousarray(conditions)).float()
+        self.resume()
+        ctx, amp_dtype = _autocast(self.device, self.s.mixed_precision)
+        if amp_dtype == torch.float16:
+            self.scaler = torch.amp.GradScaler(self.device.type)
+        self.controlnet.train()
+        losses: list[float] = []
+        log_path = self.out / "train_log.csv"
+        new_log = not log_path.exists()
+        t0 = time.time()
+        with open(log_path, "a", newline="") as f:
+            writer = csv.writer(f)
+            if new_log:
+                writer.writerow(["step", "loss", "lr", "seconds"])
+            bar = tqdm(total=self.s.steps, initial=self.step, desc="train ControlNet", disable=not progress)
+            done_here = 0
+            while self.step < self.s.steps and (stop_after is None or done_here < stop_after):
+                lr = self._lr(self.step)
+                for g in self.opt.param_groups:
+                    g["lr"] = lr
+                total = 0.0
+                for _ in range(self.s.grad_accum):
+                    idx = torch.randint(0, len(images), (self.s.batch_size,), generator=self.gen)
+                    flip = (torch.rand(len(idx), generator=self.gen) < 0.5) & self.s.flip
+                    drop = torch.rand(len(idx), generator=self.gen) < self.s.empty_prompt_prob
+                    with ctx:
+                        loss = self.loss_on(idx, conds[idx], flip, drop) / self.s.grad_accum
+                    (self.scaler.scale(loss) if self.scaler else loss).backward()
+                    total += loss.item()
+                if self.scaler:
+                    self.scaler.unscale_(self.opt)
+                torch.nn.utils.clip_grad_norm_(self.controlnet.parameters(), 1.0)
+                if self.scaler:
+                    self.scaler.step(self.opt)
+                    self.scaler.update()
+                else:
+                    self.opt.step()
+                self.opt.zero_grad(set_to_none=True)
+                self.step += 1
+                done_here += 1
+                losses.append(total)
+                writer.writerow([self.step, f"{total:.6f}", f"{lr:.3g}", f"{time.time() - t0:.1f}"])
+                bar.update(1)
+                bar.set_postfix(loss=f"{total:.4f}")
+                if self.step % self.s.checkpoint_every == 0 or self.step == self.s.steps:
+                    f.flush()
+                    self.checkpoint()
+                if validation is not None and (
+                    self.step % self.s.validate_every == 0 or self.step == self.s.steps
+                ):
+                    self.validate(*validation)
+            bar.close()
+        self.controlnet.eval()
+        return losses
+
+    @torch.no_grad()
+    def validate(self, conditions: np.ndarray, prompts: list[str], seeds: Sequence[int] = (0, 1)) -> Path:
+        """Write ``validation/step-XXXXXX.png``: per row a condition preview and one image per seed."""
+        from pipeline.lumen.generate import LumenGenerator, condition_preview
+        from pipeline.viz import image_grid, save_png
+
+        self.controlnet.eval()
+        gen = LumenGenerator(self.base, self.controlnet, device=self.device)
+        rows = []
+        for i in range(len(conditions)):
+            imgs = gen.generate(
+                np.repeat(conditions[i : i + 1], len(seeds), 0),
+                [prompts[i]] * len(seeds),
+                list(seeds),
+                steps=20,
+            )
+            rows.append([condition_preview(conditions[i]), *imgs])
+        path = self.out / "validation" / f"step-{self.step:06d}.png"
+        save_png(path, image_grid(rows))
+        self.controlnet.train()
+        return path
+
+    def save(self, out_dir: str | os.PathLike[str], card: dict[str, Any]) -> Path:
+        """``save_pretrained`` the ControlNet plus ``lumen.json`` (how its conditions are made) and a model card."""
+        out = Path(out_dir)
+        self.controlnet.save_pretrained(out, safe_serialization=True)
+        meta = {**card, "train_settings": asdict(self.s), "trained_steps": self.step}
+        (out / "lumen.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        (out / "README.md").write_text(_model_card(meta))
+        return out
+
+
+def _model_card(meta: dict[str, Any]) -> str:
+    cond = meta.get("condition", "layout")
+    lines = [
+        "# LUMEN ControlNet",
+        "",
+        f"A diffusers `ControlNetModel` trained by the LUMEN pipeline on condition **{cond}** "
+        f"({meta.get('channels')} channels) over the frozen base model `{meta.get('base_model')}`.",
+        "",
+        f"- trained steps: {meta.get('trained_steps')}",
+        f"- dataset: {meta.get('dataset')}",
+        f"- layout spec: `{json.dumps(meta.get('layout'), sort_keys=True)}`" if cond == "layout" else "",
+        "",
+        "Load with `ControlNetModel.from_pretrained(this_folder)` and pass a (B, N, H, W) tensor in [0, 1] as the",
+        "`image` of `StableDiffusionControlNetPipeline`. `lumen.json` records how the conditions were made.",
+        "",
+    ]
+    return "\n".join(line for line in lines if line is not None)

@@ -1,0 +1,289 @@
+"""Train the tiny base text-to-image model on a dataset's images and captions (no labels needed).
+
+Two phases, each resumable from its latest checkpoint:
+
+1. **VAE**: ``AutoencoderKL`` with an L1 reconstruction loss and a small KL term; afterwards the latent
+   scaling factor is set to ``1 / std`` of the training latents, as SD does.
+2. **UNet + text encoder**: the standard noise-prediction (epsilon) loss with min-SNR weighting, a
+   fraction of empty captions (for classifier-free guidance), horizontal flips, and an EMA of the
+   weights, which is what gets saved.
+
+The result is a diffusers folder (``StableDiffusionPipeline.from_pretrained`` loads it) plus
+``train_log.csv`` and ``samples.png``.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pipeline.lumen.base import BaseComponents, build_tiny_components
+from pipeline.lumen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from pipeline.lumen.tokenizer import build_tokenizer
+
+__all__ = ["BaseTrainSettings", "images_to_tensor", "train_base"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BaseTrainSettings:
+    """Hyper-parameters of :func:`train_base` (the defaults suit 64x64 toy scenes on a CPU)."""
+
+    resolution: int = 64
+    vae_steps: int = 1500
+    vae_batch_size: int = 16
+    vae_crop: int = 32
+    vae_lr: float = 1e-3
+    kl_weight: float = 1e-6
+    unet_steps: int = 4000
+    batch_size: int = 32
+    unet_lr: float = 3e-4
+    warmup_steps: int = 200
+    ema_decay: float = 0.999
+    empty_prompt_prob: float = 0.1
+    snr_gamma: float = 5.0
+    checkpoint_every: int = 500
+    seed: int = 0
+
+
+def images_to_tensor(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 -> (N, 3, H, W) float32 in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+class _CsvLog:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.start = time.time()
+        new = not path.exists()
+        self._f = open(path, "a", newline="")  # noqa: SIM115 - closed in close()
+        self._w = csv.writer(self._f)
+        if new:
+            self._w.writerow(["phase", "step", "loss", "lr", "seconds"])
+
+    def write(self, phase: str, step: int, loss: float, lr: float) -> None:
+        self._w.writerow([phase, step, f"{loss:.6f}", f"{lr:.3g}", f"{time.time() - self.start:.1f}"])
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+
+
+def _train_vae(
+    vae: Any,
+    x: torch.Tensor,
+    s: BaseTrainSettings,
+    ckpt_root: Path,
+    logger: _CsvLog,
+    progress: bool,
+) -> None:
+    opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
+    gen = torch.Generator().manual_seed(s.seed)
+    start = 0
+    if (ckpt := latest_checkpoint(ckpt_root)) is not None:
+        state = load_checkpoint(ckpt, {"vae": vae}, {"opt": opt})
+        start = int(state["step"])
+        gen.set_state(torch.load(ckpt / "gen.pt", weights_only=True))
+        log.info("resumed VAE training at step %d from %s", start, ckpt)
+    vae.train()
+    bar = tqdm(
+        range(start, s.vae_steps), initial=start, total=s.vae_steps, desc="train VAE", disable=not progress
+    )
+    for step in bar:
+        lr = _lr_at(step, s.vae_steps, s.vae_lr, s.warmup_steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(0, len(x), (s.vae_batch_size,), generator=gen)
+        batch = x[idx]
+        if (
+            s.vae_crop < x.shape[-1]
+        ):  # the VAE is convolutional: random crops train it at a fraction of the cost
+            top, left = (int(v) for v in torch.randint(0, x.shape[-1] - s.vae_crop + 1, (2,), generator=gen))
+            batch = batch[..., top : top + s.vae_crop, left : left + s.vae_crop]
+        flip = torch.rand(len(idx), generator=gen) < 0.5
+        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+        post = vae.encode(batch).latent_dist
+        recon = vae.decode(post.sample(generator=gen)).sample
+        loss = F.l1_loss(recon, batch) + s.kl_weight * post.kl().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 25 == 0 or step == s.vae_steps - 1:
+            logger.write("vae", step, loss.item(), lr)
+        if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.vae_steps:
+            path = save_checkpoint(ckpt_root, step + 1, {"vae": vae}, {"opt": opt})
+            torch.save(gen.get_state(), path / "gen.pt")
+    vae.eval()
+
+
+@torch.no_grad()
+def _encode_latents(vae: Any, x: torch.Tensor, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """Posterior mean and std of every image and of its mirror image: two (2N, C, h, w) tensors."""
+    means, stds = [], []
+    for flip in (False, True):
+        for i in range(0, len(x), batch):
+            b = x[i : i + batch]
+            dist = vae.encode(b.flip(-1) if flip else b).latent_dist
+            means.append(dist.mean)
+            stds.append(dist.std)
+    return torch.cat(means), torch.cat(stds)
+
+
+def _train_unet(
+    comps: BaseComponents,
+    means: torch.Tensor,
+    stds: torch.Tensor,
+    token_ids: torch.Tensor,
+    s: BaseTrainSettings,
+    ckpt_root: Path,
+    logger: _CsvLog,
+    progress: bool,
+) -> Any:
+    from diffusers.training_utils import EMAModel, compute_snr
+
+    unet, text = comps.unet, comps.text_encoder
+    params = [*unet.parameters(), *text.parameters()]
+    opt = torch.optim.AdamW(params, lr=s.unet_lr, weight_decay=1e-2)
+    ema = EMAModel(params, decay=s.ema_decay)
+    gen = torch.Generator().manual_seed(s.seed + 1)
+    scale = float(comps.vae.config.scaling_factor)
+    empty_ids = comps.tokenizer(
+        [""], padding="max_length", max_length=comps.tokenizer.model_max_length, return_tensors="pt"
+    ).input_ids
+    start = 0
+    if (ckpt := latest_checkpoint(ckpt_root)) is not None:
+        state = load_checkpoint(ckpt, {"unet": unet, "text_encoder": text}, {"opt": opt})
+        ema.load_state_dict(torch.load(ckpt / "ema.pt", weights_only=True))
+        gen.set_state(torch.load(ckpt / "gen.pt", weights_only=True))
+        start = int(state["step"])
+        log.info("resumed UNet training at step %d from %s", start, ckpt)
+    sched = comps.scheduler
+    n_images = len(token_ids)
+    unet.train()
+    text.train()
+    bar = tqdm(
+        range(start, s.unet_steps), initial=start, total=s.unet_steps, desc="train UNet", disable=not progress
+    )
+    for step in bar:
+        lr = _lr_at(step, s.unet_steps, s.unet_lr, s.warmup_steps)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        idx = torch.randint(0, len(means), (s.batch_size,), generator=gen)
+        z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scale
+        ids = token_ids[idx % n_images].clone()
+        drop = torch.rand(len(idx), generator=gen) < s.empty_prompt_prob
+        ids[drop] = empty_ids
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen)
+        noisy = sched.add_noise(z, noise, t)
+        pred = unet(noisy, t, text(ids)[0]).sample
+        snr = compute_snr(sched, t)
+        weight = torch.clamp(snr, max=s.snr_gamma) / snr
+        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        ema.step(params)
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+        if step % 25 == 0 or step == s.unet_steps - 1:
+            logger.write("unet", step, loss.item(), lr)
+        if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.unet_steps:
+            path = save_checkpoint(ckpt_root, step + 1, {"unet": unet, "text_encoder": text}, {"opt": opt})
+            torch.save(ema.state_dict(), path / "ema.pt")
+            torch.save(gen.get_state(), path / "gen.pt")
+    ema.copy_to(params)
+    unet.eval()
+    text.eval()
+    return comps
+
+
+def train_base(
+    images: np.ndarray,
+    captions: Sequence[str],
+    out_dir: str | os.PathLike[str],
+    settings: BaseTrainSettings | None = None,
+    preset: dict[str, dict[str, Any]] | None = None,
+    progress: bool = True,
+    sample_prompts: Sequence[str] | None = None,
+) -> BaseComponents:
+    """Train the tiny base model and save it to ``out_dir`` (diffusers layout).
+
+    Args:
+        images: (N, H, W, 3) uint8 training images at ``settings.resolution``.
+        captions: N captions.
+        out_dir: output folder; ``out_dir/checkpoints`` holds resumable state while training.
+        settings: hyper-parameters.
+        preset: model sizes (default :data:`~pipeline.lumen.base.TINY_PRESET`).
+        progress: show progress bars.
+        sample_prompts: prompts of the ``samples.png`` grid written at the end (default: 8 captions).
+    """
+    s = settings or BaseTrainSettings()
+    if images.ndim != 4 or images.shape[1:] != (s.resolution, s.resolution, 3) or images.dtype != np.uint8:
+        raise ValueError(
+            f"images must be (N, {s.resolution}, {s.resolution}, 3) uint8, got {images.shape} {images.dtype}"
+        )
+    if len(captions) != len(images):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    out = Path(out_dir)
+    ckpt = out / "checkpoints"
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(s.seed)
+    tokenizer = build_tokenizer(captions)
+    comps = build_tiny_components(tokenizer, s.resolution, seed=s.seed, preset=preset)
+    logger = _CsvLog(out / "train_log.csv")
+    x = images_to_tensor(images)
+    try:
+        _train_vae(comps.vae, x, s, ckpt / "vae", logger, progress)
+        means, stds = _encode_latents(comps.vae, x)
+        comps.vae.register_to_config(scaling_factor=float(1.0 / (means.std() + 1e-8)))
+        log.info("latent scaling factor %.4f", comps.vae.config.scaling_factor)
+        token_ids = tokenizer(
+            list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+            return_tensors="pt",
+        ).input_ids  # fmt: skip
+        _train_unet(comps, means, stds, token_ids, s, ckpt / "unet", logger, progress)
+    finally:
+        logger.close()
+    comps.save(out)
+    (out / "train_settings.json").write_text(__import__("json").dumps(asdict(s), indent=2))
+    _write_samples(comps, list(sample_prompts or captions[:8]), out / "samples.png", s.seed)
+    return comps
+
+
+@torch.no_grad()
+def _write_samples(comps: BaseComponents, prompts: list[str], path: Path, seed: int) -> None:
+    from diffusers import DDIMScheduler
+
+    from pipeline.viz import image_grid, save_png
+
+    pipe = comps.pipeline()
+    pipe.scheduler = DDIMScheduler.from_config(comps.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(seed)
+    res = comps.unet.config.sample_size * comps.vae_scale
+    imgs = pipe(prompts, num_inference_steps=25, guidance_scale=3.0, generator=gen, height=res, width=res,
+                output_type="np").images  # fmt: skip
+    tiles = [(im * 255).round().astype(np.uint8) for im in imgs]
+    save_png(path, image_grid([tiles[i : i + 4] for i in range(0, len(tiles), 4)]))

@@ -1,0 +1,191 @@
+"""LUMEN model: tiny seeded SD-architecture models built from config dicts (nothing downloaded)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.conditions import depth_map, edge_map, seg_onehot, sparse_mask
+from pipeline.data import ToyScenes
+from pipeline.lumen.base import BaseModelNotFoundError, build_tiny_components, load_base
+from pipeline.lumen.controlnet import ControlTrainSettings, LumenTrainer, build_controlnet, embedding_channels
+from pipeline.lumen.generate import LumenGenerator, plan_variants, variant_seed
+from pipeline.lumen.tokenizer import build_tokenizer
+
+PRESET = {
+    "vae": {"block_out_channels": (8, 16), "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 4},
+    "unet": {
+        "block_out_channels": (8, 16),
+        "layers_per_block": 1,
+        "attention_head_dim": 2,
+        "norm_num_groups": 4,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    },
+    "text": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},
+}
+RES = 16
+N = 5  # layout channels
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    ds = ToyScenes(num_images=4, image_size=(RES, RES), seed=0)
+    samples = [ds.load(k) for k in ds.keys()]
+    images = np.stack([s.image for s in samples])
+    rng = np.random.default_rng(0)
+    conds = rng.random((4, N, RES, RES)).astype(np.float32)
+    return images, conds, [s.caption for s in samples]
+
+
+def tiny_base(captions: list[str], seed: int = 0):
+    return build_tiny_components(build_tokenizer(captions, max_length=16), RES, seed=seed, preset=PRESET)
+
+
+def test_embedding_channels_land_on_the_latent_grid() -> None:
+    assert embedding_channels(8) == (16, 32, 96, 256)
+    assert embedding_channels(4) == (16, 32, 96)
+    with pytest.raises(ValueError):
+        embedding_channels(6)
+
+
+def test_base_saves_in_diffusers_layout_and_loads_with_stock_pipeline(tmp_path: Path, data) -> None:
+    from diffusers import StableDiffusionPipeline
+
+    base = tiny_base(data[2])
+    base.save(tmp_path / "base")
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path / "base")
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe("a red sphere", num_inference_steps=2, height=RES, width=RES, output_type="np").images
+    assert out.shape == (1, RES, RES, 3)
+    reloaded = load_base(tmp_path / "base")
+    for a, b in zip(base.unet.state_dict().values(), reloaded.unet.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_missing_weights_fail_with_instructions() -> None:
+    with pytest.raises(BaseModelNotFoundError, match="huggingface-cli download"):
+        load_base("runwayml/stable-diffusion-v1-5")
+
+
+def _trainer(base, out: Path, steps: int, seed: int = 0, lr: float = 1e-3) -> LumenTrainer:
+    settings = ControlTrainSettings(steps=steps, batch_size=4, lr=lr, warmup_steps=1, checkpoint_every=3,
+                                    validate_every=1000, seed=seed)  # fmt: skip
+    return LumenTrainer(base, build_controlnet(base, N, seed=1), out, settings)
+
+
+def _fixed_loss(trainer: LumenTrainer, conds: np.ndarray) -> float:
+    state = trainer.gen.get_state()
+    trainer.gen.manual_seed(1234)
+    idx = torch.arange(4)
+    with torch.no_grad():
+        loss = np.mean([
+            trainer.loss_on(idx, torch.from_numpy(conds), torch.zeros(4, dtype=torch.bool),
+                            torch.zeros(4, dtype=torch.bool)).item()
+            for _ in range(8)
+        ])  # fmt: skip
+    trainer.gen.set_state(state)
+    return float(loss)
+
+
+def test_controlnet_training_reduces_the_loss_on_a_fixed_batch(tmp_path: Path, data) -> None:
+    images, conds, captions = data
+    trainer = _trainer(tiny_base(captions), tmp_path, steps=80, lr=3e-3)
+    trainer._prepare(images, captions)
+    before = _fixed_loss(trainer, conds)
+    trainer.fit(images, conds, captions, progress=False)
+    after = _fixed_loss(trainer, conds)
+    assert after < 0.85 * before, (before, after)
+    assert (tmp_path / "train_log.csv").read_text().count("\n") == 81
+
+
+def test_checkpoint_kill_resume_matches_an_uninterrupted_run(tmp_path: Path, data) -> None:
+    images, conds, captions = data
+    straight = _trainer(tiny_base(captions), tmp_path / "a", steps=6)
+    straight.fit(images, conds, captions, progress=False)
+
+    first = _trainer(tiny_base(captions), tmp_path / "b", steps=6)
+    first.fit(images, conds, captions, progress=False, stop_after=3)  # "killed" after the step-3 checkpoint
+    resumed = _trainer(tiny_base(captions), tmp_path / "b", steps=6)
+    assert resumed.resume() == 3
+    exp_avg = [first.opt.state[p]["exp_avg"] for p in first.controlnet.parameters()]
+    exp_avg_resumed = [resumed.opt.state[p]["exp_avg"] for p in resumed.controlnet.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(exp_avg, exp_avg_resumed, strict=True))
+    resumed.fit(images, conds, captions, progress=False)
+    assert resumed.step == 6
+    for a, b in zip(straight.controlnet.parameters(), resumed.controlnet.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_n_channel_layout_runs_through_the_stock_pipeline(tmp_path: Path, data) -> None:
+    from diffusers import ControlNetModel, StableDiffusionControlNetPipeline
+
+    images, conds, captions = data
+    base = tiny_base(captions)
+    trainer = _trainer(base, tmp_path / "train", steps=2)
+    trainer.fit(images, conds, captions, progress=False)
+    base.save(tmp_path / "base")
+    trainer.save(tmp_path / "controlnet", {"condition": "layout", "channels": N})
+    cn = ControlNetModel.from_pretrained(tmp_path / "controlnet")
+    assert cn.config.conditioning_channels == N
+    pipe = StableDiffusionControlNetPipeline.from_pretrained(tmp_path / "base", controlnet=cn)
+    pipe.set_progress_bar_config(disable=True)
+
+    def stock(seed: int, i: int) -> np.ndarray:
+        img = pipe(
+            captions[i],
+            image=torch.from_numpy(conds[i : i + 1]),
+            num_inference_steps=3,
+            guidance_scale=2.0,
+            generator=torch.Generator().manual_seed(seed),
+            height=RES,
+            width=RES,
+            output_type="np",
+        ).images
+        return (np.clip(img[0], 0, 1) * 255).round().astype(np.uint8)  # fmt: skip
+
+    a, b = stock(7, 0), stock(7, 0)
+    assert a.shape == (RES, RES, 3) and np.array_equal(a, b)  # same seed, same image
+    # our batched generator (2 images per call) reproduces the stock single-image calls
+    ours = LumenGenerator(load_base(tmp_path / "base"), cn).generate(
+        conds[:3], captions[:3], [7, 8, 9], steps=3, guidance_scale=2.0, batch_size=2
+    )
+    for i, seed in enumerate([7, 8, 9]):
+        assert np.abs(ours[i].astype(int) - stock(seed, i).astype(int)).max() <= 2
+
+
+def test_variant_seeds_and_prompts_are_deterministic() -> None:
+    assert variant_seed(0, "k", 1) == variant_seed(0, "k", 1) != variant_seed(0, "k", 2)
+    specs = plan_variants(
+        ["a", "b"], ["cap a", "cap b"], 3, run_seed=0, variation_prompts=["at night", "in snow"]
+    )
+    assert [s.out_key for s in specs[:3]] == ["a-v00", "a-v01", "a-v02"]
+    assert [s.prompt for s in specs[:3]] == ["cap a, at night", "cap a, in snow", "cap a, at night"]
+    assert len({s.seed for s in specs}) == 6
+
+
+def test_sparse_masking_hides_the_configured_share_per_class() -> None:
+    rng = np.random.default_rng(0)
+    seg = np.zeros((64, 64), np.uint8)
+    seg[:, 20:40] = 1
+    seg[40:, 40:] = 2
+    keep = sparse_mask(seg, rng, min_share=0.5, max_share=0.5)
+    for cls in (0, 1, 2):
+        hidden = 1 - keep[seg == cls].mean()
+        assert abs(hidden - 0.5) < 0.01
+    shares = [1 - sparse_mask(seg, np.random.default_rng(s), 0.2, 0.8)[seg == 1].mean() for s in range(20)]
+    assert min(shares) >= 0.2 - 0.01 and max(shares) <= 0.8 + 0.01 and np.std(shares) > 0.05
+
+
+def test_comparison_conditions_have_the_right_shape_and_range() -> None:
+    s = ToyScenes(num_images=1, image_size=(32, 32)).load("toy-train-000000")
+    onehot = seg_onehot(s.seg, 6)
+    assert onehot.shape == (6, 32, 32) and np.array_equal(onehot.sum(0), np.ones((32, 32)))
+    assert np.array_equal(onehot.argmax(0), s.seg)
+    e, d = edge_map(s.image), depth_map(s.depth)
+    assert e.shape == d.shape == (1, 32, 32)
+    assert set(np.unique(e)) <= {0.0, 1.0} and d.min() >= 0 and d.max() <= 1
+    assert np.all(d[0][s.depth == 0] == 0)
