@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.config import LayoutConfig
+from pipeline.device import resolve_device, resolve_dtype
 
 __all__ = [
     "BACKBONES",
@@ -73,27 +74,6 @@ VIT_DEFAULTS: dict[str, _ViTDefaults] = {
 # --------------------------------------------------------------------------------------------------
 # Helpers
 # --------------------------------------------------------------------------------------------------
-
-
-def resolve_device(device: str | torch.device = "auto") -> torch.device:
-    """``auto`` -> CUDA if available, else MPS if available, else CPU; anything else as given."""
-    if str(device) != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """Config dtype name -> torch dtype; ``auto`` is float16 on CUDA and float32 elsewhere."""
-    if dtype == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    table = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-    if dtype not in table:
-        raise ValueError(f"dtype must be one of auto, {', '.join(table)}; got {dtype!r}")
-    return table[dtype]
 
 
 def weights_fingerprint(modules: Iterable[nn.Module], length: int = 16) -> str:

@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from pipeline.device import resolve_device
+
 __all__ = [
     "TINY_PRESET",
     "BaseComponents",
@@ -50,17 +52,6 @@ TINY_PRESET: dict[str, dict[str, Any]] = {
 
 class BaseModelNotFoundError(FileNotFoundError):
     """The base model's weights are not available locally."""
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU; anything else is passed to ``torch.device``."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    return torch.device(name)
 
 
 @dataclass
