@@ -26,7 +26,6 @@ _PLUGINS = ("pipeline.layouts.cli", "pipeline.shards.cli")
 
 # Stages that later issues add; until then the commands exist and fail honestly.
 _PENDING = {
-    "train-lumen": "train the LUMEN ControlNet on images + neural layouts",
     "expand": "generate synthetic variants and shard real + synthetic samples",
     "evaluate": "train perception models on real vs real+synthetic and report the gains",
 }
@@ -117,6 +116,18 @@ def _cmd_train_base(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_lumen(args: argparse.Namespace) -> int:
+    from pipeline.lumen.stages import run_train_lumen
+    from pipeline.runs import prepare_run_dir
+
+    cfg = config_from_args(args)
+    run_dir = prepare_run_dir(cfg, args.out)
+    print(f"run folder: {run_dir} (config hash {config_hash(cfg)})")
+    out = run_train_lumen(cfg, run_dir)
+    print(f"LUMEN ControlNet: {out} (validation grids: {run_dir / 'lumen_train' / 'validation'})")
+    return 0
+
+
 def _pending(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         config_from_args(args)  # still validate the config, so typos surface now
@@ -143,6 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train-base", help="train the tiny base text-to-image model on the dataset's images")
     add_config_args(p)
     p.set_defaults(func=_cmd_train_base)
+    p = sub.add_parser(
+        "train-lumen", help="train the LUMEN ControlNet on images + neural layouts (or lumen.condition)"
+    )
+    add_config_args(p)
+    p.set_defaults(func=_cmd_train_lumen)
     for name, text in _PENDING.items():
         p = sub.add_parser(name, help=text)
         add_config_args(p)

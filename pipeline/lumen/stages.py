@@ -8,34 +8,39 @@ from pathlib import Path
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipeline.config import LumenConfig
+from pipeline.config import LumenConfig, config_hash
 from pipeline.data import Quarantine, build_dataset, iter_valid, resize_sample
+from pipeline.data.memory import InMemoryDataset
+from pipeline.device import resolve_device
+from pipeline.io import sha256_file
+from pipeline.lumen.base import BaseComponents, load_base
 
-__all__ = ["collect_images", "run_train_base"]
+__all__ = ["collect_samples", "load_run_base", "run_train_base", "run_train_lumen"]
 
 log = logging.getLogger(__name__)
 
 
-def collect_images(
+def collect_samples(
     cfg: LumenConfig, size: int, quarantine: Quarantine, split: str = "train", progress: bool = True
-) -> tuple[np.ndarray, list[str], list[str]]:
-    """All valid images of a split at ``size`` x ``size`` (cover + centre crop), with captions and keys.
+) -> InMemoryDataset:
+    """All valid samples of a split, resized to ``size`` x ``size`` (cover + centre crop), in memory.
 
-    Returns (N, size, size, 3) uint8 images, N captions, N keys. Memory is N * size^2 * 3 bytes.
+    Memory is about ``N * size^2 * 20`` bytes with every label (image, seg, depth, normals).
     """
     source = build_dataset(cfg.data, split)
-    images, captions, keys = [], [], []
-    samples = iter_valid(source, quarantine, stage=f"collect-{split}")
-    for s in tqdm(
-        samples, total=len(source), desc=f"load {source.info.name}", unit="img", disable=not progress
-    ):
-        s = resize_sample(s, (size, size))
-        images.append(s.image)
-        captions.append(s.caption)
-        keys.append(s.key)
-    if not images:
-        raise RuntimeError(f"no valid training images in {source.info.name}; see {quarantine.path}")
-    return np.stack(images), captions, keys
+    samples = [
+        resize_sample(s, (size, size))
+        for s in tqdm(
+            iter_valid(source, quarantine, stage=f"collect-{split}"),
+            total=len(source),
+            desc=f"load {source.info.name}",
+            unit="img",
+            disable=not progress,
+        )
+    ]
+    if not samples:
+        raise RuntimeError(f"no valid {split} images in {source.info.name}; see {quarantine.path}")
+    return InMemoryDataset(samples, source.info)
 
 
 def run_train_base(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Path:
@@ -47,9 +52,9 @@ def run_train_base(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Pa
             "train-base trains the tiny preset (base.source=tiny); a pretrained base needs no training"
         )
     b = cfg.base
-    images, captions, _ = collect_images(
-        cfg, b.resolution, Quarantine(run_dir / "quarantine.jsonl"), progress=progress
-    )
+    data = collect_samples(cfg, b.resolution, Quarantine(run_dir / "quarantine.jsonl"), progress=progress)
+    images = np.stack([s.image for s in data])
+    captions = [s.caption for s in data]
     settings = BaseTrainSettings(
         resolution=b.resolution,
         vae_steps=b.vae_steps,
@@ -64,4 +69,93 @@ def run_train_base(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Pa
     out = run_dir / "base"
     train_base(images, captions, out, settings, progress=progress)
     log.info("base model saved to %s", out)
+    return out
+
+
+def load_run_base(cfg: LumenConfig, run_dir: Path) -> tuple[BaseComponents, str]:
+    """The run's frozen base model and its identity: ``run_dir/base`` (tiny), or ``base.pretrained``."""
+    if cfg.base.source == "pretrained":
+        if cfg.base.pretrained is None:  # checked by BaseModelConfig
+            raise ValueError("base.pretrained is not set")
+        return load_base(cfg.base.pretrained, local_files_only=cfg.base.local_files_only), cfg.base.pretrained
+    folder = run_dir / "base"
+    if not (folder / "model_index.json").is_file():
+        raise FileNotFoundError(
+            f"no base model in {folder}; run `lumen train-base` with this config and --out first"
+        )
+    return load_base(folder), str(folder)
+
+
+def _conditions(
+    cfg: LumenConfig, base: BaseComponents, data: InMemoryDataset, run_dir: Path
+) -> tuple[np.ndarray, dict]:
+    """(N, C, H, W) float16 conditions of every sample, and what made them (for lumen.json)."""
+    from pipeline.conditions import CONDITIONS
+
+    name = cfg.lumen.condition
+    if name == "layout":
+        from pipeline.layouts import LayoutCache, LayoutExtractor, build_backbone, fit_pca
+
+        device = resolve_device(cfg.device)
+        backbone = build_backbone(cfg.layouts, device=device, components=base, model_id=str(run_dir / "base"))
+        pca_path = run_dir / "pca.safetensors"
+        if pca_path.is_file():
+            from pipeline.layouts import PCA
+
+            pca = PCA.load(pca_path)
+        else:
+            pca = fit_pca(backbone, data, cfg.layouts, metadata={"config_hash": config_hash(cfg)})
+            pca.save(pca_path)
+        size = (cfg.base.resolution, cfg.base.resolution)
+        extractor = LayoutExtractor.from_config(cfg.layouts, backbone, pca, size=size)
+        cache = LayoutCache(run_dir / "layouts", extractor.spec()) if cfg.layouts.cache else None
+        samples = list(data)
+        layouts = extractor.layouts_for(samples, cache=cache, batch_size=cfg.layouts.batch_size)
+        meta = {"layout": extractor.spec(), "pca_sha256": sha256_file(pca_path)}
+        return np.stack(layouts).astype(np.float16), meta
+    if name not in CONDITIONS:
+        raise ValueError(
+            f"lumen.condition={name!r} has no ControlNet to train (valid: layout, {', '.join(CONDITIONS)})"
+        )
+    rng = np.random.default_rng(cfg.seed)
+    fn = CONDITIONS[name]
+    kw = {"min_share": cfg.lumen.sparse_min_share, "max_share": cfg.lumen.sparse_max_share}
+    conds = [fn(s, data.info, rng, **kw) for s in data]
+    return np.stack(conds).astype(np.float16), {"condition_params": kw if name == "seg_sparse" else {}}
+
+
+def run_train_lumen(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Path:
+    """Train the LUMEN ControlNet (or a comparison condition) on the run's images; returns ``run_dir/lumen``."""
+    from pipeline.lumen.controlnet import ControlTrainSettings, LumenTrainer, build_controlnet
+
+    base, base_id = load_run_base(cfg, run_dir)
+    quarantine = Quarantine(run_dir / "quarantine.jsonl")
+    data = collect_samples(cfg, cfg.base.resolution, quarantine, progress=progress)
+    conds, cond_meta = _conditions(cfg, base, data, run_dir)
+    images = np.stack([s.image for s in data])
+    captions = [s.caption for s in data]
+    lc = cfg.lumen
+    settings = ControlTrainSettings(
+        steps=lc.train_steps, batch_size=lc.batch_size, grad_accum=lc.grad_accum, lr=lc.learning_rate,
+        empty_prompt_prob=lc.empty_prompt_prob, mixed_precision=lc.mixed_precision,
+        checkpoint_every=lc.checkpoint_every, validate_every=lc.validate_every, seed=cfg.seed,
+    )  # fmt: skip
+    trainer = LumenTrainer(
+        base, build_controlnet(base, conds.shape[1], seed=cfg.seed), run_dir / "lumen_train", settings,
+        device=resolve_device(cfg.device),
+    )  # fmt: skip
+    trainer.fit(
+        images, conds, captions, validation=(conds[:4].astype(np.float32), captions[:4]), progress=progress
+    )
+    card = {
+        "condition": lc.condition,
+        "channels": int(conds.shape[1]),
+        "base_model": base_id,
+        "dataset": data.info.card(),
+        "config_hash": config_hash(cfg),
+        "resolution": cfg.base.resolution,
+        **cond_meta,
+    }
+    out = trainer.save(run_dir / "lumen", card)
+    log.info("LUMEN ControlNet saved to %s", out)
     return out
