@@ -30,7 +30,7 @@ def _cfg(condition: str):
                 "checkpoint_every": 1,
                 "validate_every": 100,
             },
-        }  # fmt: skip
+        }
     )
 
 
