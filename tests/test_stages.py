@@ -20,7 +20,7 @@ from tests.test_lumen import PRESET, RES
 def _cfg(condition: str):
     return build_config(
         {
-            "data": {"num_images": 4, "num_val_images": 2, "image_size": [24, 24]},
+            "data": {"num_images": 4, "num_val_images": 2, "image_size": [RES, RES]},
             "base": {"resolution": RES},
             "layouts": {"num_components": 4, "pca_images": 4, "pca_vectors_per_image": 32, "batch_size": 2},
             "lumen": {
@@ -37,7 +37,7 @@ def _cfg(condition: str):
 @pytest.mark.parametrize("condition,channels", [("layout", 4), ("seg_sparse", 6)])
 def test_train_lumen_writes_a_loadable_controlnet(tmp_path: Path, condition: str, channels: int) -> None:
     cfg = _cfg(condition)
-    data = collect_samples(cfg, RES, Quarantine(None), progress=False)
+    data = collect_samples(cfg, (RES, RES), Quarantine(None), progress=False)
     assert len(data) == 4 and data.load(data.keys()[0]).image.shape == (RES, RES, 3)
     tok = build_tokenizer([s.caption for s in data], max_length=16)
     build_tiny_components(tok, RES, preset=PRESET).save(tmp_path / "base")

@@ -15,21 +15,21 @@ from pipeline.device import resolve_device
 from pipeline.io import sha256_file
 from pipeline.lumen.base import BaseComponents, load_base
 
-__all__ = ["collect_samples", "load_run_base", "run_train_base", "run_train_lumen"]
+__all__ = ["collect_samples", "generation_size", "load_run_base", "run_train_base", "run_train_lumen"]
 
 log = logging.getLogger(__name__)
 
 
 def collect_samples(
-    cfg: LumenConfig, size: int, quarantine: Quarantine, split: str = "train", progress: bool = True
+    cfg: LumenConfig, size: tuple[int, int], quarantine: Quarantine, split: str = "train", progress: bool = True
 ) -> InMemoryDataset:
-    """All valid samples of a split, resized to ``size`` x ``size`` (cover + centre crop), in memory.
+    """All valid samples of a split, resized to ``size`` = (H, W) (cover + centre crop), in memory.
 
     Memory is about ``N * size^2 * 20`` bytes with every label (image, seg, depth, normals).
     """
     source = build_dataset(cfg.data, split)
     samples = [
-        resize_sample(s, (size, size))
+        resize_sample(s, size)
         for s in tqdm(
             iter_valid(source, quarantine, stage=f"collect-{split}"),
             total=len(source),
@@ -52,7 +52,8 @@ def run_train_base(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Pa
             "train-base trains the tiny preset (base.source=tiny); a pretrained base needs no training"
         )
     b = cfg.base
-    data = collect_samples(cfg, b.resolution, Quarantine(run_dir / "quarantine.jsonl"), progress=progress)
+    quarantine = Quarantine(run_dir / "quarantine.jsonl")
+    data = collect_samples(cfg, (b.resolution, b.resolution), quarantine, progress=progress)
     images = np.stack([s.image for s in data])
     captions = [s.caption for s in data]
     settings = BaseTrainSettings(
@@ -70,6 +71,16 @@ def run_train_base(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Pa
     train_base(images, captions, out, settings, progress=progress)
     log.info("base model saved to %s", out)
     return out
+
+
+def generation_size(cfg: LumenConfig, base: BaseComponents) -> tuple[int, int]:
+    """(H, W) at which the ControlNet trains and variants are generated: ``data.image_size`` (or the
+    base resolution), which must be a multiple of the model's total downsampling."""
+    h, w = cfg.data.image_size or (cfg.base.resolution, cfg.base.resolution)
+    factor = base.vae_scale * 2 ** (len(base.unet.config.block_out_channels) - 1)
+    if h % factor or w % factor:
+        raise ValueError(f"data.image_size={[h, w]} must be a multiple of {factor} for this base model")
+    return h, w
 
 
 def load_run_base(cfg: LumenConfig, run_dir: Path) -> tuple[BaseComponents, str]:
@@ -106,7 +117,7 @@ def _conditions(
         else:
             pca = fit_pca(backbone, data, cfg.layouts, metadata={"config_hash": config_hash(cfg)})
             pca.save(pca_path)
-        size = (cfg.base.resolution, cfg.base.resolution)
+        size = generation_size(cfg, base)
         extractor = LayoutExtractor.from_config(cfg.layouts, backbone, pca, size=size)
         cache = LayoutCache(run_dir / "layouts", extractor.spec()) if cfg.layouts.cache else None
         samples = list(data)
@@ -130,7 +141,7 @@ def run_train_lumen(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> P
 
     base, base_id = load_run_base(cfg, run_dir)
     quarantine = Quarantine(run_dir / "quarantine.jsonl")
-    data = collect_samples(cfg, cfg.base.resolution, quarantine, progress=progress)
+    data = collect_samples(cfg, generation_size(cfg, base), quarantine, progress=progress)
     conds, cond_meta = _conditions(cfg, base, data, run_dir)
     images = np.stack([s.image for s in data])
     captions = [s.caption for s in data]
@@ -153,7 +164,7 @@ def run_train_lumen(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> P
         "base_model": base_id,
         "dataset": data.info.card(),
         "config_hash": config_hash(cfg),
-        "resolution": cfg.base.resolution,
+        "size": list(generation_size(cfg, base)),
         **cond_meta,
     }
     out = trainer.save(run_dir / "lumen", card)
