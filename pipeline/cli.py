@@ -26,7 +26,6 @@ _PLUGINS = ("pipeline.layouts.cli", "pipeline.shards.cli")
 
 # Stages that later issues add; until then the commands exist and fail honestly.
 _PENDING = {
-    "expand": "generate synthetic variants and shard real + synthetic samples",
     "evaluate": "train perception models on real vs real+synthetic and report the gains",
 }
 
@@ -128,6 +127,21 @@ def _cmd_train_lumen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_expand(args: argparse.Namespace) -> int:
+    from pipeline.lumen.expand import run_expand
+    from pipeline.runs import prepare_run_dir
+
+    cfg = config_from_args(args)
+    run_dir = prepare_run_dir(cfg, args.out)
+    print(f"run folder: {run_dir} (config hash {config_hash(cfg)})")
+    s = run_expand(cfg, run_dir)
+    print(
+        f"wrote {s.real} real and {s.synthetic} synthetic samples ({s.quarantined} quarantined) in {s.seconds:.0f} s"
+    )
+    print(f"shards: {s.real_dir} and {s.synthetic_dir} (check them with `lumen shards verify DIR`)")
+    return 0
+
+
 def _pending(name: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         config_from_args(args)  # still validate the config, so typos surface now
@@ -159,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_args(p)
     p.set_defaults(func=_cmd_train_lumen)
+    p = sub.add_parser("expand", help="generate synthetic variants and shard real + synthetic samples")
+    add_config_args(p)
+    p.set_defaults(func=_cmd_expand)
     for name, text in _PENDING.items():
         p = sub.add_parser(name, help=text)
         add_config_args(p)

@@ -55,3 +55,41 @@ def test_train_lumen_writes_a_loadable_controlnet(tmp_path: Path, condition: str
         assert card["layout"]["num_components"] == 4 and len(card["pca_sha256"]) == 64
         cached = list((tmp_path / "layouts").glob("*/*.npy"))
         assert len(cached) == 4 and np.load(cached[0]).dtype == np.float16
+
+
+def test_expand_writes_real_and_synthetic_shards_with_the_expected_keys(tmp_path: Path) -> None:
+    from pipeline.lumen.expand import run_expand
+    from pipeline.shards.reader import iter_samples
+    from pipeline.shards.verify import verify_shard_set
+
+    cfg = build_config(
+        {
+            "data": {"num_images": 3, "image_size": [RES, RES]},
+            "base": {"resolution": RES},
+            "layouts": {"num_components": 4, "pca_images": 3, "pca_vectors_per_image": 32, "batch_size": 2},
+            "lumen": {"train_steps": 1, "batch_size": 2, "validate_every": 100},
+            "generate": {"variants": 2, "steps": 2, "chunk_size": 2, "variation_prompts": ["at night"]},
+        }
+    )
+    data = collect_samples(cfg, (RES, RES), Quarantine(None), progress=False)
+    build_tiny_components(build_tokenizer([s.caption for s in data], max_length=16), RES, preset=PRESET).save(
+        tmp_path / "base"
+    )
+    run_train_lumen(cfg, tmp_path, progress=False)
+    summary = run_expand(cfg, tmp_path, progress=False)
+    assert (summary.real, summary.synthetic, summary.quarantined) == (3, 6, 0)
+    real, syn = (
+        verify_shard_set(tmp_path / "shards" / "real"),
+        verify_shard_set(tmp_path / "shards" / "synthetic"),
+    )
+    assert real.ok and syn.ok, real.problems + syn.problems
+    keys = data.keys()
+    assert sorted(real.keys) == sorted(keys)
+    assert sorted(syn.keys) == sorted(f"{k}-v{v:02d}" for k in keys for v in range(2))
+    by_key = {s.key: s for s in iter_samples(tmp_path / "shards" / "synthetic")}
+    src = data.load(keys[0])
+    variant = by_key[f"{keys[0]}-v01"]
+    assert np.array_equal(variant.seg, src.seg) and np.array_equal(variant.depth, src.depth)
+    assert variant.caption.endswith(", at night")
+    again = run_expand(cfg, tmp_path, progress=False)  # everything is done: nothing is redone
+    assert (again.real, again.synthetic) == (0, 0)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
@@ -11,6 +14,7 @@ from tqdm.auto import tqdm
 from pipeline.config import LumenConfig, config_hash
 from pipeline.data import Quarantine, build_dataset, iter_valid, resize_sample
 from pipeline.data.memory import InMemoryDataset
+from pipeline.data.sample import Sample, SampleSource
 from pipeline.device import resolve_device
 from pipeline.io import sha256_file
 from pipeline.lumen.base import BaseComponents, load_base
@@ -21,7 +25,11 @@ log = logging.getLogger(__name__)
 
 
 def collect_samples(
-    cfg: LumenConfig, size: tuple[int, int], quarantine: Quarantine, split: str = "train", progress: bool = True
+    cfg: LumenConfig,
+    size: tuple[int, int],
+    quarantine: Quarantine,
+    split: str = "train",
+    progress: bool = True,
 ) -> InMemoryDataset:
     """All valid samples of a split, resized to ``size`` = (H, W) (cover + centre crop), in memory.
 
@@ -97,42 +105,58 @@ def load_run_base(cfg: LumenConfig, run_dir: Path) -> tuple[BaseComponents, str]
     return load_base(folder), str(folder)
 
 
-def _conditions(
-    cfg: LumenConfig, base: BaseComponents, data: InMemoryDataset, run_dir: Path
-) -> tuple[np.ndarray, dict]:
-    """(N, C, H, W) float16 conditions of every sample, and what made them (for lumen.json)."""
+ConditionFn = Callable[[Sequence[Sample]], np.ndarray]
+
+
+def condition_maker(
+    cfg: LumenConfig, base: BaseComponents, base_id: str, fit_data: SampleSource, run_dir: Path
+) -> tuple[ConditionFn, dict[str, Any]]:
+    """A function from samples to their (B, C, H, W) float16 conditions, and what defines them.
+
+    ``layout``: the backbone is the base model's UNet (or ``layouts.backbone``); the PCA is read from
+    ``run_dir/pca.safetensors`` or fitted on ``fit_data`` and saved there; layouts are cached on disk
+    under their spec hash. Comparison conditions are computed from the labels; the random masks of
+    ``seg_sparse`` are seeded per sample key, so they do not depend on how work is chunked.
+    """
     from pipeline.conditions import CONDITIONS
 
     name = cfg.lumen.condition
     if name == "layout":
-        from pipeline.layouts import LayoutCache, LayoutExtractor, build_backbone, fit_pca
+        from pipeline.layouts import PCA, LayoutCache, LayoutExtractor, build_backbone, fit_pca
 
         device = resolve_device(cfg.device)
-        backbone = build_backbone(cfg.layouts, device=device, components=base, model_id=str(run_dir / "base"))
+        backbone = build_backbone(cfg.layouts, device=device, components=base, model_id=base_id)
         pca_path = run_dir / "pca.safetensors"
         if pca_path.is_file():
-            from pipeline.layouts import PCA
-
             pca = PCA.load(pca_path)
         else:
-            pca = fit_pca(backbone, data, cfg.layouts, metadata={"config_hash": config_hash(cfg)})
+            pca = fit_pca(backbone, fit_data, cfg.layouts, metadata={"config_hash": config_hash(cfg)})
             pca.save(pca_path)
-        size = generation_size(cfg, base)
-        extractor = LayoutExtractor.from_config(cfg.layouts, backbone, pca, size=size)
+        extractor = LayoutExtractor.from_config(cfg.layouts, backbone, pca, size=generation_size(cfg, base))
         cache = LayoutCache(run_dir / "layouts", extractor.spec()) if cfg.layouts.cache else None
-        samples = list(data)
-        layouts = extractor.layouts_for(samples, cache=cache, batch_size=cfg.layouts.batch_size)
-        meta = {"layout": extractor.spec(), "pca_sha256": sha256_file(pca_path)}
-        return np.stack(layouts).astype(np.float16), meta
+
+        def layouts(samples: Sequence[Sample]) -> np.ndarray:
+            out = extractor.layouts_for(list(samples), cache=cache, batch_size=cfg.layouts.batch_size)
+            return np.stack(out).astype(np.float16)
+
+        return layouts, {"layout": extractor.spec(), "pca_sha256": sha256_file(pca_path)}
     if name not in CONDITIONS:
         raise ValueError(
-            f"lumen.condition={name!r} has no ControlNet to train (valid: layout, {', '.join(CONDITIONS)})"
+            f"lumen.condition={name!r} has no ControlNet (valid: layout, {', '.join(CONDITIONS)})"
         )
-    rng = np.random.default_rng(cfg.seed)
-    fn = CONDITIONS[name]
+    fn, info = CONDITIONS[name], fit_data.info
     kw = {"min_share": cfg.lumen.sparse_min_share, "max_share": cfg.lumen.sparse_max_share}
-    conds = [fn(s, data.info, rng, **kw) for s in data]
-    return np.stack(conds).astype(np.float16), {"condition_params": kw if name == "seg_sparse" else {}}
+
+    def labels(samples: Sequence[Sample]) -> np.ndarray:
+        rngs = [
+            np.random.default_rng([cfg.seed, int(hashlib.sha256(s.key.encode()).hexdigest()[:8], 16)])
+            for s in samples
+        ]
+        return np.stack([fn(s, info, rng, **kw) for s, rng in zip(samples, rngs, strict=True)]).astype(
+            np.float16
+        )
+
+    return labels, {"condition_params": kw if name == "seg_sparse" else {}}
 
 
 def run_train_lumen(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Path:
@@ -142,7 +166,8 @@ def run_train_lumen(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> P
     base, base_id = load_run_base(cfg, run_dir)
     quarantine = Quarantine(run_dir / "quarantine.jsonl")
     data = collect_samples(cfg, generation_size(cfg, base), quarantine, progress=progress)
-    conds, cond_meta = _conditions(cfg, base, data, run_dir)
+    make, cond_meta = condition_maker(cfg, base, base_id, data, run_dir)
+    conds = make(list(data))
     images = np.stack([s.image for s in data])
     captions = [s.caption for s in data]
     lc = cfg.lumen
