@@ -241,18 +241,68 @@ _ALL_TASKS: tuple[Task, ...] = ("seg", "depth", "normal")
 
 
 class PerceptionConfig(_Section):
-    """Downstream perception models trained on real vs real+synthetic."""
+    """Downstream perception models trained on real vs real+synthetic (see docs/perception.md).
+
+    The defaults are CPU-sized for the embedded demo: a ~1.6M-parameter U-Net (``tu-resnet10t`` encoder
+    of depth 4, narrow decoder), 300 steps of batch 8. On a GPU use e.g. ``encoder: resnet50``,
+    ``encoder_depth: 5``, ``decoder_channels: null`` (smp's default widths), ``steps: 20000``.
+    """
 
     tasks: list[Task] = Field(default_factory=lambda: list(_ALL_TASKS))
-    arch: str = "Unet"
-    encoder: str = "resnet18"
-    encoder_weights: str | None = None
-    steps: int = Field(300, ge=1)
-    batch_size: int = Field(16, ge=1)
-    learning_rate: float = Field(1e-3, gt=0)
-    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2])
-    synthetic_ratio: float = Field(0.5, ge=0, le=1)
-    low_label_fraction: float | None = Field(0.1, gt=0, le=1)
+    multitask: bool = Field(False, description="one shared model for all tasks instead of one per task")
+    arch: str = Field("Unet", description="smp architecture: Unet, UnetPlusPlus, FPN, DeepLabV3Plus, ...")
+    encoder: str = Field(
+        "tu-resnet10t", description="smp encoder name, e.g. resnet18, resnet50, tu-resnet10t"
+    )
+    encoder_weights: str | None = Field(
+        None, description="null = random init; 'imagenet' needs the weights already in the local cache"
+    )
+    encoder_depth: int = Field(4, ge=3, le=5, description="encoder stages used; inputs are padded to 2^depth")
+    decoder_channels: list[int] | None = Field(
+        default_factory=lambda: [64, 32, 16, 16],
+        description="Unet/UnetPlusPlus decoder widths, one per encoder stage; null = smp's default widths "
+        "(the first encoder_depth of 256, 128, 64, 32, 16)",
+    )
+    steps: int = Field(300, ge=1, description="optimizer steps per run, the same in every arm")
+    batch_size: int = Field(8, ge=1)
+    val_batch_size: int | None = Field(None, ge=1, description="null = batch_size")
+    learning_rate: float = Field(1e-3, gt=0, description="AdamW peak learning rate (cosine decay)")
+    weight_decay: float = Field(1e-4, ge=0)
+    depth_loss: Literal["silog", "l1"] = "silog"
+    silog_lambda: float = Field(0.85, ge=0, le=1, description="scale-invariance weight of the silog loss")
+    seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
+    synthetic_ratio: float = Field(0.5, ge=0, le=1, description="share of synthetic samples in each batch")
+    low_label_fraction: float | None = Field(
+        0.1, gt=0, le=1, description="labelled real share of the low-label setting; null = full setting only"
+    )
+    crop_size: tuple[int, int] | None = Field(
+        None, description="(height, width) of training crops; null = image size"
+    )
+    crop_scale: tuple[float, float] = Field((0.5, 1.0), description="area range of the random resized crop")
+    hflip: bool = Field(True, description="random horizontal flips (normals' x is negated)")
+    color_jitter: float = Field(0.2, ge=0, le=1, description="brightness/contrast/saturation jitter; 0 = off")
+    num_workers: int = Field(0, ge=0, description="DataLoader workers")
+    alpha: float = Field(0.05, gt=0, lt=1, description="significance level of the paired test over seeds")
+
+    @field_validator("crop_size", mode="before")
+    @classmethod
+    def _square_crop(cls, v: Any) -> Any:
+        return (v, v) if isinstance(v, int) else v
+
+    @model_validator(mode="after")
+    def _check(self) -> PerceptionConfig:
+        if self.crop_size is not None and min(self.crop_size) < 8:
+            raise ValueError(f"crop_size must be at least 8x8, got {self.crop_size}")
+        if not 0 < self.crop_scale[0] <= self.crop_scale[1] <= 1:
+            raise ValueError(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        if self.decoder_channels is not None and len(self.decoder_channels) != self.encoder_depth:
+            raise ValueError(
+                f"decoder_channels has {len(self.decoder_channels)} widths but encoder_depth is "
+                f"{self.encoder_depth}: give one width per stage, or null for smp's default"
+            )
+        if not self.tasks:
+            raise ValueError("perception.tasks is empty; choose from seg, depth, normal")
+        return self
 
 
 class RunnerConfig(_Section):

@@ -70,7 +70,11 @@ def export_asset(src: str | os.PathLike[str], name: str, info: dict[str, Any], f
     files: dict[str, str] = {}
     for path in sorted(src.rglob("*")):
         rel = path.relative_to(src)
-        if path.is_dir() or rel.parts[0] in ("checkpoints", "validation") or path.suffix in (".csv", ".png", ".pt"):
+        if (
+            path.is_dir()
+            or rel.parts[0] in ("checkpoints", "validation")
+            or path.suffix in (".csv", ".png", ".pt")
+        ):
             continue
         target = dst / rel
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -80,5 +84,7 @@ def export_asset(src: str | os.PathLike[str], name: str, info: dict[str, Any], f
         else:
             shutil.copyfile(path, target)
         files[str(rel)] = sha256_file(target)
-    atomic_write_json(dst / _META, {"name": name, "files": files, **info, "dtype": "float16" if fp16 else "float32"})
+    atomic_write_json(
+        dst / _META, {"name": name, "files": files, **info, "dtype": "float16" if fp16 else "float32"}
+    )
     return dst

@@ -1,0 +1,39 @@
+"""Reports of the pipeline's results: perception gains (statistics, report.json / report.md) and figures.
+
+Pure numpy / matplotlib: nothing here imports torch, Lightning or the ``perception`` package.
+"""
+
+from pipeline.report.figures import plot_gains, plot_gallery
+from pipeline.report.gains import (
+    ARMS,
+    METRICS,
+    MetricInfo,
+    aggregate,
+    build_report,
+    make_report,
+    paired_test,
+    render_markdown,
+    sign_flip_p,
+    summarize,
+    t_quantile,
+    t_two_sided_p,
+    write_report,
+)
+
+__all__ = [
+    "ARMS",
+    "METRICS",
+    "MetricInfo",
+    "aggregate",
+    "build_report",
+    "make_report",
+    "paired_test",
+    "plot_gains",
+    "plot_gallery",
+    "render_markdown",
+    "sign_flip_p",
+    "summarize",
+    "t_quantile",
+    "t_two_sided_p",
+    "write_report",
+]
