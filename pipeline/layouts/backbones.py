@@ -23,7 +23,6 @@ import os
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Protocol, cast, runtime_checkable
 
 import torch
@@ -32,6 +31,7 @@ from torch import nn
 
 from pipeline.config import LayoutConfig
 from pipeline.device import resolve_device, resolve_dtype
+from pipeline.lumen.base import BaseComponents, load_base
 
 __all__ = [
     "BACKBONES",
@@ -188,62 +188,8 @@ class SDModel(Protocol):
     scheduler: Any
 
 
-@dataclass
-class SDComponents:
-    """The parts of a diffusers SD-family model the ``sd`` backbone needs.
-
-    Attributes:
-        vae: ``AutoencoderKL``.
-        unet: ``UNet2DConditionModel`` (SD 1.x / 2.x style: no added conditioning).
-        text_encoder: ``CLIPTextModel`` (or any encoder whose first output is (B, T, D) hidden states).
-        tokenizer: a tokenizer with the ``transformers`` call interface and ``model_max_length``.
-        scheduler: any diffusers scheduler with ``add_noise`` and ``config.num_train_timesteps``.
-    """
-
-    vae: Any
-    unet: Any
-    text_encoder: Any
-    tokenizer: Any
-    scheduler: Any
-
-    @classmethod
-    def from_pretrained(cls, path: str | os.PathLike[str], local_files_only: bool = True) -> SDComponents:
-        """Load from a diffusers folder (``vae/``, ``unet/``, ``text_encoder/``, ``tokenizer/``,
-        ``scheduler/``) or a hub id already in the local Hugging Face cache."""
-        from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-        from transformers import AutoTokenizer, CLIPTextModel
-
-        where = str(path)
-        try:
-            return cls(
-                vae=AutoencoderKL.from_pretrained(where, subfolder="vae", local_files_only=local_files_only),
-                unet=UNet2DConditionModel.from_pretrained(
-                    where, subfolder="unet", local_files_only=local_files_only
-                ),
-                text_encoder=CLIPTextModel.from_pretrained(
-                    where, subfolder="text_encoder", local_files_only=local_files_only
-                ),
-                tokenizer=AutoTokenizer.from_pretrained(
-                    where, subfolder="tokenizer", local_files_only=local_files_only, trust_remote_code=False
-                ),
-                # add_noise only needs the beta schedule, which every SD scheduler config carries.
-                scheduler=DDPMScheduler.from_pretrained(
-                    where, subfolder="scheduler", local_files_only=local_files_only
-                ),
-            )
-        except (OSError, ValueError) as err:
-            raise FileNotFoundError(
-                f"could not load a diffusers SD-family model from {where!r} ({err}). Pass a local diffusers folder "
-                "with vae/, unet/, text_encoder/, tokenizer/ and scheduler/ subfolders, or download the model on a "
-                f"machine with internet (`huggingface-cli download {where}`) so it is in the local cache."
-            ) from err
-
-    def save_pretrained(self, path: str | os.PathLike[str]) -> Path:
-        """Write the components as a diffusers folder that :meth:`from_pretrained` reads back."""
-        root = Path(path)
-        for name in ("vae", "unet", "text_encoder", "tokenizer", "scheduler"):
-            getattr(self, name).save_pretrained(root / name)
-        return root
+# The five parts of an SD-family model: the base model's own container (loads and saves diffusers folders).
+SDComponents = BaseComponents
 
 
 class _StopForward(Exception):
@@ -563,7 +509,7 @@ def _build_sd(cfg: LayoutConfig, source: ModelSource | None, device: torch.devic
     if isinstance(source, SDModel):
         components, model_id = source, "in-memory"
     else:
-        components, model_id = SDComponents.from_pretrained(source), str(source)
+        components, model_id = load_base(source), str(source)
     return SDBackbone(
         components,
         layer=str(cfg.layer) if cfg.layer is not None else SD_DEFAULT_LAYER,

@@ -89,64 +89,26 @@ def tiny_sd_components(
             random images, as SD's factor was chosen for its VAE (otherwise a random VAE's latents are ~0.07
             in scale and the noise at t=261 drowns them).
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from pipeline.lumen.base import build_tiny_components
 
     for c in (*block_out_channels, *vae_block_out_channels):
         if c % norm_num_groups:
             raise ValueError(f"norm_num_groups={norm_num_groups} must divide every channel count, got {c}")
     if len(block_out_channels) < 2:
         raise ValueError("the UNet needs at least two blocks (block_out_channels of length >= 2)")
-    n, nv = len(block_out_channels), len(vae_block_out_channels)
-    vae_factor = 2 ** (nv - 1)
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        in_channels=3,
-        out_channels=3,
-        down_block_types=("DownEncoderBlock2D",) * nv,
-        up_block_types=("UpDecoderBlock2D",) * nv,
-        block_out_channels=vae_block_out_channels,
-        layers_per_block=1,
-        latent_channels=4,
-        norm_num_groups=norm_num_groups,
-        sample_size=sample_size,
-    )
-    torch.manual_seed(seed + 1)
-    unet = UNet2DConditionModel(
-        sample_size=max(1, sample_size // vae_factor),
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
-        up_block_types=("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",),
-        block_out_channels=block_out_channels,
-        layers_per_block=layers_per_block,
-        cross_attention_dim=text_hidden_size,
-        attention_head_dim=8,
-        norm_num_groups=norm_num_groups,
-    )
-    torch.manual_seed(seed + 2)
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(byte_level_vocab()),
-            hidden_size=text_hidden_size,
-            intermediate_size=2 * text_hidden_size,
-            num_hidden_layers=text_layers,
-            num_attention_heads=max(1, text_hidden_size // 8),
-            max_position_embeddings=max_length,
-            bos_token_id=0,
-            eos_token_id=1,
-            pad_token_id=1,
-        )
-    )
+    n = len(block_out_channels)
+    preset: dict[str, dict[str, Any]] = {
+        "vae": {"block_out_channels": tuple(vae_block_out_channels), "layers_per_block": 1, "latent_channels": 4,
+                "norm_num_groups": norm_num_groups},
+        "unet": {"block_out_channels": tuple(block_out_channels), "layers_per_block": layers_per_block,
+                 "attention_head_dim": 8, "norm_num_groups": norm_num_groups,
+                 "down_block_types": ("DownBlock2D",) + ("CrossAttnDownBlock2D",) * (n - 1),
+                 "up_block_types": ("CrossAttnUpBlock2D",) * (n - 1) + ("UpBlock2D",)},
+        "text": {"hidden_size": text_hidden_size, "intermediate_size": 2 * text_hidden_size,
+                 "num_hidden_layers": text_layers, "num_attention_heads": max(1, text_hidden_size // 8)},
+    }  # fmt: skip
+    comps = build_tiny_components(tiny_clip_tokenizer(max_length), sample_size, seed=seed, preset=preset,
+                                  check_resolution=False)  # fmt: skip
     if calibrate_scaling:
-        _calibrate_scaling_factor(vae, sample_size, seed)
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
-    )
-    return SDComponents(
-        vae=vae,
-        unet=unet,
-        text_encoder=text_encoder,
-        tokenizer=tiny_clip_tokenizer(max_length),
-        scheduler=scheduler,
-    )
+        _calibrate_scaling_factor(comps.vae, sample_size, seed)
+    return comps

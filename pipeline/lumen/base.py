@@ -90,6 +90,15 @@ class BaseComponents:
             **extra,
         )
 
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike[str], local_files_only: bool = True) -> BaseComponents:
+        """See :func:`load_base`."""
+        return load_base(source, local_files_only=local_files_only)
+
+    def save_pretrained(self, out_dir: str | os.PathLike[str]) -> Path:
+        """Alias of :meth:`save`, as diffusers names it."""
+        return self.save(out_dir)
+
     def save(self, out_dir: str | os.PathLike[str]) -> Path:
         """Save in the diffusers layout (safetensors), loadable by ``StableDiffusionPipeline.from_pretrained``."""
         out = Path(out_dir)
@@ -111,6 +120,7 @@ def build_tiny_components(
     resolution: int = 64,
     seed: int = 0,
     preset: dict[str, dict[str, Any]] | None = None,
+    check_resolution: bool = True,
 ) -> BaseComponents:
     """Randomly initialised tiny SD components (seeded) for the given tokenizer.
 
@@ -119,6 +129,7 @@ def build_tiny_components(
         resolution: image side in pixels (a multiple of the VAE factor times the UNet's downsampling).
         seed: seed of every weight.
         preset: sizes; defaults to :data:`TINY_PRESET` (tests pass smaller ones).
+        check_resolution: raise if ``resolution`` is not a multiple of the model's total downsampling.
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
@@ -127,7 +138,7 @@ def build_tiny_components(
     vae_cfg, unet_cfg, text_cfg = dict(p["vae"]), dict(p["unet"]), dict(p["text"])
     nv = len(vae_cfg["block_out_channels"])
     factor = 2 ** (nv - 1) * 2 ** (len(unet_cfg["block_out_channels"]) - 1)
-    if resolution % factor:
+    if check_resolution and resolution % factor:
         raise ValueError(f"base.resolution={resolution} must be a multiple of {factor} for this preset")
     torch.manual_seed(seed)
     vae = AutoencoderKL(

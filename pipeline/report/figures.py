@@ -80,8 +80,9 @@ def plot_gains(tasks: Mapping[str, Any], path: str | os.PathLike[str], ncols: in
             sig = entry.get("significance", {}).get(metric)
             if sig and sig.get("p_value") is not None:
                 star = "*" if sig["significant"] else ""
+                p = sig["p_value"]
                 ax.annotate(
-                    f"p={sig['p_value']:.2g}{star}",
+                    f"p{'<0.001' if p < 0.001 else f'={p:.2g}'}{star}",
                     (i, 1.0),
                     xycoords=("data", "axes fraction"),
                     ha="center",

@@ -356,6 +356,19 @@ def _fmt(x: float | None, digits: int = 4) -> str:
     return "n/a" if x is None or not math.isfinite(x) else f"{x:.{digits}g}"
 
 
+def _mean_std(s: Mapping[str, Any]) -> str:
+    """``mean ± std (n=k)``, both rounded to the std's second significant digit."""
+    mean, std = s.get("mean"), s.get("std")
+    if mean is None:
+        return "n/a"
+    if std is None or not math.isfinite(std):
+        return f"{mean:.4g} ± n/a (n={s['n']})"
+    if std <= 1e-9 * max(1.0, abs(mean)):
+        return f"{mean:.4g} ± 0 (n={s['n']})"
+    decimals = min(6, max(0, 1 - math.floor(math.log10(std))))
+    return f"{mean:.{decimals}f} ± {std:.{decimals}f} (n={s['n']})"
+
+
 def _fmt_p(p: float | None) -> str:
     return "n/a" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}")
 
@@ -398,9 +411,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
                 cells = [setting, f"{info.label if info else metric}{arrow}"]
                 for arm in ARMS:
                     s = entry.get(arm, {}).get(metric)
-                    cells.append(
-                        "n/a" if s is None else f"{_fmt(s['mean'])} ± {_fmt(s['std'], 2)} (n={s['n']})"
-                    )
+                    cells.append("n/a" if s is None else _mean_std(s))
                 sig = entry.get("significance", {}).get(metric, {})
                 gain = entry.get("gain", {}).get(metric)
                 cells += [
