@@ -103,25 +103,28 @@ def _cmd_run(args: argparse.Namespace) -> int:
     return 3
 
 
-def _cmd_train_base(args: argparse.Namespace) -> int:
-    from pipeline.lumen.stages import run_train_base
+def _open_run(args: argparse.Namespace) -> tuple[LumenConfig, Path]:
+    """Config from the command line, and its run folder (new, or resumed with the same config)."""
     from pipeline.runs import prepare_run_dir
 
     cfg = config_from_args(args)
     run_dir = prepare_run_dir(cfg, args.out)
     print(f"run folder: {run_dir} (config hash {config_hash(cfg)})")
-    out = run_train_base(cfg, run_dir)
+    return cfg, run_dir
+
+
+def _cmd_train_base(args: argparse.Namespace) -> int:
+    from pipeline.lumen.stages import run_train_base
+
+    out = run_train_base(*_open_run(args))
     print(f"base model: {out} (samples: {out / 'samples.png'})")
     return 0
 
 
 def _cmd_train_lumen(args: argparse.Namespace) -> int:
     from pipeline.lumen.stages import run_train_lumen
-    from pipeline.runs import prepare_run_dir
 
-    cfg = config_from_args(args)
-    run_dir = prepare_run_dir(cfg, args.out)
-    print(f"run folder: {run_dir} (config hash {config_hash(cfg)})")
+    cfg, run_dir = _open_run(args)
     out = run_train_lumen(cfg, run_dir)
     print(f"LUMEN ControlNet: {out} (validation grids: {run_dir / 'lumen_train' / 'validation'})")
     return 0
@@ -129,12 +132,8 @@ def _cmd_train_lumen(args: argparse.Namespace) -> int:
 
 def _cmd_expand(args: argparse.Namespace) -> int:
     from pipeline.lumen.expand import run_expand
-    from pipeline.runs import prepare_run_dir
 
-    cfg = config_from_args(args)
-    run_dir = prepare_run_dir(cfg, args.out)
-    print(f"run folder: {run_dir} (config hash {config_hash(cfg)})")
-    s = run_expand(cfg, run_dir)
+    s = run_expand(*_open_run(args))
     print(
         f"wrote {s.real} real and {s.synthetic} synthetic samples ({s.quarantined} quarantined) in {s.seconds:.0f} s"
     )
