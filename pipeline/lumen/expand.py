@@ -25,7 +25,7 @@ from pipeline.data.sample import Sample
 from pipeline.device import resolve_device
 from pipeline.io import atomic_write_text, sha256_file
 from pipeline.lumen.generate import LumenGenerator, plan_variants
-from pipeline.lumen.stages import condition_maker, generation_size, load_run_base
+from pipeline.lumen.stages import base_folder, condition_maker, generation_size, load_run_base
 
 __all__ = ["ExpandSummary", "run_expand"]
 
@@ -99,7 +99,7 @@ def run_expand(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Expand
     gen = LumenGenerator(base, controlnet, scheduler=cfg.generate.scheduler, device=device)
     g = cfg.generate
     models = {
-        "base": {"id": base_id, "sha256": _weights_sha(Path(base_id), "unet")},
+        "base": {"id": base_id, "sha256": _weights_sha(base_folder(base_id), "unet")},
         "controlnet": {"id": str(run_dir / "lumen"), "sha256": _weights_sha(run_dir / "lumen")},
     }
     common: dict[str, Any] = {

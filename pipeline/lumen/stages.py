@@ -19,7 +19,14 @@ from pipeline.device import resolve_device
 from pipeline.io import sha256_file
 from pipeline.lumen.base import BaseComponents, load_base
 
-__all__ = ["collect_samples", "generation_size", "load_run_base", "run_train_base", "run_train_lumen"]
+__all__ = [
+    "base_folder",
+    "collect_samples",
+    "generation_size",
+    "load_run_base",
+    "run_train_base",
+    "run_train_lumen",
+]
 
 log = logging.getLogger(__name__)
 
@@ -92,17 +99,50 @@ def generation_size(cfg: LumenConfig, base: BaseComponents) -> tuple[int, int]:
 
 
 def load_run_base(cfg: LumenConfig, run_dir: Path) -> tuple[BaseComponents, str]:
-    """The run's frozen base model and its identity: ``run_dir/base`` (tiny), or ``base.pretrained``."""
+    """The run's frozen base model and its identity (recorded in layout specs and provenance).
+
+    ``base.pretrained`` for a pretrained base; for the tiny one ``run_dir/base`` if the run trained its
+    own, else the shipped tiny base model when it fits the config (identity ``lumen-assets/tiny-base@<sha>``,
+    the same on every machine, so layouts made elsewhere match).
+    """
     if cfg.base.source == "pretrained":
         if cfg.base.pretrained is None:  # checked by BaseModelConfig
             raise ValueError("base.pretrained is not set")
         return load_base(cfg.base.pretrained, local_files_only=cfg.base.local_files_only), cfg.base.pretrained
     folder = run_dir / "base"
-    if not (folder / "model_index.json").is_file():
-        raise FileNotFoundError(
-            f"no base model in {folder}; run `lumen train-base` with this config and --out first"
-        )
-    return load_base(folder), str(folder)
+    if (folder / "model_index.json").is_file():
+        return load_base(folder), str(folder)
+    shipped = _shipped_base(cfg)
+    if shipped is not None:
+        log.info("using the shipped tiny base model %s (sha256-verified)", shipped)
+        digest = sha256_file(shipped / "unet" / "diffusion_pytorch_model.safetensors")[:16]
+        return load_base(shipped), f"lumen-assets/{shipped.name}@{digest}"
+    raise FileNotFoundError(
+        f"no base model in {folder} and no shipped one fits this config (data.adapter={cfg.data.adapter}, "
+        f"base.resolution={cfg.base.resolution}); run `lumen train-base` with this config and --out first"
+    )
+
+
+def base_folder(base_id: str) -> Path:
+    """The folder behind a base identity from :func:`load_run_base` (shipped assets included)."""
+    if base_id.startswith("lumen-assets/"):
+        from pipeline.assets import ASSETS_DIR
+
+        return ASSETS_DIR / base_id.split("/", 1)[1].split("@", 1)[0]
+    return Path(base_id)
+
+
+def _shipped_base(cfg: LumenConfig) -> Path | None:
+    """The shipped tiny base model, if it was trained on this kind of data at this resolution."""
+    from pipeline.assets import ASSETS_DIR, asset_path, verify_asset
+
+    folder = ASSETS_DIR / "tiny-base"
+    if not (folder / "asset.json").is_file():
+        return None
+    meta = verify_asset(folder)
+    if meta.get("adapter") != cfg.data.adapter or meta.get("resolution") != cfg.base.resolution:
+        return None
+    return asset_path("tiny-base")
 
 
 ConditionFn = Callable[[Sequence[Sample]], np.ndarray]
