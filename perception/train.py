@@ -1,0 +1,217 @@
+"""Train one perception model for a fixed number of optimizer steps and return its validation metrics.
+
+``train()`` is the unit of the real vs real+synthetic protocol: the same seed gives the same initial
+weights and the same order of draws, so two arms that differ only in their data are a matched pair.
+It writes nothing unless ``out_dir`` is given (then: ``metrics.csv`` logs, ``result.json``, and the
+weights when ``save_model``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import CSVLogger
+
+from perception.data import PerceptionDataModule, SampleData, dataset_info_from_shards
+from perception.models import PerceptionModule
+from pipeline.config import PerceptionConfig
+from pipeline.data.sample import DatasetInfo
+from pipeline.io import atomic_write_bytes, atomic_write_json
+
+__all__ = ["TrainResult", "state_dict_sha256", "train", "trainer_device"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainResult:
+    """What one training run produced.
+
+    Attributes:
+        tasks: the tasks the model was trained on.
+        seed: the run's seed (weights init, draws, augmentation).
+        steps: optimizer steps taken.
+        metrics: ``{task: {metric: value}}`` on the real validation data.
+        model_sha256: sha256 of the trained weights (:func:`state_dict_sha256`).
+        num_real, num_synthetic, num_val: samples used (after the low-label selection).
+        seconds: wall time of training and validation.
+    """
+
+    tasks: list[str]
+    seed: int
+    steps: int
+    metrics: dict[str, dict[str, float]]
+    model_sha256: str
+    num_real: int
+    num_synthetic: int
+    num_val: int
+    seconds: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-compatible dict."""
+        return asdict(self)
+
+
+def state_dict_sha256(module: torch.nn.Module) -> str:
+    """sha256 over the module's parameters and buffers (names, dtypes, shapes and bytes, sorted by name)."""
+    h = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def trainer_device(device: str) -> tuple[str, Any]:
+    """Lightning ``(accelerator, devices)`` for ``auto``, ``cpu``, ``cuda``, ``cuda:N`` or ``mps``."""
+    if device == "auto":
+        return "auto", "auto"
+    if device == "cpu":
+        return "cpu", 1
+    if device == "cuda":
+        return "gpu", 1
+    if device.startswith("cuda:"):
+        return "gpu", [int(device.split(":", 1)[1])]
+    if device == "mps":
+        return "mps", 1
+    raise ValueError(f"unknown device {device!r}; use auto, cpu, cuda, cuda:N or mps")
+
+
+def _resolve_info(info: DatasetInfo | None, real: SampleData) -> DatasetInfo | None:
+    if info is not None:
+        return info
+    if isinstance(real, (str, os.PathLike)):
+        return dataset_info_from_shards(real)
+    return None
+
+
+def train(
+    tasks: str | Sequence[str],
+    real: SampleData,
+    val: SampleData,
+    *,
+    synthetic: SampleData | None = None,
+    config: PerceptionConfig | None = None,
+    info: DatasetInfo | None = None,
+    seed: int = 0,
+    steps: int | None = None,
+    synthetic_ratio: float | None = None,
+    low_label_fraction: float | None = None,
+    label_seed: int | None = None,
+    out_dir: str | os.PathLike[str] | None = None,
+    save_model: bool = False,
+    device: str = "cpu",
+) -> TrainResult:
+    """Train a model on real (or real+synthetic) data for ``steps`` optimizer steps; validate on real.
+
+    Args:
+        tasks: ``seg``, ``depth``, ``normal`` or several of them (one shared model).
+        real: labelled real training data (samples or shard-set folders, see :data:`SampleData`).
+        val: real validation data.
+        synthetic: synthetic training data; None trains on real data only.
+        config: network, optimisation and augmentation settings (default :class:`PerceptionConfig`).
+        info: the dataset (classes, ignore index); read from the real shard set's manifest if None.
+        seed: seeds the initial weights, the draws and the augmentation.
+        steps: optimizer steps (default ``config.steps``).
+        synthetic_ratio: share of synthetic samples per batch (default ``config.synthetic_ratio`` when
+            ``synthetic`` is given, else 0).
+        low_label_fraction: keep this share of the labelled real samples; None = all.
+        label_seed: seed of the low-label choice (default ``seed``).
+        out_dir: where logs and ``result.json`` go; None writes nothing.
+        save_model: also write ``model.safetensors`` to ``out_dir``.
+        device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``.
+
+    Returns:
+        A :class:`TrainResult` whose ``metrics`` are ``{task: {metric: value}}``.
+    """
+    # 1. Settings.
+    config = config or PerceptionConfig()
+    task_list = [tasks] if isinstance(tasks, str) else list(tasks)
+    steps = int(steps or config.steps)
+    info = _resolve_info(info, real)
+    if "seg" in task_list and (info is None or info.num_classes < 2):
+        raise ValueError("the seg task needs info=DatasetInfo(classes=..., ignore_index=...) with 2+ classes")
+    out = Path(out_dir) if out_dir is not None else None
+    started = time.perf_counter()
+
+    # 2. Data and model, both from the seed.
+    pl.seed_everything(seed, workers=True, verbose=False)
+    data = PerceptionDataModule.from_config(
+        config,
+        real,
+        val,
+        synthetic,
+        tasks=task_list,
+        synthetic_ratio=synthetic_ratio,
+        low_label_fraction=low_label_fraction,
+        label_seed=seed if label_seed is None else label_seed,
+        seed=seed,
+        ignore_index=info.ignore_index if info is not None else None,
+    )
+    data.setup("fit")
+    model = PerceptionModule.from_config(config, task_list, num_classes=info.num_classes if info else None)
+
+    # 3. Fit for exactly `steps` optimizer steps, then validate on the real validation data.
+    accelerator, devices = trainer_device(device)
+    csv = CSVLogger(str(out), name="", version="logs") if out is not None else False
+    common: dict[str, Any] = {
+        "accelerator": accelerator,
+        "devices": devices,
+        "logger": csv,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": str(out) if out is not None else None,
+    }
+    loader = data.train_dataloader()
+    trainer = pl.Trainer(
+        max_steps=steps,
+        max_epochs=-1,
+        limit_val_batches=0,
+        num_sanity_val_steps=0,
+        log_every_n_steps=max(1, min(50, len(loader))),
+        **common,
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+        warnings.filterwarnings(
+            "ignore", message=".*defined a `validation_step` but have no `val_dataloader`.*"
+        )
+        warnings.filterwarnings(
+            "ignore", message=".*isinstance\\(treespec, LeafSpec\\).*"
+        )  # Lightning internal
+        trainer.fit(model, train_dataloaders=loader)
+        pl.Trainer(**common).validate(model, dataloaders=data.val_dataloader(), verbose=False)
+
+    # 4. Result (and files, when asked).
+    result = TrainResult(
+        tasks=task_list,
+        seed=seed,
+        steps=int(trainer.global_step),
+        metrics=model.val_results,
+        model_sha256=state_dict_sha256(model.net),
+        num_real=len(data.real_train),
+        num_synthetic=len(data.synthetic_train),
+        num_val=len(data.val_samples),
+        seconds=time.perf_counter() - started,
+    )
+    if out is not None:
+        atomic_write_json(out / "result.json", result.to_dict())
+        if save_model:
+            from safetensors.torch import save
+
+            state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
+            atomic_write_bytes(out / "model.safetensors", save(state))
+    logger.info("trained %s, seed %d, %d steps: %s", "+".join(task_list), seed, result.steps, result.metrics)
+    return result
