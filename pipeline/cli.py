@@ -11,7 +11,7 @@ import importlib
 import json
 import logging
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from pipeline import __version__
@@ -23,11 +23,6 @@ log = logging.getLogger("lumen")
 
 # Sub-packages that contribute command groups through a ``register(subparsers)`` function.
 _PLUGINS = ("pipeline.layouts.cli", "pipeline.shards.cli")
-
-# Stages that later issues add; until then the commands exist and fail honestly.
-_PENDING = {
-    "evaluate": "train perception models on real vs real+synthetic and report the gains",
-}
 
 
 def add_config_args(p: argparse.ArgumentParser, out: bool = True) -> None:
@@ -141,13 +136,12 @@ def _cmd_expand(args: argparse.Namespace) -> int:
     return 0
 
 
-def _pending(name: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        config_from_args(args)  # still validate the config, so typos surface now
-        print(f"error: `lumen {name}` ({_PENDING[name]}) is not implemented yet.", file=sys.stderr)
-        return 3
+def _cmd_evaluate(args: argparse.Namespace) -> int:
+    from perception.stages import run_evaluate
 
-    return run
+    report = run_evaluate(*_open_run(args))
+    print(f"report: {report / 'report.md'} (and report.json, figures/)")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -161,24 +155,21 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     sub.required = True
 
-    p = sub.add_parser("run", help="the whole pipeline end to end")
-    add_config_args(p)
-    p.set_defaults(func=_cmd_run)
-    p = sub.add_parser("train-base", help="train the tiny base text-to-image model on the dataset's images")
-    add_config_args(p)
-    p.set_defaults(func=_cmd_train_base)
-    p = sub.add_parser(
-        "train-lumen", help="train the LUMEN ControlNet on images + neural layouts (or lumen.condition)"
+    stages = (
+        ("run", _cmd_run, "the whole pipeline end to end"),
+        ("train-base", _cmd_train_base, "train the tiny base text-to-image model on the dataset's images"),
+        (
+            "train-lumen",
+            _cmd_train_lumen,
+            "train the LUMEN ControlNet on images + neural layouts (or lumen.condition)",
+        ),
+        ("expand", _cmd_expand, "generate synthetic variants and shard real + synthetic samples"),
+        ("evaluate", _cmd_evaluate, "train perception models on real vs real+synthetic and report the gains"),
     )
-    add_config_args(p)
-    p.set_defaults(func=_cmd_train_lumen)
-    p = sub.add_parser("expand", help="generate synthetic variants and shard real + synthetic samples")
-    add_config_args(p)
-    p.set_defaults(func=_cmd_expand)
-    for name, text in _PENDING.items():
+    for name, func, text in stages:
         p = sub.add_parser(name, help=text)
         add_config_args(p)
-        p.set_defaults(func=_pending(name))
+        p.set_defaults(func=func)
 
     data = sub.add_parser("data", help="look at and check a dataset").add_subparsers(
         dest="data_command", metavar="ACTION"

@@ -69,6 +69,15 @@ def test_expand_writes_real_and_synthetic_shards_with_the_expected_keys(tmp_path
             "layouts": {"num_components": 4, "pca_images": 3, "pca_vectors_per_image": 32, "batch_size": 2},
             "lumen": {"train_steps": 1, "batch_size": 2, "validate_every": 100},
             "generate": {"variants": 2, "steps": 2, "chunk_size": 2, "variation_prompts": ["at night"]},
+            "perception": {
+                "tasks": ["seg", "depth"],
+                "steps": 2,
+                "seeds": [0, 1],
+                "batch_size": 2,
+                "low_label_fraction": None,
+                "encoder_depth": 3,
+                "decoder_channels": [16, 8, 8],
+            },
         }
     )
     data = collect_samples(cfg, (RES, RES), Quarantine(None), progress=False)
@@ -93,3 +102,15 @@ def test_expand_writes_real_and_synthetic_shards_with_the_expected_keys(tmp_path
     assert variant.caption.endswith(", at night")
     again = run_expand(cfg, tmp_path, progress=False)  # everything is done: nothing is redone
     assert (again.real, again.synthetic) == (0, 0)
+
+    from perception.stages import run_evaluate
+
+    report_dir = run_evaluate(cfg, tmp_path, progress=False)
+    report = json.loads((report_dir / "report.json").read_text())
+    for task, metric in (("seg", "miou"), ("depth", "abs_rel")):
+        full = report["tasks"][task]["settings"]["full"]
+        assert set(full["real"][metric]) >= {"mean", "std"} and metric in full["gain"]
+        assert full["gain"][metric] == pytest.approx(
+            full["real+synthetic"][metric]["mean"] - full["real"][metric]["mean"], abs=1e-9
+        )
+    assert (report_dir / "report.md").is_file() and (report_dir / "figures" / "gains.png").is_file()

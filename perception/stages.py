@@ -1,0 +1,58 @@
+"""The ``evaluate`` stage: perception models on real vs real+synthetic shards, and the gains report."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import LumenConfig, config_dict, config_hash
+from pipeline.data import Quarantine
+from pipeline.device import resolve_device
+from pipeline.lumen.stages import collect_samples
+
+__all__ = ["run_evaluate"]
+
+log = logging.getLogger(__name__)
+
+
+def _models(run_dir: Path) -> dict[str, Any]:
+    card_path = run_dir / "lumen" / "lumen.json"
+    if not card_path.is_file():
+        return {}
+    card = json.loads(card_path.read_text())
+    return {"base": card.get("base_model"), "controlnet": str(run_dir / "lumen"), "condition": card.get("condition"),
+            "layout": card.get("layout"), "pca_sha256": card.get("pca_sha256")}  # fmt: skip
+
+
+def run_evaluate(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Path:
+    """Train ``perception.tasks`` models on real-only and real+synthetic shards over the seeds and
+    settings of the protocol, validate on the real validation split, and write ``run_dir/report``.
+
+    Per-run logs and results go to ``run_dir/perception`` (an interrupted evaluation resumes there).
+    """
+    from perception.data import ShardSamples, dataset_info_from_shards, pair_variants
+    from perception.protocol import run_protocol
+    from pipeline.report import make_report
+
+    real_dir, syn_dir = run_dir / "shards" / "real", run_dir / "shards" / "synthetic"
+    for d in (real_dir, syn_dir):
+        if not (d / "manifest.json").is_file():
+            raise FileNotFoundError(f"no shard set in {d}; run `lumen expand` with this config first")
+    info = dataset_info_from_shards(real_dir)
+    size = tuple(cfg.data.image_size) if cfg.data.image_size else None
+    val = collect_samples(cfg, size, Quarantine(run_dir / "quarantine.jsonl"), split="val", progress=progress)  # type: ignore[arg-type]
+    missing = [t for t in cfg.perception.tasks if t not in info.labels]
+    if missing:
+        raise ValueError(
+            f"perception.tasks {missing} need labels the dataset lacks (it has {list(info.labels)})"
+        )
+    real, synthetic = ShardSamples(real_dir), ShardSamples(syn_dir)
+    results = run_protocol(real, list(val), synthetic, config=cfg.perception, info=info,
+                           out_dir=run_dir / "perception", device=str(resolve_device(cfg.device)))  # fmt: skip
+    report_dir = run_dir / "report"
+    make_report(results, report_dir, config=config_dict(cfg), config_hash=config_hash(cfg), models=_models(run_dir),
+                dataset=info, gallery=pair_variants(real, synthetic))  # fmt: skip
+    log.info("report written to %s", report_dir)
+    return report_dir
