@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from pipeline.io import atomic_write_json
 from pipeline.lumen.base import BaseComponents, build_tiny_components
 from pipeline.lumen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.lumen.tokenizer import build_tokenizer
@@ -267,7 +268,7 @@ def train_base(
     finally:
         logger.close()
     comps.save(out)
-    (out / "train_settings.json").write_text(__import__("json").dumps(asdict(s), indent=2))
+    atomic_write_json(out / "train_settings.json", asdict(s))
     _write_samples(comps, list(sample_prompts or captions[:8]), out / "samples.png", s.seed)
     return comps
 
