@@ -189,3 +189,27 @@ def test_comparison_conditions_have_the_right_shape_and_range() -> None:
     assert e.shape == d.shape == (1, 32, 32)
     assert set(np.unique(e)) <= {0.0, 1.0} and d.min() >= 0 and d.max() <= 1
     assert np.all(d[0][s.depth == 0] == 0)
+
+
+def test_train_base_writes_a_stock_loadable_model_and_resumes(tmp_path: Path, data) -> None:
+    import csv
+
+    from diffusers import StableDiffusionPipeline
+
+    from pipeline.lumen.train_base import BaseTrainSettings, train_base
+
+    images, _, captions = data
+    s = BaseTrainSettings(resolution=RES, vae_steps=4, vae_batch_size=2, vae_crop=8, unet_steps=4, batch_size=2,
+                          warmup_steps=1, checkpoint_every=2)  # fmt: skip
+    train_base(images, captions, tmp_path, s, preset=PRESET, progress=False, sample_prompts=captions[:1])
+    assert (tmp_path / "samples.png").is_file()
+    pipe = StableDiffusionPipeline.from_pretrained(tmp_path)
+    assert pipe.vae.config.scaling_factor != 0.18215  # set from the training latents
+    assert pipe.tokenizer("a red sphere").input_ids[1] != pipe.tokenizer.unk_token_id
+    # a longer run in the same folder resumes both phases from their checkpoints
+    train_base(images, captions, tmp_path, BaseTrainSettings(**{**s.__dict__, "unet_steps": 6}), preset=PRESET,
+               progress=False, sample_prompts=captions[:1])  # fmt: skip
+    rows = list(csv.DictReader((tmp_path / "train_log.csv").open()))
+    unet_steps = [int(r["step"]) for r in rows if r["phase"] == "unet"]
+    assert unet_steps[-1] == 5 and unet_steps.count(0) == 1  # steps 4-5 were added, none redone
+    assert [r for r in rows if r["phase"] == "vae"][-1]["step"] == "3"
