@@ -10,7 +10,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import DataConfig, LumenConfig, config_hash, load_config
+from pipeline.config import LumenConfig, config_hash, load_config
+from pipeline.data import build_dataset
 from pipeline.data.sample import SampleSource
 
 __all__ = ["build_layout_extractor", "register", "resolve_sd_source"]
@@ -20,47 +21,27 @@ log = logging.getLogger(__name__)
 PREVIEW_IMAGES = 8
 
 
-def _build_dataset(cfg: DataConfig) -> SampleSource:
-    """The dataset adapter for ``cfg`` (one place to change when the data registry moves)."""
-    try:
-        from pipeline.data import build_dataset
-    except ImportError:  # pragma: no cover - older checkouts without the registry
-        from pipeline.data.toyscenes import ToyScenes
-
-        if cfg.adapter != "toyscenes" or cfg.image_size is None:
-            raise
-        return ToyScenes(
-            num_images=cfg.num_images or 256,
-            image_size=cfg.image_size,
-            seed=cfg.seed,
-            split=cfg.split,
-            domains=cfg.domains,
-            min_objects=cfg.min_objects,
-            max_objects=cfg.max_objects,
-        )
-    return build_dataset(cfg)
-
-
 def resolve_sd_source(cfg: LumenConfig) -> tuple[Any, str]:
     """Where the ``sd`` backbone's weights come from: ``(model source, description)``.
 
-    ``layouts.model`` if set; else ``base.pretrained`` for a pretrained base; else the run's trained tiny
-    base model (``<runs_dir>/<name>/base``) if it exists; else a tiny *random* SD model, with a warning
-    (until the trained tiny base model exists its features are random-weight features).
+    ``layouts.model`` if set (e.g. a run's ``base`` folder); else ``base.pretrained`` for a pretrained
+    base; else the shipped tiny base model when it fits the config; else a tiny *random* SD model, with
+    a warning (its features are random-weight features).
     """
     if cfg.layouts.model is not None:
         return cfg.layouts.model, cfg.layouts.model
     if cfg.base.source == "pretrained" and cfg.base.pretrained:
         return cfg.base.pretrained, cfg.base.pretrained
-    trained = Path(cfg.runs_dir) / cfg.name / "base"
-    if (trained / "unet").is_dir():
-        return trained, str(trained)
+    from pipeline.lumen.stages import shipped_base
+
+    shipped = shipped_base(cfg)
+    if shipped is not None:
+        return shipped, str(shipped)
     from pipeline.layouts.tiny_sd import tiny_sd_components
 
     log.warning(
-        "no trained base model at %s and no layouts.model/base.pretrained set: using a tiny RANDOM SD model "
-        "(its layouts only exercise the code; train the base model first for meaningful ones)",
-        trained,
+        "no shipped base model fits this config and no layouts.model/base.pretrained is set: using a tiny "
+        "RANDOM SD model (its layouts only exercise the code; set layouts.model to a trained base folder)"
     )
     return tiny_sd_components(seed=cfg.seed, sample_size=cfg.base.resolution), "tiny-random-sd"
 
@@ -71,7 +52,7 @@ def build_layout_extractor(cfg: LumenConfig, out: Path | None = None) -> tuple[A
     from pipeline.layouts.backbones import SDModel, build_backbone
     from pipeline.layouts.project import LayoutExtractor, fit_pca
 
-    source = _build_dataset(cfg.data)
+    source = build_dataset(cfg.data)
     device = cfg.device
     if cfg.layouts.backbone == "sd":
         model, described = resolve_sd_source(cfg)

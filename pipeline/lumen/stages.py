@@ -26,6 +26,7 @@ __all__ = [
     "load_run_base",
     "run_train_base",
     "run_train_lumen",
+    "shipped_base",
 ]
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ def load_run_base(cfg: LumenConfig, run_dir: Path) -> tuple[BaseComponents, str]
     folder = run_dir / "base"
     if (folder / "model_index.json").is_file():
         return load_base(folder), str(folder)
-    shipped = _shipped_base(cfg)
+    shipped = shipped_base(cfg)
     if shipped is not None:
         log.info("using the shipped tiny base model %s (sha256-verified)", shipped)
         digest = sha256_file(shipped / "unet" / "diffusion_pytorch_model.safetensors")[:16]
@@ -132,7 +133,7 @@ def base_folder(base_id: str) -> Path:
     return Path(base_id)
 
 
-def _shipped_base(cfg: LumenConfig) -> Path | None:
+def shipped_base(cfg: LumenConfig) -> Path | None:
     """The shipped tiny base model, if it was trained on this kind of data at this resolution."""
     from pipeline.assets import ASSETS_DIR, asset_path, verify_asset
 
