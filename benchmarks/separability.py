@@ -172,8 +172,23 @@ def main() -> None:
         )
     )
     if args.sd_model:
-        cfg = base.model_copy(update={"model": args.sd_model})
-        variants.append((f"sd {args.sd_model}, up_blocks.1, t=261", build_backbone(cfg), cfg))
+        trained = base.model_copy(update={"model": args.sd_model})
+        trained_backbone = build_backbone(
+            trained
+        )  # loaded once; layer/timestep variants share its components
+        for layer, t, draws in [("up_blocks.1", 261, 1), ("up_blocks.1", 261, 4), ("up_blocks.1", 100, 1),
+                                ("up_blocks.2", 100, 1), ("up_blocks.0", 261, 1)]:  # fmt: skip
+            cfg = trained.model_copy(update={"layer": layer, "timestep": t, "noise_draws": draws})
+            name = f"sd trained ({Path(args.sd_model).name}), {layer}, t={t}" + (
+                f", {draws} draws" if draws > 1 else ""
+            )
+            variants.append(
+                (
+                    name,
+                    build_backbone(cfg, components=trained_backbone.components, model_id=args.sd_model),
+                    cfg,
+                )
+            )
     for name, backbone, cfg in variants:
         tr, te, info = _layouts(backbone, cfg, train, test)
         for n in NS:
