@@ -55,12 +55,19 @@ def asset_path(name: str) -> Path:
     return folder
 
 
-def export_asset(src: str | os.PathLike[str], name: str, info: dict[str, Any], fp16: bool = True) -> Path:
+def export_asset(
+    src: str | os.PathLike[str],
+    name: str,
+    info: dict[str, Any],
+    fp16: bool = True,
+    extra: dict[str, str | os.PathLike[str]] | None = None,
+) -> Path:
     """Copy a diffusers folder (model index + component folders) into ``pipeline/assets/<name>``.
 
     Weights are stored as float16 safetensors when ``fp16`` (halves the size; loaders upcast on CPU),
-    training by-products (checkpoints, logs) are left out, and ``asset.json`` records the sha256 of
-    every file plus ``info`` (command, config, data).
+    training by-products (checkpoints, logs) are left out, ``extra`` files ({name in the asset: path})
+    are copied byte for byte (e.g. a PCA whose exact values define layouts), and ``asset.json`` records
+    the sha256 of every file plus ``info`` (command, config, data).
     """
     from safetensors.torch import load_file, save_file
 
@@ -84,6 +91,9 @@ def export_asset(src: str | os.PathLike[str], name: str, info: dict[str, Any], f
         else:
             shutil.copyfile(path, target)
         files[str(rel)] = sha256_file(target)
+    for rel_name, extra_path in (extra or {}).items():
+        shutil.copyfile(extra_path, dst / rel_name)
+        files[rel_name] = sha256_file(dst / rel_name)
     atomic_write_json(
         dst / _META, {"name": name, "files": files, **info, "dtype": "float16" if fp16 else "float32"}
     )

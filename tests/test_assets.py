@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from pipeline.assets import AssetError, asset_path, available_assets, verify_asset
+
+
+def test_shipped_assets_verify_and_record_how_to_reproduce_them() -> None:
+    assert {"tiny-base", "tiny-lumen-layout"} <= set(available_assets())
+    for name in available_assets():
+        meta = verify_asset(asset_path(name))
+        assert meta["command"].startswith("lumen ") and meta["files"]
+
+
+def test_a_modified_asset_file_is_detected(tmp_path: Path) -> None:
+    copy = tmp_path / "tiny-lumen-layout"
+    shutil.copytree(asset_path("tiny-lumen-layout"), copy)
+    weights = copy / "diffusion_pytorch_model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    with pytest.raises(AssetError, match="sha256 mismatch"):
+        verify_asset(copy)
+
+
+def test_shipped_controlnet_matches_its_pca_and_base() -> None:
+    from pipeline.layouts import PCA
+
+    folder = asset_path("tiny-lumen-layout")
+    card = json.loads((folder / "lumen.json").read_text())
+    pca = PCA.load(folder / "pca.safetensors")
+    assert card["layout"]["pca"] == pca.fingerprint() and pca.num_components == card["channels"] == 8
+    assert card["base_model"].startswith("lumen-assets/tiny-base@")
