@@ -35,3 +35,17 @@ def test_shipped_controlnet_matches_its_pca_and_base() -> None:
     pca = PCA.load(folder / "pca.safetensors")
     assert card["layout"]["pca"] == pca.fingerprint() and pca.num_components == card["channels"] == 8
     assert card["base_model"].startswith("lumen-assets/tiny-base@")
+
+
+def test_runs_fall_back_to_the_shipped_models_only_when_they_fit(tmp_path: Path) -> None:
+    from pipeline.config import load_config
+    from pipeline.lumen.stages import lumen_folder, shipped_base
+
+    demo = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    assert lumen_folder(demo, tmp_path) == asset_path("tiny-lumen-layout")
+    assert shipped_base(demo) == asset_path("tiny-base")
+    other_n = demo.model_copy(update={"layouts": demo.layouts.model_copy(update={"num_components": 4})})
+    with pytest.raises(FileNotFoundError, match="does not fit"):
+        lumen_folder(other_n, tmp_path)
+    camvid = demo.model_copy(update={"data": demo.data.model_copy(update={"adapter": "camvid"})})
+    assert shipped_base(camvid) is None

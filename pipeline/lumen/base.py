@@ -192,7 +192,8 @@ def load_base(
         pipe = StableDiffusionPipeline.from_pretrained(
             str(source),
             local_files_only=local_files_only,
-            torch_dtype=torch_dtype or torch.float32,  # shipped weights are fp16; compute in fp32 unless asked
+            torch_dtype=torch_dtype
+            or torch.float32,  # shipped weights are fp16; compute in fp32 unless asked
             safety_checker=None,
             requires_safety_checker=False,
         )

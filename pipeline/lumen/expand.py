@@ -25,7 +25,7 @@ from pipeline.data.sample import Sample
 from pipeline.device import resolve_device
 from pipeline.io import atomic_write_text, sha256_file
 from pipeline.lumen.generate import LumenGenerator, plan_variants
-from pipeline.lumen.stages import base_folder, condition_maker, generation_size, load_run_base
+from pipeline.lumen.stages import base_folder, condition_maker, generation_size, load_run_base, lumen_folder
 
 __all__ = ["ExpandSummary", "run_expand"]
 
@@ -62,16 +62,13 @@ def _weights_sha(folder: Path, sub: str = "") -> str | None:
     return sha256_file(files[0]) if files else None
 
 
-def _load_controlnet(run_dir: Path, device: Any) -> tuple[Any, dict[str, Any]]:
+def _load_controlnet(folder: Path, device: Any) -> tuple[Any, dict[str, Any]]:
+    import torch
     from diffusers import ControlNetModel
 
-    folder = run_dir / "lumen"
-    if not (folder / "lumen.json").is_file():
-        raise FileNotFoundError(
-            f"no LUMEN ControlNet in {folder}; run `lumen train-lumen` with this config first"
-        )
     card = json.loads((folder / "lumen.json").read_text())
-    return ControlNetModel.from_pretrained(folder).to(device).eval(), card
+    model = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32)  # shipped weights are fp16
+    return model.to(device).eval(), card
 
 
 def run_expand(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> ExpandSummary:
@@ -86,21 +83,25 @@ def run_expand(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Expand
     device = resolve_device(cfg.device)
     base, base_id = load_run_base(cfg, run_dir)
     base.to(device)
-    controlnet, card = _load_controlnet(run_dir, device)
+    cn_folder = lumen_folder(cfg, run_dir)
+    controlnet, card = _load_controlnet(cn_folder, device)
     source = build_dataset(cfg.data, "train")
     quarantine = Quarantine(run_dir / "quarantine.jsonl")
     size = generation_size(cfg, base)
-    make_conditions, cond_meta = condition_maker(cfg, base, base_id, source, run_dir)
+    shipped_pca = cn_folder / "pca.safetensors"
+    make_conditions, cond_meta = condition_maker(
+        cfg, base, base_id, source, run_dir, pca_path=shipped_pca if shipped_pca.is_file() else None
+    )
     if card.get("condition") == "layout" and card.get("layout") != cond_meta.get("layout"):
         raise ValueError(
             "the layouts this run would make differ from those the ControlNet was trained on "
-            f"({run_dir / 'lumen' / 'lumen.json'}); retrain it or restore the run's pca.safetensors"
+            f"({cn_folder / 'lumen.json'}); retrain it or restore the run's pca.safetensors"
         )
     gen = LumenGenerator(base, controlnet, scheduler=cfg.generate.scheduler, device=device)
     g = cfg.generate
     models = {
         "base": {"id": base_id, "sha256": _weights_sha(base_folder(base_id), "unet")},
-        "controlnet": {"id": str(run_dir / "lumen"), "sha256": _weights_sha(run_dir / "lumen")},
+        "controlnet": {"id": str(cn_folder), "sha256": _weights_sha(cn_folder)},
     }
     common: dict[str, Any] = {
         "source_dataset": source.info.name,

@@ -24,6 +24,7 @@ __all__ = [
     "collect_samples",
     "generation_size",
     "load_run_base",
+    "lumen_folder",
     "run_train_base",
     "run_train_lumen",
     "shipped_base",
@@ -124,6 +125,37 @@ def load_run_base(cfg: LumenConfig, run_dir: Path) -> tuple[BaseComponents, str]
     )
 
 
+def lumen_folder(cfg: LumenConfig, run_dir: Path) -> Path:
+    """The run's trained ControlNet (``run_dir/lumen``), else the shipped layout ControlNet when the run
+    uses the shipped base model and its layout settings match the ones it was trained with."""
+    folder = run_dir / "lumen"
+    if (folder / "lumen.json").is_file():
+        return folder
+    from pipeline.assets import ASSETS_DIR, asset_path, verify_asset
+
+    shipped = ASSETS_DIR / "tiny-lumen-layout"
+    if (shipped / "asset.json").is_file() and not (run_dir / "base" / "model_index.json").is_file():
+        meta = verify_asset(shipped)
+        lay = meta.get("config", {}).get("layouts", {})
+        fits = (
+            cfg.base.source == "tiny"
+            and meta.get("adapter") == cfg.data.adapter
+            and meta.get("resolution") == cfg.base.resolution
+            and cfg.lumen.condition == "layout"
+            and cfg.layouts.backbone == lay.get("backbone", "sd")
+            and cfg.layouts.num_components == lay.get("num_components")
+            and (cfg.layouts.layer or "up_blocks.1") == lay.get("layer", "up_blocks.1")
+            and cfg.layouts.timestep == lay.get("timestep", 261)
+        )
+        if fits:
+            log.info("using the shipped LUMEN layout ControlNet %s (sha256-verified)", shipped)
+            return asset_path("tiny-lumen-layout")
+    raise FileNotFoundError(
+        f"no LUMEN ControlNet in {folder} and the shipped one does not fit this config; "
+        "run `lumen train-lumen` with this config and --out first"
+    )
+
+
 def base_folder(base_id: str) -> Path:
     """The folder behind a base identity from :func:`load_run_base` (shipped assets included)."""
     if base_id.startswith("lumen-assets/"):
@@ -150,12 +182,17 @@ ConditionFn = Callable[[Sequence[Sample]], np.ndarray]
 
 
 def condition_maker(
-    cfg: LumenConfig, base: BaseComponents, base_id: str, fit_data: SampleSource, run_dir: Path
+    cfg: LumenConfig,
+    base: BaseComponents,
+    base_id: str,
+    fit_data: SampleSource,
+    run_dir: Path,
+    pca_path: Path | None = None,
 ) -> tuple[ConditionFn, dict[str, Any]]:
     """A function from samples to their (B, C, H, W) float16 conditions, and what defines them.
 
     ``layout``: the backbone is the base model's UNet (or ``layouts.backbone``); the PCA is read from
-    ``run_dir/pca.safetensors`` or fitted on ``fit_data`` and saved there; layouts are cached on disk
+    ``pca_path`` (default ``run_dir/pca.safetensors``) or fitted on ``fit_data`` and saved there; layouts are cached on disk
     under their spec hash. Comparison conditions are computed from the labels; the random masks of
     ``seg_sparse`` are seeded per sample key, so they do not depend on how work is chunked.
     """
@@ -167,7 +204,7 @@ def condition_maker(
 
         device = resolve_device(cfg.device)
         backbone = build_backbone(cfg.layouts, device=device, components=base, model_id=base_id)
-        pca_path = run_dir / "pca.safetensors"
+        pca_path = pca_path or run_dir / "pca.safetensors"
         if pca_path.is_file():
             pca = PCA.load(pca_path)
         else:
