@@ -73,7 +73,9 @@ def main() -> None:
 
         cfg = load_config(Path(run_dir) / "config.yaml")
         card = json.loads((Path(run_dir) / "lumen" / "lumen.json").read_text())
-        make, _ = condition_maker(cfg, base, card["base_model"], val_ds, Path(run_dir))  # the id it trained with
+        make, _ = condition_maker(
+            cfg, base, card["base_model"], val_ds, Path(run_dir)
+        )  # the id it trained with
         conditions[name] = (ControlNetModel.from_pretrained(Path(run_dir) / "lumen"), make(val))
 
     results: dict[str, dict[str, float]] = {"real (ceiling)": _segmenter_scores(train, val, args.seg_steps)}
