@@ -91,8 +91,9 @@ def _cmd_run(args: argparse.Namespace) -> int:
     for split, s in summary.items():
         print(f"{split}: {s['valid']} valid samples, {s['quarantined']} quarantined ({s['dataset']})")
     print(
-        "error: the stages after validation (layouts, LUMEN training, generation, shards, perception) are not "
-        "implemented yet; `lumen run` stops here.",
+        "error: the end-to-end flow (Prefect) is not implemented yet; `lumen run` stops after validation.\n"
+        f"Run the stages one by one on this folder: lumen expand {args.config} --out {run_dir}, then "
+        f"lumen evaluate {args.config} --out {run_dir} (lumen train-base / train-lumen to train your own models).",
         file=sys.stderr,
     )
     return 3
