@@ -90,10 +90,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     atomic_write_json(run_dir / "data_summary.json", summary)
     for split, s in summary.items():
         print(f"{split}: {s['valid']} valid samples, {s['quarantined']} quarantined ({s['dataset']})")
+    same = " ".join([args.config, *args.overrides, "--out", str(run_dir)])
     print(
         "error: the end-to-end flow (Prefect) is not implemented yet; `lumen run` stops after validation.\n"
-        f"Run the stages one by one on this folder: lumen expand {args.config} --out {run_dir}, then "
-        f"lumen evaluate {args.config} --out {run_dir} (lumen train-base / train-lumen to train your own models).",
+        f"Run the stages one by one on this folder: `lumen expand {same}`, then `lumen evaluate {same}` "
+        "(lumen train-base / train-lumen train your own models first).",
         file=sys.stderr,
     )
     return 3
