@@ -161,10 +161,12 @@ class Backbone(ABC):
     def spec(self) -> dict[str, Any]:
         """What determines the features: name, model id, weights fingerprint, layer, timestep, input size."""
 
+    _device: torch.device
+
     @property
-    @abstractmethod
     def device(self) -> torch.device:
         """Where the backbone runs."""
+        return self._device
 
     @abstractmethod
     def input_size(self, height: int, width: int) -> tuple[int, int]:
@@ -262,10 +264,6 @@ class SDBackbone(Backbone):
         self.multiple = self.vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
         self._fingerprint = weights_fingerprint([vae, unet, components.text_encoder])
         self._empty: torch.Tensor | None = None
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
 
     def input_size(self, height: int, width: int) -> tuple[int, int]:
         return input_hw(height, width, self._input_size, self.multiple)
@@ -452,10 +450,6 @@ class ViTBackbone(Backbone):
         _freeze(model, self._device, dtype)
         self._interpolate = "interpolate_pos_encoding" in inspect.signature(model.forward).parameters
         self._fingerprint = weights_fingerprint([model])
-
-    @property
-    def device(self) -> torch.device:
-        return self._device
 
     def input_size(self, height: int, width: int) -> tuple[int, int]:
         return input_hw(height, width, self._input_size, self.patch_size)

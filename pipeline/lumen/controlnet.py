@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from pipeline.lumen.base import BaseComponents
 from pipeline.lumen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from pipeline.lumen.train_base import images_to_tensor
+from pipeline.lumen.train_base import images_to_tensor, set_lr
 
 __all__ = ["ControlTrainSettings", "LumenTrainer", "build_controlnet", "embedding_channels"]
 
@@ -238,8 +238,7 @@ class LumenTrainer:
             done_here = 0
             while self.step < self.s.steps and (stop_after is None or done_here < stop_after):
                 lr = self._lr(self.step)
-                for g in self.opt.param_groups:
-                    g["lr"] = lr
+                set_lr(self.opt, lr)
                 total = 0.0
                 for _ in range(self.s.grad_accum):
                     idx = torch.randint(0, len(images), (self.s.batch_size,), generator=self.gen)

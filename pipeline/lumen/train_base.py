@@ -90,6 +90,12 @@ def _lr_at(step: int, total: int, base: float, warmup: int) -> float:
     return base * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
 
 
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """Set the learning rate of every parameter group."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+
+
 def _train_vae(
     vae: Any,
     x: torch.Tensor,
@@ -112,8 +118,7 @@ def _train_vae(
     )
     for step in bar:
         lr = _lr_at(step, s.vae_steps, s.vae_lr, s.warmup_steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        set_lr(opt, lr)
         idx = torch.randint(0, len(x), (s.vae_batch_size,), generator=gen)
         batch = x[idx]
         if (
@@ -188,8 +193,7 @@ def _train_unet(
     )
     for step in bar:
         lr = _lr_at(step, s.unet_steps, s.unet_lr, s.warmup_steps)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        set_lr(opt, lr)
         idx = torch.randint(0, len(means), (s.batch_size,), generator=gen)
         z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scale
         ids = token_ids[idx % n_images].clone()
