@@ -1,0 +1,24 @@
+"""Prefect flows that orchestrate the pipeline's stages (see docs/flows.md).
+
+``from flows import call_flow; call_flow("run", "configs/demo.yaml")`` is what ``lumen run`` does.
+"""
+
+from flows.stages import (
+    FLOWS,
+    call_flow,
+    evaluate_flow,
+    expand_flow,
+    run_flow,
+    train_base_flow,
+    train_lumen_flow,
+)
+
+__all__ = [
+    "FLOWS",
+    "call_flow",
+    "evaluate_flow",
+    "expand_flow",
+    "run_flow",
+    "train_base_flow",
+    "train_lumen_flow",
+]

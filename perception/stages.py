@@ -9,10 +9,11 @@ from typing import Any
 
 from pipeline.config import LumenConfig, config_dict, config_hash
 from pipeline.data import Quarantine
+from pipeline.data.sample import DatasetInfo
 from pipeline.device import resolve_device
 from pipeline.lumen.stages import collect_samples
 
-__all__ = ["run_evaluate"]
+__all__ = ["evaluation_inputs", "run_evaluate", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -26,33 +27,51 @@ def _models(run_dir: Path) -> dict[str, Any]:
             "layout": card.get("layout"), "pca_sha256": card.get("pca_sha256")}  # fmt: skip
 
 
-def run_evaluate(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Path:
-    """Train ``perception.tasks`` models on real-only and real+synthetic shards over the seeds and
-    settings of the protocol, validate on the real validation split, and write ``run_dir/report``.
-
-    Per-run logs and results go to ``run_dir/perception`` (an interrupted evaluation resumes there).
-    """
-    from perception.data import ShardSamples, dataset_info_from_shards, pair_variants
-    from perception.protocol import run_protocol
-    from pipeline.report import make_report
+def evaluation_inputs(
+    cfg: LumenConfig, run_dir: Path, progress: bool = True
+) -> tuple[Any, list[Any], Any, DatasetInfo]:
+    """(real shards, real validation samples, synthetic shards, dataset info) of a run's evaluation."""
+    from perception.data import ShardSamples, dataset_info_from_shards
 
     real_dir, syn_dir = run_dir / "shards" / "real", run_dir / "shards" / "synthetic"
     for d in (real_dir, syn_dir):
         if not (d / "manifest.json").is_file():
             raise FileNotFoundError(f"no shard set in {d}; run `lumen expand` with this config first")
     info = dataset_info_from_shards(real_dir)
-    size = tuple(cfg.data.image_size) if cfg.data.image_size else None
-    val = collect_samples(cfg, size, Quarantine(run_dir / "quarantine.jsonl"), split="val", progress=progress)  # type: ignore[arg-type]
     missing = [t for t in cfg.perception.tasks if t not in info.labels]
     if missing:
         raise ValueError(
             f"perception.tasks {missing} need labels the dataset lacks (it has {list(info.labels)})"
         )
-    real, synthetic = ShardSamples(real_dir), ShardSamples(syn_dir)
-    results = run_protocol(real, list(val), synthetic, config=cfg.perception, info=info,
-                           out_dir=run_dir / "perception", device=str(resolve_device(cfg.device)))  # fmt: skip
+    size = tuple(cfg.data.image_size) if cfg.data.image_size else None
+    val = collect_samples(cfg, size, Quarantine(run_dir / "quarantine.jsonl"), split="val", progress=progress)  # type: ignore[arg-type]
+    return ShardSamples(real_dir), list(val), ShardSamples(syn_dir), info
+
+
+def write_report(
+    cfg: LumenConfig, run_dir: Path, results: dict[str, Any], real: Any, synthetic: Any, info: DatasetInfo
+) -> Path:
+    """``run_dir/report``: report.json, report.md, the gains chart and the gallery."""
+    from perception.data import pair_variants
+    from pipeline.report import make_report
+
     report_dir = run_dir / "report"
     make_report(results, report_dir, config=config_dict(cfg), config_hash=config_hash(cfg), models=_models(run_dir),
                 dataset=info, gallery=pair_variants(real, synthetic))  # fmt: skip
     log.info("report written to %s", report_dir)
     return report_dir
+
+
+def run_evaluate(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Path:
+    """Train ``perception.tasks`` models on real-only and real+synthetic shards over the seeds and
+    settings of the protocol, validate on the real validation split, and write ``run_dir/report``.
+
+    Per-run logs and results go to ``run_dir/perception`` (an interrupted evaluation resumes there).
+    ``flows/evaluate.py`` does the same with one Prefect task per training run.
+    """
+    from perception.protocol import run_protocol
+
+    real, val, synthetic, info = evaluation_inputs(cfg, run_dir, progress)
+    results = run_protocol(real, val, synthetic, config=cfg.perception, info=info,
+                           out_dir=run_dir / "perception", device=str(resolve_device(cfg.device)))  # fmt: skip
+    return write_report(cfg, run_dir, results, real, synthetic, info)

@@ -22,7 +22,7 @@ __all__ = ["main"]
 log = logging.getLogger("lumen")
 
 # Sub-packages that contribute command groups through a ``register(subparsers)`` function.
-_PLUGINS = ("pipeline.layouts.cli", "pipeline.shards.cli")
+_PLUGINS = ("pipeline.layouts.cli", "pipeline.shards.cli", "pipeline.synthesis.cli")
 
 
 def add_config_args(p: argparse.ArgumentParser, out: bool = True) -> None:
@@ -71,78 +71,77 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     return 0 if summary["quarantined"] == 0 else 1
 
 
+def _flow(name: str, args: argparse.Namespace, **kwargs: object) -> object:
+    """Run the Prefect flow ``name`` (flows/) on the command line's config, overrides and --out."""
+    import os
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    config_from_args(args)  # config errors exit 2 here, before Prefect starts
+    from flows import call_flow
+
+    out = str(args.out) if args.out is not None else None
+    return call_flow(name, args.config, args.overrides, out=out, **kwargs)
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
-    from pipeline.data import Quarantine, build_dataset
-    from pipeline.data.validate import scan_dataset
-    from pipeline.io import atomic_write_json
-    from pipeline.runs import RUN_LAYOUT, prepare_run_dir
-
-    cfg = config_from_args(args)
-    run_dir = prepare_run_dir(cfg, args.out)
-    print(f"run folder: {run_dir} (config hash {config_hash(cfg)})")
-    quarantine = Quarantine(run_dir / RUN_LAYOUT["quarantine"])
-    summary = {
-        split: scan_dataset(
-            build_dataset(cfg.data, split), quarantine, stage=f"validate-{split}", progress=True
-        )
-        for split in ("train", "val")
-    }
-    atomic_write_json(run_dir / "data_summary.json", summary)
-    for split, s in summary.items():
-        print(f"{split}: {s['valid']} valid samples, {s['quarantined']} quarantined ({s['dataset']})")
-    same = " ".join([args.config, *args.overrides, "--out", str(run_dir)])
+    s = _flow("run", args)
+    assert isinstance(s, dict)
+    t = s["timings_s"]
+    print(f"\nrun folder: {s['run_dir']} ({t['total']:.0f} s)")
     print(
-        "error: the end-to-end flow (Prefect) is not implemented yet; `lumen run` stops after validation.\n"
-        f"Run the stages one by one on this folder: `lumen expand {same}`, then `lumen evaluate {same}` "
-        "(lumen train-base / train-lumen train your own models first).",
-        file=sys.stderr,
+        f"shards: {s['expand']['real_samples']} real + {s['expand']['synthetic_samples']} synthetic samples"
     )
-    return 3
-
-
-def _open_run(args: argparse.Namespace) -> tuple[LumenConfig, Path]:
-    """Config from the command line, and its run folder (new, or resumed with the same config)."""
-    from pipeline.runs import prepare_run_dir
-
-    cfg = config_from_args(args)
-    run_dir = prepare_run_dir(cfg, args.out)
-    print(f"run folder: {run_dir} (config hash {config_hash(cfg)})")
-    return cfg, run_dir
+    print(f"summary: {Path(s['run_dir']) / 'summary.md'}")
+    print(f"report: {s['report']}")
+    return 0
 
 
 def _cmd_train_base(args: argparse.Namespace) -> int:
-    from pipeline.lumen.stages import run_train_base
-
-    out = run_train_base(*_open_run(args))
+    out = Path(str(_flow("train-base", args)))
     print(f"base model: {out} (samples: {out / 'samples.png'})")
     return 0
 
 
 def _cmd_train_lumen(args: argparse.Namespace) -> int:
-    from pipeline.lumen.stages import run_train_lumen
-
-    cfg, run_dir = _open_run(args)
-    out = run_train_lumen(cfg, run_dir)
-    print(f"LUMEN ControlNet: {out} (validation grids: {run_dir / 'lumen_train' / 'validation'})")
+    out = Path(str(_flow("train-lumen", args)))
+    print(f"LUMEN ControlNet: {out} (validation grids: {out.parent / 'lumen_train' / 'validation'})")
     return 0
 
 
 def _cmd_expand(args: argparse.Namespace) -> int:
-    from pipeline.lumen.expand import run_expand
-
-    s = run_expand(*_open_run(args))
+    s = _flow("expand", args)
+    assert isinstance(s, dict)
     print(
-        f"wrote {s.real} real and {s.synthetic} synthetic samples ({s.quarantined} quarantined) in {s.seconds:.0f} s"
+        f"{s['real_samples']} real and {s['synthetic_samples']} synthetic samples "
+        f"({s['quarantined']} quarantined, {s['written_this_run']['filtered']} filtered) in {s['seconds']:.0f} s"
     )
-    print(f"shards: {s.real_dir} and {s.synthetic_dir} (check them with `lumen shards verify DIR`)")
+    print(
+        f"shards: {s['shards']['real']} and {s['shards']['synthetic']} (check them with `lumen shards verify DIR`)"
+    )
     return 0
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
-    from perception.stages import run_evaluate
+    s = _flow("evaluate", args)
+    assert isinstance(s, dict)
+    print(f"report: {s['report']} (and report.json, figures/)")
+    return 0
 
-    report = run_evaluate(*_open_run(args))
-    print(f"report: {report / 'report.md'} (and report.json, figures/)")
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from flows.serve import build_deployment, serve
+
+    cfg = config_from_args(args)
+    deployment = build_deployment(
+        args.config, args.overrides, cron=args.cron, name=args.name or f"lumen-{cfg.name}"
+    )
+    print(f"deployment {deployment.name!r}: flow lumen-scheduled-run, cron {args.cron!r}, "
+          f"parameters {json.dumps(deployment.parameters)}")  # fmt: skip
+    print(f"each run writes a new folder under {cfg.runs_dir}/ and, when it succeeds, "
+          f"points {cfg.runs_dir}/{cfg.name}-latest at it")  # fmt: skip
+    if args.dry_run:
+        return 0
+    serve(deployment)
     return 0
 
 
@@ -172,6 +171,13 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=text)
         add_config_args(p)
         p.set_defaults(func=func)
+
+    p = sub.add_parser("serve", help="serve the end-to-end flow as a scheduled Prefect deployment")
+    add_config_args(p, out=False)
+    p.add_argument("--cron", default="0 2 * * *", help="schedule (cron syntax; default: daily at 02:00)")
+    p.add_argument("--name", default=None, help="deployment name (default: lumen-<config name>)")
+    p.add_argument("--dry-run", action="store_true", help="print the deployment and exit")
+    p.set_defaults(func=_cmd_serve)
 
     data = sub.add_parser("data", help="look at and check a dataset").add_subparsers(
         dest="data_command", metavar="ACTION"

@@ -213,8 +213,20 @@ class GenerateConfig(_Section):
     variation_prompts: list[str] = Field(default_factory=list)
     batch_size: int = Field(16, ge=1)
     chunk_size: int = Field(32, ge=1, description="images per resumable unit of work")
-    quality_filter: bool = False
-    quality_threshold: float = Field(0.3, ge=0, le=1)
+    quality_filter: bool = Field(
+        False, description="score variants with a segmenter trained on the real images (docs/synthesis.md)"
+    )
+    quality_mode: Literal["image", "pixel"] = Field(
+        "image",
+        description="image: drop variants whose seg agreement (pixel accuracy) is under quality_threshold; "
+        "pixel: keep them but set pixels whose loss is far above their class's typical loss to ignore",
+    )
+    quality_threshold: float = Field(0.3, ge=0, le=1, description="image mode: minimum agreement kept")
+    quality_pixel_factor: float = Field(
+        2.0,
+        gt=0,
+        description="pixel mode: ignore pixels whose loss exceeds factor x their class's median loss",
+    )
 
 
 class ShardConfig(_Section):
@@ -444,8 +456,15 @@ def config_dict(cfg: BaseModel) -> dict[str, Any]:
 
 
 def config_hash(cfg: BaseModel, length: int = 16) -> str:
-    """Stable content hash: sha256 of the canonical JSON of the config (sorted keys)."""
-    text = json.dumps(config_dict(cfg), sort_keys=True, separators=(",", ":"))
+    """Stable content hash: sha256 of the canonical JSON of the config (sorted keys).
+
+    The ``runner`` section of a :class:`LumenConfig` is left out: how tasks are scheduled (threads or
+    Dask, how many workers) does not change what a run produces, so a run may resume on another runner.
+    """
+    data = config_dict(cfg)
+    if isinstance(cfg, LumenConfig):
+        data.pop("runner", None)
+    text = json.dumps(data, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(text.encode()).hexdigest()[:length]
 
 

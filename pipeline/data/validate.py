@@ -160,6 +160,11 @@ class Quarantine:
         return self.add(key, err.reason, err.detail, err.file, stage)
 
     @property
+    def records(self) -> list[dict[str, Any]]:
+        """The records so far (key, file, reason, detail, stage, time)."""
+        return list(self._records)
+
+    @property
     def keys(self) -> set[str]:
         return {r["key"] for r in self._records}
 

@@ -1,40 +1,76 @@
 """Dataset expansion: real samples and K synthetic variants each, into two WebDataset shard sets.
 
-Work goes in chunks of ``generate.chunk_size`` source images, in key order. Both shard writers resume:
-a sample already in a finished shard is skipped, a partial shard is discarded and redone; variant seeds
-come from (run seed, key, variant). A run killed at any point and started again therefore ends with
-exactly the expected keys, and the same bytes as an uninterrupted run.
+The work is split into **chunks** of ``generate.chunk_size`` source images, in key order:
+
+1. :func:`prepare_expand` loads the models once, fits (or reads) the layout PCA and plans the chunks;
+2. :func:`generate_chunk` makes the K variants of one chunk (the expensive, device-bound part; chunks
+   are independent, so a task runner may run them in parallel, on other processes or machines) and
+   stores them, with what made them, as ``work/expand/chunk-NNNNNN.{npz,json}`` in the run folder.
+   The JSON records the chunk's **cache key** (the sha256 of the stage's config, the model weights and
+   the chunk's keys) and the npz's sha256: a chunk whose files exist and match is not redone;
+3. :func:`write_chunk` appends a chunk's real samples and kept variants to the two shard writers, in
+   chunk order, on one thread. Both writers resume: a sample already in a finished shard is skipped, a
+   partial shard is discarded and redone.
+
+A run killed at any point and started again therefore ends with exactly the expected keys and the
+same bytes as an uninterrupted run, whichever task runner made the chunks. :func:`run_expand` does
+the three steps in one process; ``flows/expand.py`` does them as Prefect tasks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import threading
 import time
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from pipeline.config import LumenConfig, config_hash
+from pipeline.config import LumenConfig, config_dict, config_hash
 from pipeline.data import Quarantine, build_dataset, iter_valid, resize_sample
-from pipeline.data.sample import Sample
+from pipeline.data.sample import Sample, SampleSource
+from pipeline.faults import kill_point
 from pipeline.device import resolve_device
-from pipeline.io import atomic_write_text, sha256_file
+from pipeline.io import atomic_open, atomic_write_json, atomic_write_text, sha256_file
 from pipeline.lumen.generate import LumenGenerator, plan_variants
-from pipeline.lumen.stages import base_folder, condition_maker, generation_size, load_run_base, lumen_folder
+from pipeline.lumen.stages import (
+    ConditionFn,
+    base_folder,
+    collect_samples,
+    condition_maker,
+    generation_size,
+    load_run_base,
+    lumen_folder,
+)
 
-__all__ = ["ExpandSummary", "run_expand"]
+__all__ = [
+    "ChunkResult",
+    "ExpandSummary",
+    "chunk_files",
+    "chunk_written",
+    "expand_context",
+    "finish_expand",
+    "generate_chunk",
+    "prepare_expand",
+    "run_expand",
+    "shard_writers",
+    "write_chunk",
+]
 
 log = logging.getLogger(__name__)
+
+WORK_DIR = Path("work") / "expand"
 
 
 @dataclass
 class ExpandSummary:
-    """What an expand run produced."""
+    """What an expand run produced (counts are of samples written by this call; totals of the sets)."""
 
     real: int
     synthetic: int
@@ -42,11 +78,22 @@ class ExpandSummary:
     seconds: float
     real_dir: Path
     synthetic_dir: Path
+    filtered: int = 0
+    chunks: int = 0
+    chunks_reused: int = 0
+    total_real: int = 0
+    total_synthetic: int = 0
 
 
-def _chunks(keys: Sequence[str], size: int) -> Iterator[list[str]]:
-    for i in range(0, len(keys), size):
-        yield list(keys[i : i + size])
+@dataclass
+class ChunkResult:
+    """A generated chunk on disk (small and picklable: it travels between task-runner workers)."""
+
+    index: int
+    json_path: Path
+    reused: bool
+    seconds: float = 0.0
+    record: dict[str, Any] = field(default_factory=dict)
 
 
 def _run_timestamp(run_dir: Path) -> str:
@@ -71,23 +118,53 @@ def _load_controlnet(folder: Path, device: Any) -> tuple[Any, dict[str, Any]]:
     return model.to(device).eval(), card
 
 
-def run_expand(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> ExpandSummary:
-    """Shard the real training samples and ``generate.variants`` synthetic variants of each.
+def stage_hash(cfg: LumenConfig) -> str:
+    """Hash of what determines the synthetic images: seed, data, layouts, condition, generation, base."""
+    d = config_dict(cfg)
+    keep = {k: d[k] for k in ("seed", "data", "layouts", "base", "generate")}
+    keep["condition"] = d["lumen"]["condition"]
+    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
-    Writes ``run_dir/shards/real`` and ``run_dir/shards/synthetic`` (each with ``manifest.json``);
-    bad inputs go to ``run_dir/quarantine.jsonl``.
-    """
-    from pipeline.shards.writer import ShardSetWriter
 
-    t0 = time.time()
+@dataclass
+class ExpandContext:
+    """Everything a chunk needs, built once per process by :func:`expand_context`."""
+
+    cfg: LumenConfig
+    run_dir: Path
+    source: SampleSource
+    size: tuple[int, int]
+    make_conditions: ConditionFn
+    generator: LumenGenerator
+    models: dict[str, Any]
+    layout_meta: dict[str, Any]
+    stage_hash: str
+    quality: Any = None  # a pipeline.synthesis.filter.QualityFilter when generate.quality_filter is on
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_CONTEXTS: dict[tuple[str, str], ExpandContext] = {}
+_CONTEXTS_LOCK = threading.Lock()
+
+
+def expand_context(cfg: LumenConfig, run_dir: Path, progress: bool = False) -> ExpandContext:
+    """The models, condition function and generator of a run; cached per process (threads share it)."""
+    key = (config_hash(cfg), str(Path(run_dir).resolve()))
+    with _CONTEXTS_LOCK:
+        if key in _CONTEXTS:
+            return _CONTEXTS[key]
+        ctx = _build_context(cfg, Path(run_dir), progress)
+        _CONTEXTS[key] = ctx
+        return ctx
+
+
+def _build_context(cfg: LumenConfig, run_dir: Path, progress: bool) -> ExpandContext:
     device = resolve_device(cfg.device)
     base, base_id = load_run_base(cfg, run_dir)
     base.to(device)
     cn_folder = lumen_folder(cfg, run_dir)
     controlnet, card = _load_controlnet(cn_folder, device)
     source = build_dataset(cfg.data, "train")
-    quarantine = Quarantine(run_dir / "quarantine.jsonl")
-    size = generation_size(cfg, base)
     shipped_pca = cn_folder / "pca.safetensors"
     make_conditions, cond_meta = condition_maker(
         cfg, base, base_id, source, run_dir, pca_path=shipped_pca if shipped_pca.is_file() else None
@@ -97,62 +174,252 @@ def run_expand(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Expand
             "the layouts this run would make differ from those the ControlNet was trained on "
             f"({cn_folder / 'lumen.json'}); retrain it or restore the run's pca.safetensors"
         )
-    gen = LumenGenerator(base, controlnet, scheduler=cfg.generate.scheduler, device=device)
-    g = cfg.generate
     models = {
-        "base": {"id": base_id, "sha256": _weights_sha(base_folder(base_id), "unet")},
+        "base": {"id": base_id, "sha256": _weights_sha(base_folder(base_id, run_dir), "unet")},
         "controlnet": {"id": str(cn_folder), "sha256": _weights_sha(cn_folder)},
     }
-    common: dict[str, Any] = {
-        "source_dataset": source.info.name,
-        "split": "train",
-        "timestamp": _run_timestamp(run_dir),
+    quality = None
+    if cfg.generate.quality_filter:
+        from pipeline.synthesis.filter import QualityFilter
+
+        train = collect_samples(cfg, generation_size(cfg, base), Quarantine(None), progress=progress)
+        quality = QualityFilter.fit(cfg, run_dir, list(train), train.info, progress=progress)
+    return ExpandContext(
+        cfg=cfg,
+        run_dir=run_dir,
+        source=source,
+        size=generation_size(cfg, base),
+        make_conditions=make_conditions,
+        generator=LumenGenerator(base, controlnet, scheduler=cfg.generate.scheduler, device=device),
+        models=models,
+        layout_meta={"condition": card.get("condition"), **cond_meta},
+        stage_hash=stage_hash(cfg),
+        quality=quality,
+    )
+
+
+def prepare_expand(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> list[list[str]]:
+    """Load the models (fitting the layout PCA if the run has none) and split the keys into chunks."""
+    ctx = expand_context(cfg, run_dir, progress=progress)
+    _run_timestamp(run_dir)
+    keys = ctx.source.keys()
+    size = cfg.generate.chunk_size
+    return [list(keys[i : i + size]) for i in range(0, len(keys), size)]
+
+
+def chunk_files(run_dir: Path, index: int) -> tuple[Path, Path]:
+    """The (npz, json) files of chunk ``index``."""
+    stem = run_dir / WORK_DIR / f"chunk-{index:06d}"
+    return stem.with_suffix(".npz"), stem.with_suffix(".json")
+
+
+def _cache_key(ctx: ExpandContext, keys: Sequence[str]) -> str:
+    text = json.dumps([ctx.stage_hash, ctx.models, list(keys)], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _finished_chunk(npz: Path, meta: Path, cache_key: str) -> dict[str, Any] | None:
+    """The chunk's record if its files are complete, made from the same inputs, and intact."""
+    if not (npz.is_file() and meta.is_file()):
+        return None
+    try:
+        record: dict[str, Any] = json.loads(meta.read_text())
+    except json.JSONDecodeError:
+        return None
+    if record.get("cache_key") != cache_key or record.get("npz_sha256") != sha256_file(npz):
+        return None
+    return record
+
+
+def chunk_written(ctx: ExpandContext, index: int, keys: Sequence[str], real_w: Any, syn_w: Any) -> bool:
+    """Whether chunk ``index`` was made from these inputs and all its samples are in finished or open
+    shards of the writers (then it needs neither generating nor writing)."""
+    _, meta = chunk_files(ctx.run_dir, index)
+    if not meta.is_file():
+        return False
+    try:
+        record = json.loads(meta.read_text())
+    except json.JSONDecodeError:
+        return False
+    if record.get("cache_key") != _cache_key(ctx, keys):
+        return False
+    kept = [v["out_key"] for v in record["variants"] if v.get("keep", True)]
+    return set(record["valid"]) <= real_w.done_keys and set(kept) <= syn_w.done_keys
+
+
+def generate_chunk(cfg: LumenConfig, run_dir: Path, index: int, keys: Sequence[str]) -> ChunkResult:
+    """Make the variants of one chunk of source keys (or reuse the chunk's finished files)."""
+    t0 = time.time()
+    run_dir = Path(run_dir)
+    ctx = expand_context(cfg, run_dir)
+    npz, meta = chunk_files(run_dir, index)
+    cache_key = _cache_key(ctx, keys)
+    if (record := _finished_chunk(npz, meta, cache_key)) is not None:
+        return ChunkResult(index, meta, reused=True, record=record)
+    g = cfg.generate
+    bad = Quarantine(None)  # the writer step records these in the run's quarantine, on one thread
+    samples = [resize_sample(s, ctx.size) for s in iter_valid(ctx.source, bad, keys=keys, stage="expand")]
+    specs = plan_variants([s.key for s in samples], [s.caption for s in samples], g.variants, cfg.seed,
+                          g.prompt_template, g.variation_prompts)  # fmt: skip
+    images = np.zeros((0, *ctx.size, 3), np.uint8)
+    if specs:
+        with ctx.lock:  # one generation at a time per process and model
+            conds = dict(zip((s.key for s in samples), ctx.make_conditions(samples), strict=True))
+            images = ctx.generator.generate(
+                np.stack([conds[sp.key] for sp in specs]).astype(np.float32), [sp.prompt for sp in specs],
+                [sp.seed for sp in specs], steps=g.steps, guidance_scale=g.guidance_scale, batch_size=g.batch_size,
+            )  # fmt: skip
+    variants = [
+        {"out_key": sp.out_key, "key": sp.key, "variant": sp.variant, "seed": sp.seed, "prompt": sp.prompt}
+        for sp in specs
+    ]
+    arrays: dict[str, np.ndarray] = {"images": images}
+    if ctx.quality is not None and specs:
+        by_key = {s.key: s for s in samples}
+        segs = np.stack([np.asarray(by_key[sp.key].seg) for sp in specs])
+        masks: list[np.ndarray] = []
+        for v, res in zip(variants, ctx.quality.score(images, segs), strict=True):
+            v["quality"], v["keep"] = res.provenance(), bool(res.keep)
+            masks.append(res.mask if res.mask is not None else np.zeros(segs.shape[1:], bool))
+        if cfg.generate.quality_mode == "pixel":
+            arrays["ignore_masks"] = np.stack(masks)
+    npz.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(npz, "wb") as f:
+        np.savez(f, allow_pickle=False, **arrays)
+    kill_point("chunk-saved", index)  # images on disk, record not yet: the chunk must be redone
+    record = {
+        "cache_key": cache_key,
+        "index": index,
+        "keys": list(keys),
+        "valid": [s.key for s in samples],
+        "quarantined": [
+            {"key": r["key"], "reason": r["reason"], "detail": r["detail"], "file": r["file"]}
+            for r in bad.records
+        ],
+        "variants": variants,
+        "npz_sha256": sha256_file(npz),
+        "seconds": round(time.time() - t0, 3),
     }
-    layout_meta = {"condition": card.get("condition"), **cond_meta}
-    hash_ = config_hash(cfg)
-    card_fields = source.info.card()
-    real_w = ShardSetWriter.from_config(run_dir / "shards" / "real", cfg.shards, dataset_card=card_fields,
-                                        config_hash=hash_, prefix="real")  # fmt: skip
-    syn_w = ShardSetWriter.from_config(run_dir / "shards" / "synthetic", cfg.shards, dataset_card=card_fields,
-                                       config_hash=hash_, prefix="synthetic")  # fmt: skip
-    n_real = n_syn = 0
+    atomic_write_json(meta, record)
+    return ChunkResult(index, meta, reused=False, seconds=time.time() - t0, record=record)
+
+
+def shard_writers(cfg: LumenConfig, run_dir: Path) -> tuple[Any, Any]:
+    """The (real, synthetic) shard writers of a run; an existing set is resumed."""
+    from pipeline.shards.writer import ShardSetWriter
+
+    info = build_dataset(cfg.data, "train").info
+    if cfg.generate.quality_filter and cfg.generate.quality_mode == "pixel":
+        from pipeline.synthesis.filter import info_with_ignore
+
+        info = info_with_ignore(info)  # masked pixels need an ignore index in the card
+    card, hash_ = info.card(), config_hash(cfg)
+    real = ShardSetWriter.from_config(
+        run_dir / "shards" / "real", cfg.shards, dataset_card=card, config_hash=hash_, prefix="real"
+    )
+    syn = ShardSetWriter.from_config(
+        run_dir / "shards" / "synthetic", cfg.shards, dataset_card=card, config_hash=hash_, prefix="synthetic"
+    )
+    return real, syn
+
+
+def write_chunk(
+    ctx: ExpandContext, result: ChunkResult, real_w: Any, syn_w: Any, quarantine: Quarantine
+) -> tuple[int, int, int]:
+    """Append one generated chunk to the shard writers; returns (real, synthetic, filtered) written."""
+    g = ctx.cfg.generate
+    record = result.record or json.loads(result.json_path.read_text())
+    for q in record["quarantined"]:
+        quarantine.add(q["key"], q["reason"], q["detail"], q["file"], stage="expand")
+    npz, _ = chunk_files(ctx.run_dir, record["index"])
+    with np.load(npz, allow_pickle=False) as data:
+        images = data["images"]
+        masks = data["ignore_masks"] if "ignore_masks" in data.files else None
+    samples = {
+        s.key: resize_sample(s, ctx.size)
+        for s in iter_valid(ctx.source, Quarantine(None), keys=record["valid"], stage="expand")
+    }
+    common = {
+        "source_dataset": ctx.source.info.name,
+        "split": "train",
+        "timestamp": _run_timestamp(ctx.run_dir),
+    }
+    n_real = n_syn = n_filtered = 0
+    for key in record["valid"]:
+        if key not in real_w.done_keys:
+            real_w.write(samples[key], {**common, "source_key": key, "synthetic": False})
+            n_real += 1
+    for i, v in enumerate(record["variants"]):
+        if not v.get("keep", True):
+            n_filtered += 1
+            continue
+        if v["out_key"] in syn_w.done_keys:
+            continue
+        src = samples[v["key"]]
+        seg = src.seg
+        if masks is not None and seg is not None:
+            from pipeline.synthesis.filter import apply_pixel_mask, ignore_value
+
+            seg = apply_pixel_mask(seg, masks[i], ignore_value(ctx.source.info))
+        syn = Sample(v["out_key"], images[i], seg=seg, depth=src.depth, normal=src.normal,
+                     caption=v["prompt"], meta={"source_key": src.key})  # fmt: skip
+        prov = {**common, "source_key": src.key, "synthetic": True, "variant": v["variant"], "seed": v["seed"],
+                "prompt": v["prompt"], "guidance": g.guidance_scale, "steps": g.steps, "scheduler": g.scheduler,
+                "models": ctx.models, "layout": ctx.layout_meta}  # fmt: skip
+        if "quality" in v:
+            prov["quality"] = v["quality"]
+        syn_w.write(syn, prov)
+        n_syn += 1
+        if i == 0:
+            kill_point("chunk-writing", record["index"])  # mid-chunk, inside an open shard
+    kill_point("chunk-written", record["index"])
+    return n_real, n_syn, n_filtered
+
+
+def run_expand(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> ExpandSummary:
+    """Shard the real training samples and ``generate.variants`` synthetic variants of each, in one process.
+
+    Writes ``run_dir/shards/real`` and ``run_dir/shards/synthetic`` (each with ``manifest.json``);
+    bad inputs go to ``run_dir/quarantine.jsonl``. The chunk files are deleted once both sets are complete.
+    """
+    t0 = time.time()
+    chunks = prepare_expand(cfg, run_dir, progress=progress)
+    ctx = expand_context(cfg, run_dir)
+    quarantine = Quarantine(run_dir / "quarantine.jsonl")
     q_before = len(quarantine)
-    keys = source.keys()
-    bar = tqdm(total=len(keys), desc="expand", unit="img", disable=not progress)
+    real_w, syn_w = shard_writers(cfg, run_dir)
+    n_real = n_syn = n_filtered = reused = 0
+    bar = tqdm(total=sum(map(len, chunks)), desc="expand", unit="img", disable=not progress)
     with real_w, syn_w:
-        for chunk in _chunks(keys, g.chunk_size):
-            samples = [
-                resize_sample(s, size) for s in iter_valid(source, quarantine, keys=chunk, stage="expand")
-            ]
-            for s in samples:
-                if s.key not in real_w.done_keys:
-                    real_w.write(s, {**common, "source_key": s.key, "synthetic": False})
-                    n_real += 1
-            specs = plan_variants([s.key for s in samples], [s.caption for s in samples], g.variants, cfg.seed,
-                                  g.prompt_template, g.variation_prompts)  # fmt: skip
-            todo = [sp for sp in specs if sp.out_key not in syn_w.done_keys]
-            if todo:
-                by_key = {s.key: s for s in samples}
-                needed = [by_key[k] for k in dict.fromkeys(sp.key for sp in todo)]
-                conds = dict(zip((s.key for s in needed), make_conditions(needed), strict=True))
-                images = gen.generate(
-                    np.stack([conds[sp.key] for sp in todo]).astype(np.float32), [sp.prompt for sp in todo],
-                    [sp.seed for sp in todo], steps=g.steps, guidance_scale=g.guidance_scale, batch_size=g.batch_size,
-                )  # fmt: skip
-                for sp, image in zip(todo, images, strict=True):
-                    src = by_key[sp.key]
-                    syn = Sample(sp.out_key, image, seg=src.seg, depth=src.depth, normal=src.normal,
-                                 caption=sp.prompt, meta={"source_key": src.key})  # fmt: skip
-                    prov = {**common, "source_key": src.key, "synthetic": True, "variant": sp.variant, "seed": sp.seed,
-                            "prompt": sp.prompt, "guidance": g.guidance_scale, "steps": g.steps,
-                            "scheduler": g.scheduler, "models": models, "layout": layout_meta}  # fmt: skip
-                    syn_w.write(syn, prov)
-                    n_syn += 1
-            bar.update(len(chunk))
+        for i, keys in enumerate(chunks):
+            if chunk_written(ctx, i, keys, real_w, syn_w):
+                reused += 1
+                bar.update(len(keys))
+                continue
+            result = generate_chunk(cfg, run_dir, i, keys)
+            reused += result.reused
+            r, s, f = write_chunk(ctx, result, real_w, syn_w, quarantine)
+            n_real, n_syn, n_filtered = n_real + r, n_syn + s, n_filtered + f
+            bar.update(len(keys))
     bar.close()
-    summary = ExpandSummary(n_real, n_syn, len(quarantine) - q_before, time.time() - t0,
-                            run_dir / "shards" / "real", run_dir / "shards" / "synthetic")  # fmt: skip
+    finish_expand(run_dir)
+    summary = ExpandSummary(
+        n_real, n_syn, len(quarantine) - q_before, time.time() - t0, real_w.out_dir, syn_w.out_dir,
+        filtered=n_filtered, chunks=len(chunks), chunks_reused=reused,
+        total_real=real_w.num_samples, total_synthetic=syn_w.num_samples,
+    )  # fmt: skip
     log.info(
         "expand: %d real, %d synthetic samples written this run (%.0f s)", n_real, n_syn, summary.seconds
     )
     return summary
+
+
+def finish_expand(run_dir: Path) -> None:
+    """Delete the chunks' images once both shard sets are complete; their small JSON records stay, so a
+    rerun knows every chunk is written without generating anything."""
+    for name in ("real", "synthetic"):
+        manifest = run_dir / "shards" / name / "manifest.json"
+        if not manifest.is_file() or not json.loads(manifest.read_text()).get("complete"):
+            return
+    for npz in (run_dir / WORK_DIR).glob("chunk-*.npz"):
+        npz.unlink(missing_ok=True)

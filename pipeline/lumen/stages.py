@@ -32,6 +32,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+RUN_BASE = "run/base"
+"""Identity prefix of a base model trained in the run folder (``run/base@<unet sha256[:16]>``)."""
+
 
 def collect_samples(
     cfg: LumenConfig,
@@ -70,7 +73,10 @@ def run_train_base(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Pa
         )
     b = cfg.base
     quarantine = Quarantine(run_dir / "quarantine.jsonl")
-    data = collect_samples(cfg, (b.resolution, b.resolution), quarantine, progress=progress)
+    size = (b.resolution, b.resolution)
+    if cfg.data.image_size is not None and cfg.data.image_size[0] == b.resolution:
+        size = (b.resolution, max(b.resolution, cfg.data.image_size[1]))  # wide: random square windows
+    data = collect_samples(cfg, size, quarantine, progress=progress)
     images = np.stack([s.image for s in data])
     captions = [s.caption for s in data]
     settings = BaseTrainSettings(
@@ -105,15 +111,17 @@ def load_run_base(cfg: LumenConfig, run_dir: Path) -> tuple[BaseComponents, str]
 
     ``base.pretrained`` for a pretrained base; for the tiny one ``run_dir/base`` if the run trained its
     own, else the shipped tiny base model when it fits the config (identity ``lumen-assets/tiny-base@<sha>``,
-    the same on every machine, so layouts made elsewhere match).
+    the same on every machine, so layouts made elsewhere match; a run's own base is ``run/base@<sha>``,
+    so a run folder can be moved or copied).
     """
     if cfg.base.source == "pretrained":
         if cfg.base.pretrained is None:  # checked by BaseModelConfig
             raise ValueError("base.pretrained is not set")
         return load_base(cfg.base.pretrained, local_files_only=cfg.base.local_files_only), cfg.base.pretrained
     folder = run_dir / "base"
-    if (folder / "model_index.json").is_file():
-        return load_base(folder), str(folder)
+    if (folder / "model_index.json").is_file():  # identity by content: the run folder may move
+        digest = sha256_file(folder / "unet" / "diffusion_pytorch_model.safetensors")[:16]
+        return load_base(folder), f"{RUN_BASE}@{digest}"
     shipped = shipped_base(cfg)
     if shipped is not None:
         log.info("using the shipped tiny base model %s (sha256-verified)", shipped)
@@ -156,8 +164,13 @@ def lumen_folder(cfg: LumenConfig, run_dir: Path) -> Path:
     )
 
 
-def base_folder(base_id: str) -> Path:
-    """The folder behind a base identity from :func:`load_run_base` (shipped assets included)."""
+def base_folder(base_id: str, run_dir: Path | None = None) -> Path:
+    """The folder behind a base identity from :func:`load_run_base` (shipped assets and the run's own
+    ``base/``, which needs ``run_dir``, included)."""
+    if base_id.startswith(f"{RUN_BASE}@"):
+        if run_dir is None:
+            raise ValueError(f"{base_id!r} names a run's own base model: pass its run_dir")
+        return run_dir / "base"
     if base_id.startswith("lumen-assets/"):
         from pipeline.assets import ASSETS_DIR
 

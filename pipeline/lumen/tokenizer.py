@@ -145,7 +145,7 @@ def _words(text: str) -> list[str]:
 
 
 def build_tokenizer(
-    captions: Iterable[str], max_length: int = 32, min_count: int = 1
+    captions: Iterable[str], max_length: int = 48, min_count: int = 1
 ) -> PreTrainedTokenizerFast:
     """Word-level tokenizer over :data:`BASE_WORDS` plus every word seen ``min_count`` times in ``captions``.
 

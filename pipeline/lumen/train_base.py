@@ -121,10 +121,9 @@ def _train_vae(
         set_lr(opt, lr)
         idx = torch.randint(0, len(x), (s.vae_batch_size,), generator=gen)
         batch = x[idx]
-        if (
-            s.vae_crop < x.shape[-1]
-        ):  # the VAE is convolutional: random crops train it at a fraction of the cost
+        if s.vae_crop < x.shape[-2]:  # the VAE is convolutional: random crops train it cheaply
             top, left = (int(v) for v in torch.randint(0, x.shape[-1] - s.vae_crop + 1, (2,), generator=gen))
+            top %= x.shape[-2] - s.vae_crop + 1  # wide images (the square case is unchanged)
             batch = batch[..., top : top + s.vae_crop, left : left + s.vae_crop]
         flip = torch.rand(len(idx), generator=gen) < 0.5
         batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
@@ -186,6 +185,7 @@ def _train_unet(
         log.info("resumed UNet training at step %d from %s", start, ckpt)
     sched = comps.scheduler
     n_images = len(token_ids)
+    side = s.resolution // comps.vae_scale
     unet.train()
     text.train()
     bar = tqdm(
@@ -195,7 +195,12 @@ def _train_unet(
         lr = _lr_at(step, s.unet_steps, s.unet_lr, s.warmup_steps)
         set_lr(opt, lr)
         idx = torch.randint(0, len(means), (s.batch_size,), generator=gen)
-        z = (means[idx] + stds[idx] * torch.randn(means[idx].shape, generator=gen)) * scale
+        m, sd = means[idx], stds[idx]
+        if m.shape[-1] > side or m.shape[-2] > side:  # wide images: a random square window per batch
+            top = int(torch.randint(0, m.shape[-2] - side + 1, (1,), generator=gen))
+            left = int(torch.randint(0, m.shape[-1] - side + 1, (1,), generator=gen))
+            m, sd = (v[..., top : top + side, left : left + side] for v in (m, sd))
+        z = (m + sd * torch.randn(m.shape, generator=gen)) * scale
         ids = token_ids[idx % n_images].clone()
         drop = torch.rand(len(idx), generator=gen) < s.empty_prompt_prob
         ids[drop] = empty_ids
@@ -236,7 +241,9 @@ def train_base(
     """Train the tiny base model and save it to ``out_dir`` (diffusers layout).
 
     Args:
-        images: (N, H, W, 3) uint8 training images at ``settings.resolution``.
+        images: (N, H, W, 3) uint8 training images with ``H == settings.resolution`` and ``W >= H``;
+            wider images are used through random square windows (the UNet is convolutional, so it
+            then generates at the full width too).
         captions: N captions.
         out_dir: output folder; ``out_dir/checkpoints`` holds resumable state while training.
         settings: hyper-parameters.
@@ -245,9 +252,15 @@ def train_base(
         sample_prompts: prompts of the ``samples.png`` grid written at the end (default: 8 captions).
     """
     s = settings or BaseTrainSettings()
-    if images.ndim != 4 or images.shape[1:] != (s.resolution, s.resolution, 3) or images.dtype != np.uint8:
+    if (
+        images.ndim != 4
+        or images.shape[1] != s.resolution
+        or images.shape[2] < s.resolution
+        or images.shape[3] != 3
+        or images.dtype != np.uint8
+    ):
         raise ValueError(
-            f"images must be (N, {s.resolution}, {s.resolution}, 3) uint8, got {images.shape} {images.dtype}"
+            f"images must be (N, {s.resolution}, W >= {s.resolution}, 3) uint8, got {images.shape} {images.dtype}"
         )
     if len(captions) != len(images):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")

@@ -1,0 +1,123 @@
+"""What every flow shares: opening the run folder, stage summaries, Prefect artifacts, progress.
+
+Every summary a flow publishes as a Prefect artifact is also written to the run folder
+(``summaries/<stage>.md`` and ``.json``), so a run is readable without a Prefect server.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from pipeline.config import LumenConfig, config_hash, load_config
+from pipeline.io import atomic_write_json, atomic_write_text
+
+__all__ = ["Progress", "open_run", "publish_summary", "publish_table", "stage_logger"]
+
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+
+def stage_logger(name: str) -> logging.Logger | logging.LoggerAdapter[logging.Logger]:
+    """Prefect's run logger inside a flow or task run (shown in the UI), else a plain logger."""
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:
+        return logging.getLogger(name)
+
+
+def open_run(
+    config: str | os.PathLike[str], overrides: Sequence[str] = (), out: str | None = None
+) -> tuple[LumenConfig, Path]:
+    """The config (file + overrides) and its run folder: new and versioned, or ``out`` resumed."""
+    from pipeline.runs import prepare_run_dir
+
+    cfg = load_config(config, list(overrides))
+    run_dir = prepare_run_dir(cfg, out)
+    stage_logger(__name__).info("run folder %s (config hash %s)", run_dir, config_hash(cfg))
+    return cfg, run_dir
+
+
+def _in_prefect_run() -> bool:
+    from prefect.context import FlowRunContext, TaskRunContext
+
+    return FlowRunContext.get() is not None or TaskRunContext.get() is not None
+
+
+def _artifact_key(text: str) -> str:
+    return "".join(c if c.isalnum() else "-" for c in text.lower()).strip("-")[:100] or "lumen"
+
+
+def publish_summary(run_dir: Path, stage: str, markdown: str, data: Mapping[str, Any]) -> None:
+    """``summaries/<stage>.md`` + ``.json`` in the run folder, and a Markdown artifact in Prefect."""
+    out = run_dir / "summaries"
+    atomic_write_text(out / f"{stage}.md", markdown)
+    atomic_write_json(out / f"{stage}.json", dict(data))
+    if _in_prefect_run():
+        from prefect.artifacts import create_markdown_artifact
+
+        create_markdown_artifact(
+            markdown, key=_artifact_key(f"lumen-{stage}"), description=f"{run_dir}: {stage}"
+        )
+
+
+def publish_table(run_dir: Path, stage: str, rows: list[dict[str, Any]], description: str) -> None:
+    """A table artifact (and ``summaries/<stage>.table.json``)."""
+    atomic_write_json(run_dir / "summaries" / f"{stage}.table.json", rows)
+    if _in_prefect_run() and rows:
+        from prefect.artifacts import create_table_artifact
+
+        create_table_artifact(rows, key=_artifact_key(f"lumen-{stage}-table"), description=description)
+
+
+class Progress:
+    """A CLI progress bar that also updates a Prefect progress artifact (at most every 2 s)."""
+
+    def __init__(self, total: int, desc: str, unit: str = "it", enabled: bool = True) -> None:
+        self.total, self.done, self.desc = max(total, 1), 0, desc
+        self.bar = tqdm(total=total, desc=desc, unit=unit, disable=not enabled)
+        self._artifact: Any = None
+        self._last = 0.0
+        if _in_prefect_run():
+            from prefect.artifacts import create_progress_artifact
+
+            self._artifact = create_progress_artifact(
+                0.0, key=_artifact_key(f"lumen-{desc}"), description=desc
+            )
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        self.bar.update(n)
+        now = time.monotonic()
+        if self._artifact is not None and (now - self._last > 2 or self.done >= self.total):
+            from prefect.artifacts import update_progress_artifact
+
+            update_progress_artifact(self._artifact, progress=100.0 * min(self.done, self.total) / self.total)
+            self._last = now
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
+    """A Markdown table of dict rows (columns of the first row)."""
+    if not rows:
+        return "(none)\n"
+    cols = list(rows[0])
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in rows:
+        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return "" if v is None else str(v)

@@ -1,0 +1,393 @@
+"""Quality filter for synthetic variants: a segmenter trained on the real images judges each variant.
+
+Two modes (``generate.quality_mode``):
+
+- ``image``: a variant is kept iff its *agreement* (pixel accuracy of the real-trained segmenter's
+  prediction on the variant against the source labels) is at least ``generate.quality_threshold``.
+- ``pixel`` (after FreeMask, arXiv 2310.15160): every variant is kept, but a pixel is set to the ignore
+  label when its per-pixel cross-entropy under the real-trained segmenter exceeds
+  ``generate.quality_pixel_factor`` x the median loss of its class, the medians being computed once on
+  the real training images.
+
+Datasets without an ignore index (toy scenes) get :data:`DEFAULT_IGNORE` (255) as the value of masked
+pixels; the shards and the perception stage must then be told about it, see
+:func:`info_with_ignore`. The score of each variant goes into its provenance
+(:meth:`QualityResult.provenance` -> ``Provenance.quality``).
+
+::
+
+    qf = QualityFilter.fit(cfg, run_dir, train_samples, info)        # trains or reloads run_dir/quality_filter/
+    results = qf.score(images, segs)                                 # (B, H, W, 3) uint8, (B, H, W) source labels
+    for r, seg in zip(results, segs):
+        if r.keep:
+            seg = apply_pixel_mask(seg, r.mask, qf.mask_value)       # no-op in image mode (mask None)
+            ... write the variant with seg and provenance quality=r.provenance()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from pipeline.config import LumenConfig
+from pipeline.data.sample import DatasetInfo, Sample
+from pipeline.device import resolve_device
+from pipeline.io import atomic_write_json
+from pipeline.synthesis.judges import fit_judge
+from pipeline.synthesis.metrics import confusion_scores, seg_confusion
+
+__all__ = [
+    "DEFAULT_IGNORE",
+    "FILTER_DIR",
+    "QualityFilter",
+    "QualityResult",
+    "apply_pixel_mask",
+    "class_median_losses",
+    "ignore_value",
+    "info_with_ignore",
+    "pixel_losses",
+    "pixel_mask",
+    "summarize",
+]
+
+log = logging.getLogger(__name__)
+
+FILTER_DIR = "quality_filter"
+"""Sub-folder of a run folder holding the filter's segmenter and class medians."""
+
+DEFAULT_IGNORE = 255
+"""Value of masked pixels for datasets without an ignore index (65535 beyond 255 classes)."""
+
+_PIXELS_PER_IMAGE = 4096
+"""Pixels per training image drawn (seeded) for the class medians, which bounds their memory."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Ignore values and masks
+# --------------------------------------------------------------------------------------------------
+
+
+def ignore_value(info: DatasetInfo) -> int:
+    """The label value of masked pixels: the dataset's ignore index, else 255 (65535 beyond 255 classes)."""
+    if info.ignore_index is not None:
+        return int(info.ignore_index)
+    return DEFAULT_IGNORE if info.num_classes < DEFAULT_IGNORE else 65535
+
+
+def info_with_ignore(info: DatasetInfo) -> DatasetInfo:
+    """``info`` with :func:`ignore_value` as its ignore index.
+
+    Pixel mode on a dataset without an ignore index writes 255 into synthetic labels. The shard sets'
+    dataset card and the :class:`DatasetInfo` given to perception must then carry ``ignore_index=255``
+    (perception maps the ignore index to its own ``-1``, which cross-entropy skips); with
+    ``ignore_index=None`` a 255 would be an invalid class id.
+    """
+    return dataclasses.replace(info, ignore_index=ignore_value(info))
+
+
+def apply_pixel_mask(seg: np.ndarray, mask: np.ndarray | None, ignore_index: int) -> np.ndarray:
+    """A copy of ``seg`` (H, W) with the ``mask`` (H, W) bool pixels set to ``ignore_index``.
+
+    ``mask`` None returns ``seg`` unchanged. The label dtype is widened (uint8 -> uint16) if
+    ``ignore_index`` does not fit in it.
+    """
+    if mask is None:
+        return seg
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != seg.shape:
+        raise ValueError(f"mask shape {mask.shape} differs from the label shape {seg.shape}")
+    out = seg.copy()
+    if np.issubdtype(out.dtype, np.integer) and ignore_index > np.iinfo(out.dtype).max:
+        out = out.astype(np.uint16 if ignore_index <= 65535 else np.int64)
+    out[mask] = ignore_index
+    return out
+
+
+def _targets(segs: np.ndarray, num_classes: int, ignore_index: int | None) -> torch.Tensor:
+    """(B, H, W) labels -> int64 tensor with ignored and out-of-range ids as -1."""
+    t = torch.as_tensor(np.asarray(segs).astype(np.int64))
+    invalid = (t < 0) | (t >= num_classes)
+    if ignore_index is not None:
+        invalid |= t == ignore_index
+    return t.masked_fill(invalid, -1)
+
+
+def pixel_losses(logits: torch.Tensor, segs: np.ndarray, ignore_index: int | None = None) -> np.ndarray:
+    """Per-pixel cross-entropy. logits: (B, C, H, W); segs: (B, H, W) -> (B, H, W) float32, NaN where
+    the label is ignored or out of range."""
+    target = _targets(segs, logits.shape[1], ignore_index)
+    loss = F.cross_entropy(logits.float(), target.clamp_min(0), reduction="none")
+    return loss.masked_fill(target < 0, math.nan).numpy().astype(np.float32)
+
+
+def class_median_losses(losses: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(num_classes,) median loss per class over pixels (NaN for a class with no pixel).
+
+    Args:
+        losses: (N,) per-pixel losses (NaN = ignored).
+        labels: (N,) their class ids.
+    """
+    losses, labels = np.asarray(losses).ravel(), np.asarray(labels).ravel()
+    out = np.full(num_classes, np.nan, dtype=np.float64)
+    for c in range(num_classes):
+        values = losses[(labels == c) & np.isfinite(losses)]
+        if values.size:
+            out[c] = float(np.median(values))
+    return out
+
+
+def pixel_mask(
+    losses: np.ndarray,
+    seg: np.ndarray,
+    class_medians: np.ndarray,
+    factor: float,
+    ignore_index: int | None = None,
+) -> np.ndarray:
+    """FreeMask-style mask: pixels whose loss exceeds ``factor`` x the median loss of their class.
+
+    Args:
+        losses: (H, W) per-pixel losses of the variant against its source labels (NaN = ignored).
+        seg: (H, W) source labels.
+        class_medians: (C,) median loss per class on the real images (NaN = class unseen: never masked).
+        factor: the multiple of the median above which a pixel is masked.
+        ignore_index: label value never masked (already ignored).
+
+    Returns:
+        (H, W) bool, True = set to ignore.
+    """
+    seg = np.asarray(seg).astype(np.int64)
+    num_classes = len(class_medians)
+    valid = (seg >= 0) & (seg < num_classes) & np.isfinite(losses)
+    if ignore_index is not None:
+        valid &= seg != ignore_index
+    limit = np.full(seg.shape, np.inf)
+    limit[valid] = factor * np.asarray(class_medians, dtype=np.float64)[seg[valid]]
+    limit[~np.isfinite(limit)] = np.inf  # unseen class
+    return valid & (np.nan_to_num(losses, nan=-np.inf) > limit)
+
+
+# --------------------------------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class QualityResult:
+    """The filter's verdict on one variant.
+
+    Attributes:
+        agreement: pixel accuracy of the real-trained segmenter on the variant vs the source labels
+            (NaN if the source has no labelled pixel).
+        miou: the same prediction's mIoU.
+        keep: whether to write the variant (image mode: ``agreement >= threshold``; pixel mode: True).
+        mask: pixel mode: (H, W) bool, pixels to set to the ignore label; image mode: None.
+        ignored_share: share of the labelled pixels masked (0 in image mode).
+    """
+
+    agreement: float
+    miou: float
+    keep: bool
+    mask: np.ndarray | None = None
+    ignored_share: float = 0.0
+
+    def provenance(self) -> dict[str, float]:
+        """``{"agreement", "miou", "ignored_share"}`` for ``Provenance.quality`` (NaN values left out)."""
+        values = {"agreement": self.agreement, "miou": self.miou, "ignored_share": self.ignored_share}
+        return {k: float(v) for k, v in values.items() if math.isfinite(v)}
+
+
+def summarize(results: Sequence[QualityResult]) -> dict[str, float]:
+    """Counts and means for a report: scored, kept, dropped, kept_share, mean agreement / mIoU /
+    ignored share (over the scored variants)."""
+    n = len(results)
+    kept = sum(r.keep for r in results)
+
+    def mean(values: list[float]) -> float:
+        finite = [v for v in values if math.isfinite(v)]
+        return float(np.mean(finite)) if finite else math.nan
+
+    return {
+        "scored": float(n),
+        "kept": float(kept),
+        "dropped": float(n - kept),
+        "kept_share": kept / n if n else math.nan,
+        "mean_agreement": mean([r.agreement for r in results]),
+        "mean_miou": mean([r.miou for r in results]),
+        "mean_ignored_share": mean([r.ignored_share for r in results]),
+    }
+
+
+# --------------------------------------------------------------------------------------------------
+# The filter
+# --------------------------------------------------------------------------------------------------
+
+
+class Segmenter(Protocol):
+    """What the filter needs from a segmentation model (:class:`pipeline.synthesis.judges.Judge`)."""
+
+    def raw(self, images: np.ndarray) -> torch.Tensor:
+        """(B, H, W, 3) uint8 -> (B, C, H, W) logits."""
+        ...
+
+
+def _same_size_batches(samples: Sequence[Sample], batch_size: int) -> Iterator[list[Sample]]:
+    batch: list[Sample] = []
+    for s in samples:
+        if batch and (len(batch) == batch_size or s.image.shape != batch[0].image.shape):
+            yield batch
+            batch = []
+        batch.append(s)
+    if batch:
+        yield batch
+
+
+class QualityFilter:
+    """Scores synthetic variants with a segmenter trained on the real labelled images.
+
+    Args:
+        segmenter: the real-trained model (``raw(images) -> logits``).
+        num_classes: segmentation classes.
+        class_medians: (num_classes,) median per-pixel loss of each class on the real training images.
+        mode: ``image`` (drop variants under ``threshold``) or ``pixel`` (mask pixels, keep variants).
+        threshold: image mode: minimum agreement kept.
+        factor: pixel mode: a pixel is masked when its loss exceeds factor x its class's median.
+        ignore_index: the source labels' ignore index (None: every in-range id is a label).
+        mask_value: label value written to masked pixels (:func:`ignore_value`).
+        meta: what defines the filter (written to ``filter.json``).
+    """
+
+    def __init__(
+        self,
+        segmenter: Segmenter,
+        num_classes: int,
+        class_medians: np.ndarray,
+        *,
+        mode: Literal["image", "pixel"] = "image",
+        threshold: float = 0.3,
+        factor: float = 2.0,
+        ignore_index: int | None = None,
+        mask_value: int = DEFAULT_IGNORE,
+        meta: dict[str, Any] | None = None,
+    ) -> None:
+        if mode not in ("image", "pixel"):
+            raise ValueError(f"quality mode must be 'image' or 'pixel', got {mode!r}")
+        if len(class_medians) != num_classes:
+            raise ValueError(f"{len(class_medians)} class medians for {num_classes} classes")
+        self.segmenter = segmenter
+        self.num_classes = num_classes
+        self.class_medians = np.asarray(class_medians, dtype=np.float64)
+        self.mode, self.threshold, self.factor = mode, float(threshold), float(factor)
+        self.ignore_index, self.mask_value = ignore_index, int(mask_value)
+        self.meta = dict(meta or {})
+
+    @classmethod
+    def fit(
+        cls,
+        cfg: LumenConfig,
+        run_dir: Path,
+        train_samples: Sequence[Sample],
+        info: DatasetInfo,
+        progress: bool = True,
+        *,
+        steps: int | None = None,
+    ) -> QualityFilter:
+        """Train the segmenter on the real labelled samples (or reload it from ``run_dir/quality_filter``).
+
+        The segmenter is :func:`perception.train.train` with ``cfg.perception``'s network and
+        optimisation settings for ``steps`` (default ``cfg.perception.steps``) steps, seed ``cfg.seed``.
+        The class medians of its per-pixel loss on ``train_samples`` are computed once and saved with
+        it (``filter.json``). Mode, threshold and factor come from ``cfg.generate`` and can change
+        without retraining.
+        """
+        folder = Path(run_dir) / FILTER_DIR
+        device = resolve_device(cfg.device)
+        labelled = [s for s in train_samples if s.seg is not None]
+        judge = fit_judge(
+            "seg", labelled, info, folder, config=cfg.perception, steps=steps or cfg.perception.steps,
+            seed=cfg.seed, device=device,
+        )  # fmt: skip
+        key = judge.meta["key"]
+        meta_path = folder / "filter.json"
+        medians: np.ndarray | None = None
+        if meta_path.is_file():
+            stored = json.loads(meta_path.read_text())
+            if stored.get("key") == key:
+                medians = np.array([np.nan if v is None else v for v in stored["class_medians"]], np.float64)
+        if medians is None:
+            medians = cls._class_medians(judge, labelled, info, cfg.seed, progress)
+            atomic_write_json(
+                meta_path,
+                {
+                    "key": key,
+                    "classes": list(info.classes),
+                    "class_medians": [None if not math.isfinite(v) else float(v) for v in medians],
+                    "pixels_per_image": _PIXELS_PER_IMAGE,
+                    "num_train": len(labelled),
+                    "judge": "judge.json",
+                },
+            )
+        g = cfg.generate
+        return cls(
+            judge, info.num_classes, medians, mode=g.quality_mode, threshold=g.quality_threshold,
+            factor=g.quality_pixel_factor, ignore_index=info.ignore_index, mask_value=ignore_value(info),
+            meta={"key": key, "folder": str(folder), **judge.meta},
+        )  # fmt: skip
+
+    @staticmethod
+    def _class_medians(
+        judge: Segmenter, samples: Sequence[Sample], info: DatasetInfo, seed: int, progress: bool
+    ) -> np.ndarray:
+        """Median per-pixel loss of each class on the real samples (at most 4096 pixels per image)."""
+        rng = np.random.default_rng(seed)
+        losses, labels = [], []
+        bar = tqdm(total=len(samples), desc="filter class medians", unit="img", disable=not progress)
+        for batch in _same_size_batches(samples, 32):
+            segs = np.stack([np.asarray(s.seg) for s in batch])
+            loss = pixel_losses(judge.raw(np.stack([s.image for s in batch])), segs, info.ignore_index)
+            for lo, se in zip(loss, segs, strict=True):
+                idx = np.flatnonzero(np.isfinite(lo))
+                if idx.size > _PIXELS_PER_IMAGE:
+                    idx = rng.choice(idx, _PIXELS_PER_IMAGE, replace=False)
+                losses.append(lo.ravel()[idx])
+                labels.append(se.ravel()[idx])
+            bar.update(len(batch))
+        bar.close()
+        return class_median_losses(np.concatenate(losses), np.concatenate(labels), info.num_classes)
+
+    def score(self, images: np.ndarray, segs: np.ndarray) -> list[QualityResult]:
+        """Score variants against their source labels.
+
+        Args:
+            images: (B, H, W, 3) uint8 variants.
+            segs: (B, H, W) labels of each variant's source.
+        """
+        images, segs = np.asarray(images), np.asarray(segs)
+        if images.shape[:3] != segs.shape:
+            raise ValueError(f"images {images.shape} and labels {segs.shape} do not match")
+        logits = self.segmenter.raw(images)
+        preds = logits.argmax(1).numpy()
+        losses = pixel_losses(logits, segs, self.ignore_index) if self.mode == "pixel" else None
+        results = []
+        for i in range(len(images)):
+            scores = confusion_scores(seg_confusion(preds[i], segs[i], self.num_classes, self.ignore_index))
+            agreement, miou = scores["pixel_acc"], scores["miou"]
+            if losses is None:
+                keep = not (math.isfinite(agreement) and agreement < self.threshold)
+                results.append(QualityResult(agreement, miou, keep))
+                continue
+            mask = pixel_mask(losses[i], segs[i], self.class_medians, self.factor, self.ignore_index)
+            labelled = int(np.isfinite(losses[i]).sum())
+            share = float(mask.sum()) / labelled if labelled else 0.0
+            results.append(QualityResult(agreement, miou, True, mask, share))
+        return results

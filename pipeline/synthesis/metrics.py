@@ -1,0 +1,237 @@
+"""Synthesis metrics: how well variants follow their source (alignment) and how much they vary (diversity).
+
+Alignment compares what a model trained on *real* data predicts on a synthetic variant with the labels
+of the variant's *source* image (the labels the variant inherits). The definitions are the perception
+metrics' (:mod:`perception.metrics`), pooled over the valid pixels of all images:
+
+=========================  =======================================================================
+metric                     definition
+=========================  =======================================================================
+seg ``pixel_acc``          correct pixels / labelled pixels (``ignore_index`` and ids outside
+                           ``[0, num_classes)`` in the source labels are skipped)
+seg ``miou``               mean over classes present in labels or predictions of TP / (TP + FP + FN)
+depth ``abs_rel``          mean of \\|d - d*\\| / d* over pixels with a finite d* > 0
+depth ``delta1``           share of those pixels with max(d / d*, d* / d) < 1.25
+normal ``mean_angle``      mean angle in degrees between predicted and source normals (\\|n*\\| > 0.5)
+normal ``within_11_25``    share of those pixels under 11.25 degrees (likewise 22.5 and 30)
+=========================  =======================================================================
+
+Diversity is measured per source image over its K variants, then averaged over sources:
+
+- ``pairwise``: mean distance over the K (K - 1) / 2 pairs of variants (NaN when K < 2);
+- ``to_source``: mean distance of each variant to the source image.
+
+Two distances are used. **Pixel**: the mean absolute difference of RGB values scaled to [0, 1].
+**Latent**: the root-mean-square difference of the base model's VAE encoder posterior means (scaled by
+the VAE's ``scaling_factor``, so training latents have unit variance; flattened ``(C, h, w)`` latents),
+i.e. an L2 distance divided by sqrt(C h w), in units of the latent standard deviation. Both are exactly
+zero for identical images: :class:`LatentEncoder` encodes each distinct image once, so equal images
+share one latent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from perception.metrics import depth_scores, normal_scores, seg_scores
+
+__all__ = [
+    "LatentEncoder",
+    "SegAlignment",
+    "confusion_scores",
+    "depth_agreement",
+    "diversity",
+    "l1_distance",
+    "normal_agreement",
+    "rms_distance",
+    "seg_alignment",
+    "seg_confusion",
+]
+
+Distance = Callable[[np.ndarray, np.ndarray], float]
+
+
+# --------------------------------------------------------------------------------------------------
+# Alignment
+# --------------------------------------------------------------------------------------------------
+
+
+def seg_confusion(
+    pred: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int | None = None
+) -> np.ndarray:
+    """(num_classes, num_classes) int64 confusion matrix, rows = source class, columns = predicted.
+
+    Args:
+        pred: (...) predicted class ids in ``[0, num_classes)``.
+        target: (...) source class ids, same shape; ``ignore_index`` and out-of-range ids are skipped.
+    """
+    pred, target = np.asarray(pred), np.asarray(target)
+    if pred.shape != target.shape:
+        raise ValueError(f"prediction shape {pred.shape} differs from the label shape {target.shape}")
+    t = target.astype(np.int64).ravel()
+    p = pred.astype(np.int64).ravel()
+    valid = (t >= 0) & (t < num_classes)
+    if ignore_index is not None:
+        valid &= t != ignore_index
+    if valid.any() and (p[valid].min() < 0 or p[valid].max() >= num_classes):
+        raise ValueError(f"predicted class ids must lie in [0, {num_classes})")
+    counts = np.bincount(t[valid] * num_classes + p[valid], minlength=num_classes * num_classes)
+    return counts.reshape(num_classes, num_classes).astype(np.int64)
+
+
+def confusion_scores(confusion: np.ndarray) -> dict[str, float]:
+    """``miou`` and ``pixel_acc`` of a (C, C) confusion matrix (:func:`perception.metrics.seg_scores`)."""
+    return seg_scores(torch.from_numpy(np.asarray(confusion)))
+
+
+@dataclass
+class SegAlignment:
+    """Seg agreement of predictions with source labels.
+
+    Attributes:
+        pixel_acc, miou: pooled over every labelled pixel of every image.
+        per_image: ``{"pixel_acc", "miou"}`` of each image (NaN for an image with no labelled pixel).
+        confusion: the pooled (C, C) confusion matrix.
+    """
+
+    pixel_acc: float
+    miou: float
+    per_image: list[dict[str, float]] = field(default_factory=list)
+    confusion: np.ndarray | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"pixel_acc": self.pixel_acc, "miou": self.miou, "per_image": self.per_image}
+
+
+def seg_alignment(
+    pred: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int | None = None
+) -> SegAlignment:
+    """Per-image and pooled pixel accuracy and mIoU.
+
+    Args:
+        pred: (B, H, W) predicted class ids.
+        target: (B, H, W) source labels.
+        num_classes: number of classes.
+        ignore_index: label value to skip (None: only out-of-range ids are skipped).
+    """
+    if np.ndim(pred) != 3:
+        raise ValueError(f"expected (B, H, W) predictions, got shape {np.shape(pred)}")
+    confusions = [seg_confusion(p, t, num_classes, ignore_index) for p, t in zip(pred, target, strict=True)]
+    pooled = np.sum(confusions, axis=0) if confusions else np.zeros((num_classes, num_classes), np.int64)
+    total = confusion_scores(pooled)
+    return SegAlignment(total["pixel_acc"], total["miou"], [confusion_scores(c) for c in confusions], pooled)
+
+
+def depth_agreement(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """``abs_rel``, ``rmse`` and ``delta1`` of predicted vs source depth over valid source pixels.
+
+    Args:
+        pred: (B, H, W) depth predicted on the variants (positive).
+        target: (B, H, W) source depth; 0 or non-finite = invalid.
+    """
+    return depth_scores(torch.as_tensor(np.asarray(pred)), torch.as_tensor(np.asarray(target)))
+
+
+def normal_agreement(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
+    """Mean / median angle (degrees) and shares within 11.25, 22.5, 30 degrees over valid source pixels.
+
+    Args:
+        pred: (B, H, W, 3) normals predicted on the variants.
+        target: (B, H, W, 3) source unit normals; zero vectors = invalid.
+    """
+    p = torch.as_tensor(np.asarray(pred, dtype=np.float32)).permute(0, 3, 1, 2)
+    t = torch.as_tensor(np.asarray(target, dtype=np.float32)).permute(0, 3, 1, 2)
+    return normal_scores(p, t)
+
+
+# --------------------------------------------------------------------------------------------------
+# Diversity
+# --------------------------------------------------------------------------------------------------
+
+
+def l1_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Mean absolute difference. For uint8 images the values are first scaled to [0, 1]."""
+    scale = 255.0 if np.asarray(a).dtype == np.uint8 else 1.0
+    diff = np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))
+    return float(diff.mean() / scale)
+
+
+def rms_distance(a: np.ndarray, b: np.ndarray) -> float:
+    """Root-mean-square difference: ``||a - b||_2 / sqrt(size)``."""
+    diff = np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64)
+    return float(np.sqrt(np.mean(diff * diff)))
+
+
+def diversity(
+    variants: np.ndarray, source: np.ndarray | None = None, distance: Distance = l1_distance
+) -> dict[str, float]:
+    """Diversity of the K variants of one source.
+
+    Args:
+        variants: (K, ...) images (uint8 RGB) or features of the variants.
+        source: (...) the source image or its features; None skips ``to_source``.
+        distance: :func:`l1_distance` (pixels) or :func:`rms_distance` (latents), or any symmetric one.
+
+    Returns:
+        ``pairwise``: mean distance over pairs of variants (NaN when K < 2); ``to_source``: mean
+        distance of the variants to the source (NaN without a source).
+    """
+    k = len(variants)
+    pairs = [distance(variants[i], variants[j]) for i, j in itertools.combinations(range(k), 2)]
+    out = {"pairwise": float(np.mean(pairs)) if pairs else math.nan, "to_source": math.nan}
+    if source is not None and k:
+        out["to_source"] = float(np.mean([distance(v, source) for v in variants]))
+    return out
+
+
+class LatentEncoder:
+    """The base model's VAE encoder as a feature space: posterior mean x ``scaling_factor``.
+
+    Each distinct image (by content) is encoded once and cached, so identical images get the very same
+    latent (and a distance of exactly zero), whatever batch they came in.
+
+    Args:
+        vae: a diffusers ``AutoencoderKL`` (e.g. ``load_base(folder).vae``).
+        device: where to run it.
+        batch_size: images per encoder call.
+    """
+
+    def __init__(self, vae: Any, device: torch.device | str = "cpu", batch_size: int = 32) -> None:
+        self.vae = vae.to(device).eval()
+        self.device = torch.device(device)
+        self.batch_size = batch_size
+        self.scale = float(getattr(vae.config, "scaling_factor", 1.0) or 1.0)
+        self._cache: dict[str, np.ndarray] = {}
+
+    @staticmethod
+    def _digest(image: np.ndarray) -> str:
+        arr = np.ascontiguousarray(image)
+        return hashlib.sha256(f"{arr.shape}|{arr.dtype}|".encode() + arr.tobytes()).hexdigest()
+
+    @torch.no_grad()
+    def encode(self, images: np.ndarray) -> np.ndarray:
+        """(B, H, W, 3) uint8 -> (B, C, h, w) float32 latents (posterior means, scaled)."""
+        keys = [self._digest(im) for im in images]
+        todo = {k: im for k, im in zip(keys, images, strict=True) if k not in self._cache}
+        items = list(todo.items())
+        dtype = next(self.vae.parameters()).dtype
+        for i in range(0, len(items), self.batch_size):
+            chunk = items[i : i + self.batch_size]
+            x = torch.from_numpy(np.stack([im for _, im in chunk]).astype(np.float32) / 127.5 - 1.0)
+            x = x.permute(0, 3, 1, 2).to(self.device, dtype)
+            mean = self.vae.encode(x).latent_dist.mean * self.scale
+            for (k, _), z in zip(chunk, mean.float().cpu().numpy(), strict=True):
+                self._cache[k] = z
+        return np.stack([self._cache[k] for k in keys])
+
+    def clear(self) -> None:
+        """Forget the cached latents."""
+        self._cache.clear()

@@ -1,0 +1,282 @@
+"""Synthesis evaluation: metrics on hand-made cases, the quality filter, and an evaluate-synthesis smoke run."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from pipeline.config import build_config, config_dict
+from pipeline.data import ToyScenes
+from pipeline.data.sample import DatasetInfo
+from pipeline.lumen.base import build_tiny_components
+from pipeline.lumen.controlnet import build_controlnet
+from pipeline.lumen.tokenizer import build_tokenizer
+from pipeline.synthesis.filter import (
+    FILTER_DIR,
+    QualityFilter,
+    apply_pixel_mask,
+    info_with_ignore,
+    pixel_losses,
+    pixel_mask,
+    summarize,
+)
+from pipeline.synthesis.metrics import (
+    LatentEncoder,
+    depth_agreement,
+    diversity,
+    l1_distance,
+    normal_agreement,
+    rms_distance,
+    seg_alignment,
+)
+
+PRESET = {
+    "vae": {"block_out_channels": (8, 16), "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 4},
+    "unet": {
+        "block_out_channels": (8, 16),
+        "layers_per_block": 1,
+        "attention_head_dim": 2,
+        "norm_num_groups": 4,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    },
+    "text": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},
+}
+RES = 16
+TINY_PERCEPTION = {"encoder_depth": 3, "decoder_channels": [16, 8, 8], "batch_size": 4, "steps": 3}
+
+
+def tiny_base():
+    captions = [s.caption for s in ToyScenes(num_images=8, image_size=(RES, RES))]
+    return build_tiny_components(build_tokenizer(captions, max_length=16), RES, seed=0, preset=PRESET)
+
+
+# --------------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------------
+
+
+def test_perfect_prediction_gives_miou_one() -> None:
+    seg = np.random.default_rng(0).integers(0, 4, (3, 8, 8))
+    res = seg_alignment(seg, seg, num_classes=4)
+    assert res.miou == 1.0 and res.pixel_acc == 1.0
+    assert all(p == {"miou": 1.0, "pixel_acc": 1.0} for p in res.per_image)
+
+
+def test_partial_seg_alignment_matches_hand_computed_values_and_skips_ignored_pixels() -> None:
+    target = np.array([[[0, 0], [1, 1]], [[255, 255], [255, 1]]])
+    pred = np.array([[[0, 1], [1, 1]], [[0, 0], [0, 0]]])
+    res = seg_alignment(pred, target, num_classes=2, ignore_index=255)
+    # image 0: acc 3/4; IoU0 = 1/2, IoU1 = 2/3
+    assert res.per_image[0]["pixel_acc"] == pytest.approx(0.75)
+    assert res.per_image[0]["miou"] == pytest.approx((1 / 2 + 2 / 3) / 2)
+    # image 1: one labelled pixel (class 1), predicted 0: acc 0, IoU0 = 0/1, IoU1 = 0/1
+    assert res.per_image[1] == {"pixel_acc": 0.0, "miou": 0.0}
+    # pooled over 5 labelled pixels: 3 right; IoU0 = 1/3, IoU1 = 2/4
+    assert res.pixel_acc == pytest.approx(3 / 5)
+    assert res.miou == pytest.approx((1 / 3 + 2 / 4) / 2)
+
+
+def test_depth_agreement_uses_valid_source_pixels_only() -> None:
+    target = np.array([[[1.0, 2.0], [4.0, 0.0]]])
+    close = target * 1.1
+    close[0, 1, 1] = 100.0  # invalid source pixel: ignored
+    d = depth_agreement(close, target)
+    assert d["abs_rel"] == pytest.approx(0.1) and d["delta1"] == 1.0
+    assert depth_agreement(target * 2 + (target == 0), target)["delta1"] == 0.0
+
+
+def test_normal_agreement_angles() -> None:
+    z = np.zeros((1, 2, 2, 3), np.float32)
+    z[..., 2] = 1.0
+    same = normal_agreement(z, z)
+    assert same["mean_angle"] == pytest.approx(0.0, abs=1e-3) and same["within_11_25"] == 1.0
+    x = np.zeros_like(z)
+    x[..., 0] = 1.0
+    target = z.copy()
+    target[0, 0, 0] = 0.0  # invalid pixel
+    ortho = normal_agreement(x, target)
+    assert ortho["mean_angle"] == pytest.approx(90.0, abs=1e-3) and ortho["within_30"] == 0.0
+
+
+def test_identical_images_have_exactly_zero_diversity() -> None:
+    img = np.random.default_rng(0).integers(0, 256, (RES, RES, 3), dtype=np.uint8)
+    variants = np.stack([img, img, img])
+    assert diversity(variants, img, l1_distance) == {"pairwise": 0.0, "to_source": 0.0}
+    encoder = LatentEncoder(tiny_base().vae, batch_size=2)  # identical images in different batches
+    other = np.random.default_rng(1).integers(0, 256, (RES, RES, 3), dtype=np.uint8)
+    latents = encoder.encode(np.stack([img, other, img, img]))
+    assert latents.shape == (4, 4, RES // 2, RES // 2)
+    src = encoder.encode(img[None])[0]
+    assert diversity(latents[[0, 2, 3]], src, rms_distance) == {"pairwise": 0.0, "to_source": 0.0}
+    assert rms_distance(latents[0], latents[1]) > 0
+
+
+def test_diversity_of_known_pixel_differences() -> None:
+    black, white = np.zeros((2, 2, 3), np.uint8), np.full((2, 2, 3), 255, np.uint8)
+    d = diversity(np.stack([black, white]), black, l1_distance)
+    assert d == {"pairwise": 1.0, "to_source": 0.5}
+    assert math.isnan(diversity(black[None], black)["pairwise"])  # one variant: no pairs
+
+
+# --------------------------------------------------------------------------------------------------
+# Quality filter
+# --------------------------------------------------------------------------------------------------
+
+
+def test_pixel_mask_on_a_hand_made_loss_map() -> None:
+    seg = np.array([[0, 0, 1], [1, 2, 9]])
+    losses = np.array([[1.5, 2.5, 0.9], [1.1, 50.0, 50.0]], np.float32)
+    medians = np.array([1.0, 0.5, np.nan])  # class 2 unseen on real data: never masked
+    mask = pixel_mask(losses, seg, medians, factor=2.0, ignore_index=9)  # 9 = ignored: never masked
+    assert mask.tolist() == [[False, True, False], [True, False, False]]
+    losses[0, 1] = np.nan
+    assert not pixel_mask(losses, seg, medians, factor=2.0, ignore_index=9)[0, 1]
+
+
+def test_apply_pixel_mask_sets_ignore_and_copies() -> None:
+    seg = np.array([[0, 1], [2, 3]], np.uint8)
+    mask = np.array([[True, False], [False, True]])
+    out = apply_pixel_mask(seg, mask, 255)
+    assert out.tolist() == [[255, 1], [2, 255]] and seg[0, 0] == 0
+    assert apply_pixel_mask(seg, mask, 300).dtype == np.uint16
+    assert apply_pixel_mask(seg, None, 255) is seg
+
+
+def test_datasets_without_ignore_index_get_255() -> None:
+    toy = ToyScenes(num_images=1).info
+    assert toy.ignore_index is None and info_with_ignore(toy).ignore_index == 255
+    assert info_with_ignore(DatasetInfo("camvid", tuple("abcdefghijk"), 11)).ignore_index == 11
+
+
+class FixedLogits:
+    """A stand-in segmenter returning hand-made logits."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        self.logits = logits
+
+    def raw(self, images: np.ndarray) -> torch.Tensor:
+        return self.logits[: len(images)]
+
+
+def _logits(pred: np.ndarray, confidence: float = 5.0, num_classes: int = 2) -> torch.Tensor:
+    return (
+        torch.nn.functional.one_hot(torch.as_tensor(pred), num_classes).permute(0, 3, 1, 2).float()
+        * confidence
+    )
+
+
+def test_image_mode_keeps_variants_at_or_above_the_threshold() -> None:
+    segs = np.array([[[0, 0], [1, 1]], [[0, 0], [1, 1]], [[0, 0], [1, 1]]])
+    pred = np.array([[[0, 0], [1, 1]], [[0, 1], [1, 1]], [[1, 1], [0, 1]]])  # agreement 1, 0.75, 0.25
+    qf = QualityFilter(FixedLogits(_logits(pred)), 2, np.array([1.0, 1.0]), mode="image", threshold=0.75)
+    results = qf.score(np.zeros((3, 2, 2, 3), np.uint8), segs)
+    assert [r.keep for r in results] == [True, True, False]
+    assert [r.agreement for r in results] == [1.0, 0.75, 0.25]
+    assert all(r.mask is None for r in results)
+    assert results[1].provenance() == {"agreement": 0.75, "miou": pytest.approx((1 / 2 + 2 / 3) / 2),
+                                       "ignored_share": 0.0}  # fmt: skip
+    assert summarize(results)["dropped"] == 1.0
+
+
+def test_pixel_mode_masks_pixels_far_above_their_class_median_and_keeps_the_variant() -> None:
+    segs = np.array([[[0, 0], [1, 1]]])
+    pred = np.array([[[0, 0], [1, 0]]])  # pixel (1, 1) confidently wrong
+    logits = _logits(pred)
+    losses = pixel_losses(logits, segs)
+    assert losses[0, 1, 1] > 4.0 and losses[0, 0, 0] < 0.01
+    medians = np.array([0.01, 0.01])
+    qf = QualityFilter(FixedLogits(logits), 2, medians, mode="pixel", factor=3.0, mask_value=255)
+    (r,) = qf.score(np.zeros((1, 2, 2, 3), np.uint8), segs)
+    assert r.keep and r.mask is not None
+    assert r.mask.tolist() == [[False, False], [False, True]] and r.ignored_share == 0.25
+    assert apply_pixel_mask(segs[0], r.mask, qf.mask_value).tolist() == [[0, 0], [1, 255]]
+
+
+def test_quality_filter_fit_trains_once_then_reloads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ds = ToyScenes(num_images=8, image_size=(RES, RES))
+    samples = [ds.load(k) for k in ds.keys()]
+    cfg = build_config({"device": "cpu", "perception": TINY_PERCEPTION,
+                        "generate": {"quality_filter": True, "quality_mode": "pixel"}})  # fmt: skip
+    qf = QualityFilter.fit(cfg, tmp_path, samples, ds.info, progress=False)
+    folder = tmp_path / FILTER_DIR
+    assert (folder / "model.safetensors").is_file() and (folder / "judge.json").is_file()
+    stored = json.loads((folder / "filter.json").read_text())
+    assert stored["key"] == qf.meta["key"] and len(stored["class_medians"]) == ds.info.num_classes
+    images = np.stack([s.image for s in samples[:2]])
+    segs = np.stack([s.seg for s in samples[:2]])
+    first = qf.score(images, segs)
+    assert qf.mode == "pixel" and qf.mask_value == 255 and all(r.mask is not None for r in first)
+
+    def no_training(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the filter was retrained instead of reloaded")
+
+    monkeypatch.setattr(importlib.import_module("perception.train"), "train", no_training)
+    again = QualityFilter.fit(cfg, tmp_path, samples, ds.info, progress=False)
+    assert again.meta["model_sha256"] == qf.meta["model_sha256"]
+    np.testing.assert_array_equal(again.class_medians, qf.class_medians)
+    assert [r.agreement for r in again.score(images, segs)] == [r.agreement for r in first]
+
+
+# --------------------------------------------------------------------------------------------------
+# lumen evaluate-synthesis
+# --------------------------------------------------------------------------------------------------
+
+
+def test_evaluate_synthesis_writes_table_json_and_figure(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from pipeline.cli import main
+
+    base = tiny_base()
+    base.save(tmp_path / "base")
+    run = tmp_path / "run-seg"
+    cfg = build_config({
+        "name": "tiny-seg", "device": "cpu",
+        "data": {"adapter": "toyscenes", "image_size": [RES, RES], "num_images": 8, "num_val_images": 4},
+        "base": {"resolution": RES}, "lumen": {"condition": "seg"},
+        "perception": TINY_PERCEPTION, "generate": {"steps": 2},
+    })  # fmt: skip
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(config_dict(cfg)))
+    classes = len(ToyScenes(num_images=1).info.classes)
+    build_controlnet(base, classes, seed=1).save_pretrained(run / "lumen")
+    card = {"base_model": str(tmp_path / "base"), "condition": "seg", "channels": classes, "trained_steps": 0}
+    (run / "lumen" / "lumen.json").write_text(json.dumps(card))
+
+    out = tmp_path / "eval"
+    argv = ["evaluate-synthesis", "--run", f"seg={run}", "--run", "none", "--base", str(tmp_path / "base"),
+            "--images", "2", "--variants", "2", "--seeds", "0", "1", "--train-images", "4",
+            "--judge-steps", "2", "--device", "cpu", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+
+    doc = json.loads((out / "table.json").read_text())
+    assert [r["name"] for r in doc["rows"]] == ["real (ceiling)", "seg", "none"]
+    seg_row = doc["rows"][1]
+    assert seg_row["metrics"]["seg_miou"]["n"] == 2 and len(seg_row["per_seed"]) == 2
+    for key in ("depth_abs_rel", "normal_mean_angle", "div_pixel_pairwise", "div_latent_pairwise"):
+        assert 0 <= seg_row["metrics"][key]["mean"] < math.inf
+    real = doc["rows"][0]["metrics"]
+    assert real["div_pixel_source"]["mean"] == 0.0 and real["div_latent_source"]["mean"] == 0.0
+    table = (out / "table.md").read_text()
+    assert "| seg |" in table and "seg mIoU" in table and "div latent" in table
+    assert (out / "tradeoff.png").stat().st_size > 0
+    assert (out / "grid_seg.png").is_file() and (out / "grid_none.png").is_file()
+    assert {p.name for p in (out / "judges").iterdir()} == {"seg", "depth", "normal"}
+
+    # a rerun reuses the judges and the per-seed scores: nothing is generated again
+    def no_generation(*args: object, **kwargs: object) -> None:
+        raise AssertionError("variants were generated again instead of read from out/scores")
+
+    monkeypatch.setattr(importlib.import_module("pipeline.synthesis.evaluate"), "_generate", no_generation)
+    assert main(argv) == 0
+    assert json.loads((out / "table.json").read_text())["rows"] == doc["rows"][:1] + [
+        {**r, "seconds": pytest.approx(0, abs=1)} for r in doc["rows"][1:]
+    ]
