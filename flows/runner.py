@@ -68,8 +68,12 @@ def device_resources(runner: RunnerConfig) -> contextlib.AbstractContextManager[
     return dask.annotate(resources={"device": 1})
 
 
-def configure_threads(cfg: LumenConfig) -> None:
-    """On CPU, share the cores between the device slots (torch's intra-op pool is process-wide)."""
+def configure_threads(cfg: LumenConfig, concurrent: int | None = None) -> None:
+    """On CPU, share the cores between the device-bound tasks that run at once in this process
+    (``concurrent``, default ``runner.gpu_concurrency``): torch's intra-op pool is process-wide.
+
+    Left alone when ``OMP_NUM_THREADS`` is set (Dask workers set it to 1) or off CPU.
+    """
     from pipeline.device import resolve_device
 
     if resolve_device(cfg.device).type != "cpu" or "OMP_NUM_THREADS" in os.environ:
@@ -77,4 +81,4 @@ def configure_threads(cfg: LumenConfig) -> None:
     import torch
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, cores // cfg.runner.gpu_concurrency))
+    torch.set_num_threads(max(1, cores // (concurrent or cfg.runner.gpu_concurrency)))

@@ -116,7 +116,7 @@ def generate_chunk_task(cfg: LumenConfig, run_dir: Path, index: int, keys: list[
     """Generate (or reuse) the variants of one chunk of source images."""
     from pipeline.lumen.expand import generate_chunk
 
-    configure_threads(cfg)
+    configure_threads(cfg, concurrent=1)  # generation is serialised per process (one pipeline)
     with device_slot(cfg.runner):
         return generate_chunk(cfg, run_dir, index, keys)
 

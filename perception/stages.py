@@ -11,6 +11,7 @@ from pipeline.config import LumenConfig, config_dict, config_hash
 from pipeline.data import Quarantine
 from pipeline.data.sample import DatasetInfo
 from pipeline.device import resolve_device
+from pipeline.io import sha256_file
 from pipeline.lumen.stages import collect_samples
 
 __all__ = ["evaluation_inputs", "run_evaluate", "write_report"]
@@ -18,13 +19,23 @@ __all__ = ["evaluation_inputs", "run_evaluate", "write_report"]
 log = logging.getLogger(__name__)
 
 
-def _models(run_dir: Path) -> dict[str, Any]:
-    card_path = run_dir / "lumen" / "lumen.json"
-    if not card_path.is_file():
+def _models(cfg: LumenConfig, run_dir: Path) -> dict[str, Any]:
+    """The models that made the synthetic data (the run's own or the shipped ones), for the report."""
+    from pipeline.lumen.stages import lumen_folder
+
+    try:
+        folder = lumen_folder(cfg, run_dir)
+    except FileNotFoundError:
         return {}
-    card = json.loads(card_path.read_text())
-    return {"base": card.get("base_model"), "controlnet": str(run_dir / "lumen"), "condition": card.get("condition"),
-            "layout": card.get("layout"), "pca_sha256": card.get("pca_sha256")}  # fmt: skip
+    card = json.loads((folder / "lumen.json").read_text())
+    sha = (
+        sha256_file(folder / "diffusion_pytorch_model.safetensors")
+        if (folder / "diffusion_pytorch_model.safetensors").is_file()
+        else None
+    )
+    return {"base": card.get("base_model"), "controlnet": folder.name, "controlnet_sha256": sha,
+            "condition": card.get("condition"), "layout": card.get("layout"),
+            "pca_sha256": card.get("pca_sha256")}  # fmt: skip
 
 
 def evaluation_inputs(
@@ -56,7 +67,7 @@ def write_report(
     from pipeline.report import make_report
 
     report_dir = run_dir / "report"
-    make_report(results, report_dir, config=config_dict(cfg), config_hash=config_hash(cfg), models=_models(run_dir),
+    make_report(results, report_dir, config=config_dict(cfg), config_hash=config_hash(cfg), models=_models(cfg, run_dir),
                 dataset=info, gallery=pair_variants(real, synthetic))  # fmt: skip
     log.info("report written to %s", report_dir)
     return report_dir

@@ -76,6 +76,8 @@ def _flow(name: str, args: argparse.Namespace, **kwargs: object) -> object:
     import os
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Without PREFECT_API_URL Prefect starts a local ephemeral server; give it time on a busy machine.
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
     config_from_args(args)  # config errors exit 2 here, before Prefect starts
     from flows import call_flow
 

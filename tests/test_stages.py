@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -114,3 +115,48 @@ def test_expand_writes_real_and_synthetic_shards_with_the_expected_keys(tmp_path
             full["real+synthetic"][metric]["mean"] - full["real"][metric]["mean"], abs=1e-9
         )
     assert (report_dir / "report.md").is_file() and (report_dir / "figures" / "gains.png").is_file()
+
+
+@pytest.mark.parametrize("mode", ["image", "pixel"])
+def test_expand_quality_filter_drops_or_masks_and_records_scores(tmp_path: Path, mode: str) -> None:
+    from pipeline.lumen.expand import run_expand
+    from pipeline.shards.reader import iter_samples
+    from pipeline.shards.verify import verify_shard_set
+
+    cfg = build_config(
+        {
+            "data": {"num_images": 3, "image_size": [RES, RES]},
+            "base": {"resolution": RES},
+            "layouts": {"num_components": 4, "pca_images": 3, "pca_vectors_per_image": 32, "batch_size": 2},
+            "lumen": {"train_steps": 1, "batch_size": 2, "validate_every": 100},
+            "generate": {"variants": 2, "steps": 2, "chunk_size": 2, "quality_filter": True,
+                         "quality_mode": mode, "quality_threshold": 1.0, "quality_pixel_factor": 1.0},
+            "perception": {"steps": 2, "batch_size": 2, "encoder_depth": 3, "decoder_channels": [16, 8, 8]},
+        }
+    )  # fmt: skip
+    data = collect_samples(cfg, (RES, RES), Quarantine(None), progress=False)
+    build_tiny_components(build_tokenizer([s.caption for s in data], max_length=16), RES, preset=PRESET).save(
+        tmp_path / "base"
+    )
+    run_train_lumen(cfg, tmp_path, progress=False)
+    summary = run_expand(cfg, tmp_path, progress=False)
+    assert (tmp_path / "quality_filter").is_dir()  # the real-trained segmenter, reused on rerun
+    syn = verify_shard_set(tmp_path / "shards" / "synthetic")
+    assert syn.ok, syn.problems
+    if mode == "image":  # a 2-step segmenter never agrees perfectly: every variant is dropped
+        assert summary.synthetic == 0 and summary.filtered == 6 and summary.real == 3
+        return
+    assert summary.synthetic == 6 and summary.filtered == 0
+    manifest = json.loads((tmp_path / "shards" / "synthetic" / "manifest.json").read_text())
+    assert manifest["dataset"]["ignore_index"] == 255  # toy scenes have none: masked pixels need one
+    records = {}
+    for tar_path in sorted((tmp_path / "shards" / "synthetic").glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for m in tar.getmembers():
+                if m.name.endswith(".json"):
+                    records[m.name.rsplit(".", 1)[0]] = json.loads(tar.extractfile(m).read())  # type: ignore[union-attr]
+    masked = {s.key: float(np.mean(s.seg == 255)) for s in iter_samples(tmp_path / "shards" / "synthetic")}
+    assert set(records) == set(masked)
+    for key, share in masked.items():
+        assert records[key]["quality"]["ignored_share"] == pytest.approx(share, abs=1e-6)
+    assert max(masked.values()) > 0  # factor 1 x the class median: some pixels are above it

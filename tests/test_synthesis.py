@@ -156,6 +156,24 @@ def test_datasets_without_ignore_index_get_255() -> None:
     assert info_with_ignore(DatasetInfo("camvid", tuple("abcdefghijk"), 11)).ignore_index == 11
 
 
+def test_perception_skips_masked_pixels_once_the_ignore_index_is_declared() -> None:
+    from perception.models import seg_loss
+    from perception.transforms import IGNORE, to_tensors
+    from pipeline.data.sample import Sample
+
+    info = info_with_ignore(ToyScenes(num_images=1).info)
+    seg = apply_pixel_mask(
+        np.array([[0, 1], [2, 3]], np.uint8), np.array([[False, True], [False, False]]), 255
+    )
+    target = to_tensors(
+        Sample("v", np.zeros((2, 2, 3), np.uint8), seg=seg), ["seg"], ignore_index=info.ignore_index
+    )
+    assert target["seg"].tolist() == [[0, IGNORE], [2, 3]]
+    logits = torch.zeros(1, info.num_classes, 2, 2)
+    logits[0, 5, 0, 1] = 100.0  # a huge error on the masked pixel does not count
+    assert seg_loss(logits, target["seg"][None]).item() == pytest.approx(math.log(info.num_classes))
+
+
 class FixedLogits:
     """A stand-in segmenter returning hand-made logits."""
 

@@ -35,8 +35,8 @@ from tqdm.auto import tqdm
 from pipeline.config import LumenConfig, config_dict, config_hash
 from pipeline.data import Quarantine, build_dataset, iter_valid, resize_sample
 from pipeline.data.sample import Sample, SampleSource
-from pipeline.faults import kill_point
 from pipeline.device import resolve_device
+from pipeline.faults import kill_point
 from pipeline.io import atomic_open, atomic_write_json, atomic_write_text, sha256_file
 from pipeline.lumen.generate import LumenGenerator, plan_variants
 from pipeline.lumen.stages import (
@@ -118,6 +118,19 @@ def _load_controlnet(folder: Path, device: Any) -> tuple[Any, dict[str, Any]]:
     return model.to(device).eval(), card
 
 
+def _controlnet_id(folder: Path, run_dir: Path) -> str:
+    """``run/lumen`` for the run's own ControlNet, ``lumen-assets/<name>`` for a shipped one, else the
+    path: provenance must not change when a run folder moves."""
+    from pipeline.assets import ASSETS_DIR
+
+    folder = folder.resolve()
+    if folder.is_relative_to(run_dir.resolve()):
+        return f"run/{folder.relative_to(run_dir.resolve()).as_posix()}"
+    if folder.is_relative_to(ASSETS_DIR.resolve()):
+        return f"lumen-assets/{folder.relative_to(ASSETS_DIR.resolve()).as_posix()}"
+    return str(folder)
+
+
 def stage_hash(cfg: LumenConfig) -> str:
     """Hash of what determines the synthetic images: seed, data, layouts, condition, generation, base."""
     d = config_dict(cfg)
@@ -176,7 +189,7 @@ def _build_context(cfg: LumenConfig, run_dir: Path, progress: bool) -> ExpandCon
         )
     models = {
         "base": {"id": base_id, "sha256": _weights_sha(base_folder(base_id, run_dir), "unet")},
-        "controlnet": {"id": str(cn_folder), "sha256": _weights_sha(cn_folder)},
+        "controlnet": {"id": _controlnet_id(cn_folder, run_dir), "sha256": _weights_sha(cn_folder)},
     }
     quality = None
     if cfg.generate.quality_filter:

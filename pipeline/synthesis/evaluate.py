@@ -167,17 +167,25 @@ class _Bases:
     def add(self, base_id: str, components: BaseComponents) -> None:
         self._loaded[base_id] = components
 
-    def get(self, base_id: str, fallback: Path | None = None) -> BaseComponents:
+    def get(self, base_id: str, run_dir: Path | None = None, fallback: Path | None = None) -> BaseComponents:
+        """The base model behind an identity from a ``lumen.json`` (a run's own ``base/`` needs
+        ``run_dir``); ``fallback`` is used when it is not on this machine."""
+        from pipeline.lumen.base import BaseModelNotFoundError
         from pipeline.lumen.stages import base_folder
 
         if base_id not in self._loaded:
-            folder = base_folder(base_id)
-            if not (folder / "model_index.json").is_file():
+            try:
+                source: Path | str = base_folder(base_id, run_dir)
+            except ValueError:
+                source = base_id
+            try:
+                components = load_base(source)
+            except BaseModelNotFoundError:
                 if fallback is None:
-                    raise FileNotFoundError(f"base model {base_id!r} not found; pass --base DIR")
+                    raise
                 log.warning("base model %s not found, using %s", base_id, fallback)
-                folder = fallback
-            self._loaded[base_id] = load_base(folder).to(self.device)
+                components = load_base(fallback)
+            self._loaded[base_id] = components.to(self.device)
         return self._loaded[base_id]
 
 
@@ -200,7 +208,7 @@ def _open_run(spec: RunSpec, cfg: LumenConfig, bases: _Bases, default: tuple[Bas
     lumen_dir = lumen_folder(run_cfg, run_dir)
     card = json.loads((lumen_dir / "lumen.json").read_text())
     base_id = str(card.get("base_model") or default[1])
-    base = bases.get(base_id, fallback=base_dir)
+    base = bases.get(base_id, run_dir, fallback=base_dir)
     # 'layout' needs the PCA it was trained with; nothing is written into the run folder.
     pca = next((p for p in (run_dir / "pca.safetensors", lumen_dir / "pca.safetensors") if p.is_file()), None)
     if run_cfg.lumen.condition == "layout" and pca is None:
