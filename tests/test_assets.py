@@ -45,7 +45,7 @@ def test_runs_fall_back_to_the_shipped_models_only_when_they_fit(tmp_path: Path)
     assert lumen_folder(demo, tmp_path) == asset_path("tiny-lumen-layout")
     assert shipped_base(demo) == asset_path("tiny-base")
     other_n = demo.model_copy(update={"layouts": demo.layouts.model_copy(update={"num_components": 4})})
-    with pytest.raises(FileNotFoundError, match="does not fit"):
+    with pytest.raises(FileNotFoundError, match="no shipped one fits"):
         lumen_folder(other_n, tmp_path)
-    camvid = demo.model_copy(update={"data": demo.data.model_copy(update={"adapter": "camvid"})})
-    assert shipped_base(camvid) is None
+    folder = demo.model_copy(update={"data": demo.data.model_copy(update={"adapter": "folder"})})
+    assert shipped_base(folder) is None  # no model was shipped for user folders

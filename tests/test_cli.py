@@ -35,11 +35,13 @@ def test_typo_in_override_exits_2_naming_valid_keys(capsys: pytest.CaptureFixtur
     assert "data.num_imgs" in err and "num_images" in err
 
 
-def test_run_writes_resolved_config_and_stops_honestly(tmp_path: Path) -> None:
-    code = main(["run", DEMO, "--out", str(tmp_path / "r"), "data.num_images=3", "data.num_val_images=2"])
-    assert code == 3  # later stages are not implemented yet: non-zero, not a fake success
-    assert (tmp_path / "r" / "config.yaml").read_text().startswith("# resolved config, hash ")
-    assert (tmp_path / "r" / "data_summary.json").is_file()
+def test_stage_commands_reject_bad_configs_before_starting_prefect(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for command in ("run", "train-base", "train-lumen", "expand", "evaluate"):
+        assert main([command, DEMO, "--out", str(tmp_path / "r"), "data.num_imgs=3"]) == 2
+        assert "unknown config key 'data.num_imgs'" in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # nothing written for a config that does not validate
 
 
 def test_config_show_prints_hash(capsys: pytest.CaptureFixture[str]) -> None:

@@ -79,12 +79,17 @@ def _verify(run: Path) -> tuple[list[str], list[str]]:
     return sorted(real.keys), sorted(syn.keys)
 
 
-def test_run_flow_writes_shards_report_and_summaries(template, tmp_path: Path, harness) -> None:
+def test_run_flow_writes_shards_report_and_summaries(template, tmp_path: Path, harness, capsys) -> None:
     from flows import call_flow
+    from flows.stages import read_summary
+    from pipeline.cli import main
 
     cfg_path, tpl = template
     run = _copy_run(tpl, tmp_path / "run")
-    summary = call_flow("run", str(cfg_path), [], out=str(run), progress=False)
+    assert main(["run", str(cfg_path), "--out", str(run)]) == 0  # the README's main command, on tiny data
+    out = capsys.readouterr().out
+    assert f"report: {run / 'report' / 'report.md'}" in out and "5 real + 10 synthetic samples" in out
+    summary = read_summary(run, "run")
 
     assert summary["trained"] == {"base": False, "lumen": False}  # the run folder has its models
     assert summary["expand"]["real_samples"] == 5 and summary["expand"]["synthetic_samples"] == 10

@@ -133,33 +133,51 @@ def load_run_base(cfg: LumenConfig, run_dir: Path) -> tuple[BaseComponents, str]
     )
 
 
-def lumen_folder(cfg: LumenConfig, run_dir: Path) -> Path:
-    """The run's trained ControlNet (``run_dir/lumen``), else the shipped layout ControlNet when the run
-    uses the shipped base model and its layout settings match the ones it was trained with."""
-    folder = run_dir / "lumen"
-    if (folder / "lumen.json").is_file():
-        return folder
-    from pipeline.assets import ASSETS_DIR, asset_path, verify_asset
+def _asset_meta(name: str) -> dict[str, Any]:
+    import json
 
-    shipped = ASSETS_DIR / "tiny-lumen-layout"
-    if (shipped / "asset.json").is_file() and not (run_dir / "base" / "model_index.json").is_file():
-        meta = verify_asset(shipped)
-        lay = meta.get("config", {}).get("layouts", {})
+    from pipeline.assets import ASSETS_DIR
+
+    return dict(json.loads((ASSETS_DIR / name / "asset.json").read_text()))
+
+
+def _lumen_asset_fits(cfg: LumenConfig, meta: dict[str, Any], base_name: str) -> bool:
+    """Whether a shipped ControlNet was trained for this config: same base, data, condition, layouts."""
+    lay = meta.get("config", {}).get("layouts", {})
+    fits = (
+        meta.get("base") == base_name
+        and meta.get("adapter") == cfg.data.adapter
+        and meta.get("resolution") == cfg.base.resolution
+        and meta.get("condition") == cfg.lumen.condition
+    )
+    if fits and cfg.lumen.condition == "layout":
         fits = (
-            cfg.base.source == "tiny"
-            and meta.get("adapter") == cfg.data.adapter
-            and meta.get("resolution") == cfg.base.resolution
-            and cfg.lumen.condition == "layout"
-            and cfg.layouts.backbone == lay.get("backbone", "sd")
+            cfg.layouts.backbone == lay.get("backbone", "sd")
             and cfg.layouts.num_components == lay.get("num_components")
             and (cfg.layouts.layer or "up_blocks.1") == lay.get("layer", "up_blocks.1")
             and cfg.layouts.timestep == lay.get("timestep", 261)
         )
-        if fits:
-            log.info("using the shipped LUMEN layout ControlNet %s (sha256-verified)", shipped)
-            return asset_path("tiny-lumen-layout")
+    size = meta.get("config", {}).get("data", {}).get("image_size")
+    return fits and (size is None or cfg.data.image_size is None or list(cfg.data.image_size) == list(size))
+
+
+def lumen_folder(cfg: LumenConfig, run_dir: Path) -> Path:
+    """The run's trained ControlNet (``run_dir/lumen``), else a shipped one when the run uses the shipped
+    base model it was trained over and its data, condition and layout settings match."""
+    folder = run_dir / "lumen"
+    if (folder / "lumen.json").is_file():
+        return folder
+    from pipeline.assets import asset_path, available_assets
+
+    base = shipped_base(cfg) if not (run_dir / "base" / "model_index.json").is_file() else None
+    if base is not None:
+        for name in available_assets():
+            meta = _asset_meta(name)
+            if "condition" in meta and _lumen_asset_fits(cfg, meta, base.name):
+                log.info("using the shipped LUMEN ControlNet %s (sha256-verified)", name)
+                return asset_path(name)
     raise FileNotFoundError(
-        f"no LUMEN ControlNet in {folder} and the shipped one does not fit this config; "
+        f"no LUMEN ControlNet in {folder} and no shipped one fits this config; "
         "run `lumen train-lumen` with this config and --out first"
     )
 
@@ -179,16 +197,18 @@ def base_folder(base_id: str, run_dir: Path | None = None) -> Path:
 
 
 def shipped_base(cfg: LumenConfig) -> Path | None:
-    """The shipped tiny base model, if it was trained on this kind of data at this resolution."""
-    from pipeline.assets import ASSETS_DIR, asset_path, verify_asset
+    """A shipped tiny base model trained on this kind of data at this resolution (sha256-verified)."""
+    from pipeline.assets import asset_path, available_assets
 
-    folder = ASSETS_DIR / "tiny-base"
-    if not (folder / "asset.json").is_file():
+    if cfg.base.source != "tiny":
         return None
-    meta = verify_asset(folder)
-    if meta.get("adapter") != cfg.data.adapter or meta.get("resolution") != cfg.base.resolution:
-        return None
-    return asset_path("tiny-base")
+    for name in available_assets():
+        meta = _asset_meta(name)
+        if "condition" in meta:  # a ControlNet
+            continue
+        if meta.get("adapter") == cfg.data.adapter and meta.get("resolution") == cfg.base.resolution:
+            return asset_path(name)
+    return None
 
 
 ConditionFn = Callable[[Sequence[Sample]], np.ndarray]

@@ -1,0 +1,173 @@
+"""The fast generation path: same images as the stock diffusers pipelines, FLOP counting, settings."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.lumen.base import build_tiny_components
+from pipeline.lumen.controlnet import build_controlnet
+from pipeline.lumen.generate import LumenGenerator, compute_dtype, count_generation_flops
+from pipeline.lumen.tokenizer import build_tokenizer
+
+PRESET = {
+    "vae": {"block_out_channels": (8, 16), "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 4},
+    "unet": {
+        "block_out_channels": (8, 16),
+        "layers_per_block": 1,
+        "attention_head_dim": 2,
+        "norm_num_groups": 4,
+        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    },
+    "text": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},
+}
+RES, N = 16, 5
+PROMPTS = ["a red sphere on a floor", "a blue box under the sky", "a red sphere on a floor"]
+SEEDS = [7, 8, 9]
+
+
+def _models(seed: int = 0) -> tuple:
+    """Tiny seeded base + ControlNet whose zero convolutions (residual outputs and the condition
+    embedding's last layer) are made non-zero, so the condition matters."""
+    base = build_tiny_components(build_tokenizer(PROMPTS, max_length=16), RES, seed=seed, preset=PRESET)
+    cn = build_controlnet(base, N, seed=seed + 1)
+    g = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        for block in [
+            *cn.controlnet_down_blocks,
+            cn.controlnet_mid_block,
+            cn.controlnet_cond_embedding.conv_out,
+        ]:
+            block.weight.copy_(torch.randn(block.weight.shape, generator=g) * 0.3)
+    return base.to("cpu"), cn.eval()
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple:
+    return _models()
+
+
+@pytest.fixture(scope="module")
+def conds() -> np.ndarray:
+    return np.random.default_rng(0).random((3, N, RES, RES)).astype(np.float32)
+
+
+def _stock_one_by_one(
+    gen: LumenGenerator, conds: np.ndarray | None, steps: int, guidance: float
+) -> np.ndarray:
+    """The stock pipeline called once per image, as a user would."""
+    out = []
+    for i, (prompt, seed) in enumerate(zip(PROMPTS, SEEDS, strict=True)):
+        kwargs = {} if conds is None else {"image": torch.from_numpy(conds[i : i + 1])}
+        img = gen.pipe(
+            prompt, num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator().manual_seed(seed),
+            height=RES, width=RES, output_type="np", **kwargs,
+        ).images[0]  # fmt: skip
+        out.append((np.clip(img, 0, 1) * 255).round().astype(np.uint8))
+    return np.stack(out)
+
+
+@pytest.mark.parametrize(
+    ("scheduler", "guidance", "order"),
+    [
+        ("ddim", 2.0, "rgb"),
+        ("ddim", 1.0, "rgb"),
+        ("dpm", 3.0, "rgb"),
+        ("euler", 2.0, "bgr"),
+        ("pndm", 2.0, "rgb"),
+    ],
+)
+def test_fast_path_matches_the_stock_pipeline_image_by_image(
+    scheduler: str, guidance: float, order: str
+) -> None:
+    base, cn = _models()
+    cn.register_to_config(controlnet_conditioning_channel_order=order)
+    conds = np.random.default_rng(0).random((3, N, RES, RES)).astype(np.float32)
+    fast = LumenGenerator(base, cn, scheduler=scheduler)
+    assert fast.fast
+    ours = fast.generate(
+        conds, PROMPTS, SEEDS, steps=4, guidance_scale=guidance, batch_size=2
+    )  # 2 + 1 images
+    stock = _stock_one_by_one(LumenGenerator(base, cn, scheduler=scheduler, fast=False), conds, 4, guidance)
+    assert ours.shape == (3, RES, RES, 3) and ours.dtype == np.uint8
+    assert np.abs(ours.astype(int) - stock.astype(int)).max() <= 2
+
+
+def test_the_condition_changes_the_image(models, conds: np.ndarray) -> None:
+    """Guards the test above: with these weights the ControlNet (and its cached embedding) matters."""
+    gen = LumenGenerator(*models)
+    a = gen.generate(conds[:1], PROMPTS[:1], SEEDS[:1], steps=3)
+    b = gen.generate(1 - conds[:1], PROMPTS[:1], SEEDS[:1], steps=3)
+    assert np.abs(a.astype(int) - b.astype(int)).max() > 10
+
+
+def test_fast_path_without_controlnet_matches_stock_pipeline(models) -> None:
+    base, _ = models
+    ours = LumenGenerator(base, None).generate(
+        None, PROMPTS, SEEDS, steps=3, guidance_scale=2.0, batch_size=2
+    )
+    stock = _stock_one_by_one(LumenGenerator(base, None, fast=False), None, 3, 2.0)
+    assert np.abs(ours.astype(int) - stock.astype(int)).max() <= 2
+
+
+def test_batching_does_not_change_the_images(models, conds: np.ndarray) -> None:
+    gen = LumenGenerator(*models)
+    one = gen.generate(conds, PROMPTS, SEEDS, steps=3, batch_size=1)
+    three = gen.generate(conds, PROMPTS, SEEDS, steps=3, batch_size=3)
+    assert np.abs(one.astype(int) - three.astype(int)).max() <= 1
+
+
+def test_controlnet_is_left_as_it_was(models, conds: np.ndarray) -> None:
+    base, cn = models
+    keys, embedding = list(cn.state_dict()), cn.controlnet_cond_embedding
+    gen = LumenGenerator(base, cn)
+    gen.generate(conds[:1], PROMPTS[:1], SEEDS[:1], steps=2)
+
+    def broken_unet(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("out of memory")
+
+    gen._unet = broken_unet  # a failure inside the denoising loop also restores it
+    with pytest.raises(RuntimeError, match="out of memory"):
+        gen.generate(conds[:1], PROMPTS[:1], SEEDS[:1], steps=2)
+    assert cn.controlnet_cond_embedding is embedding and list(cn.state_dict()) == keys
+
+
+def test_flop_counter_attributes_each_model(models, conds: np.ndarray) -> None:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    base, cn = models
+    fast, stock = LumenGenerator(base, cn), LumenGenerator(base, cn, fast=False)
+    f2, f3 = (count_generation_flops(fast, conds[:1], PROMPTS[:1], SEEDS[:1], steps=s) for s in (2, 3))
+    s3 = count_generation_flops(stock, conds[:1], PROMPTS[:1], SEEDS[:1], steps=3)
+    # one UNet step on the two guidance rows, counted directly
+    with FlopCounterMode(display=False) as direct:
+        base.unet(torch.zeros(2, 4, RES // 2, RES // 2), 10, encoder_hidden_states=torch.zeros(2, 16, 16))
+    assert f3["unet"] - f2["unet"] == direct.get_total_flops() and f3["unet"] == s3["unet"]
+    assert f3["vae_decode"] == f2["vae_decode"] == s3["vae_decode"] > 0
+    # the stock pipeline embeds the condition at every step and for both guidance halves; ours once
+    assert 0 < f3["controlnet"] < s3["controlnet"]
+    parts = f3["unet"] + f3["controlnet"] + f3["vae_decode"] + f3["text_encoder"]
+    assert parts <= f3["total"] and parts > 0.99 * f3["total"]
+
+
+def test_settings_threads_timings_and_dtypes(models, conds: np.ndarray) -> None:
+    before = torch.get_num_threads()
+    gen = LumenGenerator(*models, threads=1)
+    fp32 = gen.generate(conds[:2], PROMPTS[:2], SEEDS[:2], steps=2)
+    assert torch.get_num_threads() == before
+    assert set(gen.timings) == {"text", "denoise", "decode", "total"} and gen.timings["denoise"] > 0
+    bf16 = LumenGenerator(*models, dtype="bfloat16").generate(conds[:2], PROMPTS[:2], SEEDS[:2], steps=2)
+    assert np.abs(fp32.astype(int) - bf16.astype(int)).mean() < 8
+    assert compute_dtype("auto", torch.device("cpu")) == torch.float32
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        compute_dtype("int8", torch.device("cpu"))
+    with pytest.raises(ValueError, match="prompts but"):
+        gen.generate(conds[:2], PROMPTS[:1], SEEDS[:2])
+
+
+def test_unsupported_controlnet_falls_back_to_the_stock_pipeline() -> None:
+    base, cn = _models()
+    cn.register_to_config(global_pool_conditions=True)  # guess mode: our loop does not do it
+    assert not LumenGenerator(base, cn).fast
