@@ -20,22 +20,30 @@ log = logging.getLogger(__name__)
 
 
 def _models(cfg: LumenConfig, run_dir: Path) -> dict[str, Any]:
-    """The models that made the synthetic data (the run's own or the shipped ones), for the report."""
-    from pipeline.lumen.stages import lumen_folder
+    """The models that made the synthetic data (the run's own or the shipped ones): ``{role: {"id",
+    "sha256"}}`` for the report's provenance."""
+    from pipeline.lumen.stages import base_folder, lumen_folder
 
     try:
         folder = lumen_folder(cfg, run_dir)
     except FileNotFoundError:
         return {}
     card = json.loads((folder / "lumen.json").read_text())
-    sha = (
-        sha256_file(folder / "diffusion_pytorch_model.safetensors")
-        if (folder / "diffusion_pytorch_model.safetensors").is_file()
-        else None
-    )
-    return {"base": card.get("base_model"), "controlnet": folder.name, "controlnet_sha256": sha,
-            "condition": card.get("condition"), "layout": card.get("layout"),
-            "pca_sha256": card.get("pca_sha256")}  # fmt: skip
+
+    def sha(path: Path) -> str | None:
+        return sha256_file(path) if path.is_file() else None
+
+    models: dict[str, Any] = {}
+    if base_id := card.get("base_model"):
+        unet = base_folder(base_id, run_dir) / "unet" / "diffusion_pytorch_model.safetensors"
+        models["base"] = {"id": base_id, "sha256": sha(unet)}
+    models["controlnet"] = {
+        "id": f"{folder.name} (condition: {card.get('condition')})",
+        "sha256": sha(folder / "diffusion_pytorch_model.safetensors"),
+    }
+    if card.get("pca_sha256"):
+        models["layout PCA"] = {"id": "pca.safetensors", "sha256": card["pca_sha256"]}
+    return models
 
 
 def evaluation_inputs(
