@@ -66,7 +66,13 @@ def stage_timings(run_dir: Path) -> dict[str, float]:
         return {}
     names = [c.strip() for c in match.group(1).split("|")]
     values = [c.strip() for c in match.group(2).split("|")]
-    return {n: float(v) for n, v in zip(names, values, strict=False) if re.fullmatch(r"[\d.]+", v)}
+    out = {}
+    for name, value in zip(names, values, strict=False):
+        try:
+            out[name] = float(value)
+        except ValueError:
+            continue
+    return out
 
 
 def main() -> None:

@@ -72,7 +72,7 @@ def main() -> None:
     ap.add_argument(
         "overrides", nargs="*", help=f"key=value config overrides (default: {' '.join(DEFAULT_OVERRIDES)})"
     )
-    ap.add_argument("--config", default=str(REPO / "configs" / "demo.yaml"))
+    ap.add_argument("--config", default="configs/demo.yaml")
     ap.add_argument("--n", type=int, default=32, help="the small size")
     ap.add_argument("--factor", type=int, default=10, help="the large size is factor x n")
     ap.add_argument("--threads", type=int, default=1)
@@ -81,6 +81,7 @@ def main() -> None:
     ap.add_argument("--run-dir", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     overrides = args.overrides or DEFAULT_OVERRIDES
+    config = os.path.relpath(args.config, REPO) if Path(args.config).is_absolute() else args.config
     if args.child:
         child(args.config, overrides, args.run_dir, args.threads)
         return
@@ -88,7 +89,7 @@ def main() -> None:
     rows = [measure(args.config, overrides, k, args.threads) for k in (args.n, args.factor * args.n)]
     ratio = rows[1]["peak_rss_mb"] / rows[0]["peak_rss_mb"]
     slope = (rows[1]["peak_rss_mb"] - rows[0]["peak_rss_mb"]) / (rows[1]["images"] - rows[0]["images"])
-    print(f"expand, {args.config} {' '.join(overrides)}, {args.threads} thread(s), one subprocess per size")
+    print(f"expand, {config} {' '.join(overrides)}, {args.threads} thread(s), one subprocess per size")
     print("| source images | real + synthetic samples | chunks | peak RSS (MB) | wall (s) |")
     print("|---:|---:|---:|---:|---:|")
     for r in rows:
@@ -99,7 +100,7 @@ def main() -> None:
     )
     result = {
         "benchmark": "memory",
-        "config": args.config,
+        "config": config,
         "overrides": overrides,
         "threads": args.threads,
         "rows": rows,

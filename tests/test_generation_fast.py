@@ -35,12 +35,10 @@ def _models(seed: int = 0) -> tuple:
     cn = build_controlnet(base, N, seed=seed + 1)
     g = torch.Generator().manual_seed(seed + 2)
     with torch.no_grad():
-        for block in [
-            *cn.controlnet_down_blocks,
-            cn.controlnet_mid_block,
-            cn.controlnet_cond_embedding.conv_out,
+        for conv, std in [(c, 0.3) for c in [*cn.controlnet_down_blocks, cn.controlnet_mid_block]] + [
+            (cn.controlnet_cond_embedding.conv_out, 3.0)
         ]:
-            block.weight.copy_(torch.randn(block.weight.shape, generator=g) * 0.3)
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * std)
     return base.to("cpu"), cn.eval()
 
 
@@ -171,3 +169,16 @@ def test_unsupported_controlnet_falls_back_to_the_stock_pipeline() -> None:
     base, cn = _models()
     cn.register_to_config(global_pool_conditions=True)  # guess mode: our loop does not do it
     assert not LumenGenerator(base, cn).fast
+
+
+def test_sdpa_and_channels_last_are_applied_and_change_nothing(conds: np.ndarray) -> None:
+    from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
+
+    base, cn = _models()
+    expected = LumenGenerator(base, cn).generate(conds[:2], PROMPTS[:2], SEEDS[:2], steps=2)
+    base.unet.set_attn_processor(AttnProcessor())  # the classic, non-SDPA attention
+    gen = LumenGenerator(base, cn, channels_last=True)
+    assert all(isinstance(p, AttnProcessor2_0) for p in base.unet.attn_processors.values())
+    assert base.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    ours = gen.generate(conds[:2], PROMPTS[:2], SEEDS[:2], steps=2)
+    assert np.abs(ours.astype(int) - expected.astype(int)).max() <= 1

@@ -149,12 +149,15 @@ def test_n_channel_layout_runs_through_the_stock_pipeline(tmp_path: Path, data) 
 
     a, b = stock(7, 0), stock(7, 0)
     assert a.shape == (RES, RES, 3) and np.array_equal(a, b)  # same seed, same image
-    # our batched generator (2 images per call) reproduces the stock single-image calls
-    ours = LumenGenerator(load_base(tmp_path / "base"), cn).generate(
-        conds[:3], captions[:3], [7, 8, 9], steps=3, guidance_scale=2.0, batch_size=2
-    )
-    for i, seed in enumerate([7, 8, 9]):
-        assert np.abs(ours[i].astype(int) - stock(seed, i).astype(int)).max() <= 2
+    # our batched generator (2 images per call), fast path and stock-pipeline path, reproduces the stock
+    # single-image calls
+    expected = [stock(seed, i) for i, seed in enumerate([7, 8, 9])]
+    for fast in (True, False):
+        gen = LumenGenerator(load_base(tmp_path / "base"), cn, fast=fast)
+        assert gen.fast == fast
+        ours = gen.generate(conds[:3], captions[:3], [7, 8, 9], steps=3, guidance_scale=2.0, batch_size=2)
+        for i in range(3):
+            assert np.abs(ours[i].astype(int) - expected[i].astype(int)).max() <= 2
 
 
 def test_variant_seeds_and_prompts_are_deterministic() -> None:

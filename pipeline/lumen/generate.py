@@ -119,11 +119,16 @@ def _scheduler(name: str, config: Any) -> Any:
     return getattr(diffusers, SCHEDULERS[name]).from_config(config)
 
 
-def compute_dtype(dtype: str | torch.dtype, device: torch.device) -> torch.dtype:
-    """``auto`` -> bfloat16 on CUDA (float16 where bf16 is unsupported), float32 elsewhere; else as named."""
+def compute_dtype(
+    dtype: str | torch.dtype, device: torch.device, weights: torch.dtype = torch.float32
+) -> torch.dtype:
+    """``auto`` -> the weights' dtype if they are half precision, else bfloat16 on CUDA (float16 where
+    bf16 is unsupported) and float32 elsewhere; a name or torch dtype as given."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
+        if weights != torch.float32:
+            return weights
         if device.type != "cuda":
             return torch.float32
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -137,8 +142,9 @@ def _use_sdpa(model: torch.nn.Module) -> None:
     from diffusers.models.attention_processor import AttnProcessor, AttnProcessor2_0
 
     for module in model.modules():
-        if isinstance(getattr(module, "processor", None), AttnProcessor) and hasattr(module, "set_processor"):
-            module.set_processor(AttnProcessor2_0())
+        set_processor: Any = getattr(module, "set_processor", None)
+        if isinstance(getattr(module, "processor", None), AttnProcessor) and callable(set_processor):
+            set_processor(AttnProcessor2_0())
 
 
 def _step_kwargs(scheduler: Any, generators: list[torch.Generator]) -> dict[str, Any]:
@@ -195,10 +201,10 @@ class LumenGenerator:
         controlnet: a ``ControlNetModel``, or None for the base model alone (the "no condition" baseline).
         scheduler: ``ddim`` | ``dpm`` | ``euler`` | ``pndm``.
         device: torch device.
-        dtype: compute dtype of the fast path: ``auto`` (the weights' dtype if they are half precision;
+        dtype: compute dtype of the fast path: ``auto`` (the weights' dtype if they are half precision,
             else bf16 on CUDA, fp16 where bf16 is unsupported, fp32 on CPU), ``float32``, ``bfloat16``
-            or ``float16``. Below fp32 the models run under
-            ``torch.autocast``; latents, guidance and scheduler arithmetic stay fp32.
+            or ``float16``. Below fp32 the models run under ``torch.autocast`` (the weights are not
+            converted); latents, guidance and scheduler arithmetic stay fp32.
         fast: our denoising loop (default) or the stock diffusers pipeline.
         channels_last: convert the UNet, ControlNet and VAE weights to channels_last (None: on CUDA).
         compile: ``torch.compile`` the UNet and ControlNet (the first batch of each size compiles).
@@ -228,10 +234,7 @@ class LumenGenerator:
         self.base = base
         self.controlnet = controlnet
         self.scheduler_name = scheduler
-        weights = base.unet.dtype
-        self.dtype = (
-            weights if dtype == "auto" and weights != torch.float32 else compute_dtype(dtype, self.device)
-        )
+        self.dtype = compute_dtype(dtype, self.device, weights=base.unet.dtype)
         self.threads = threads
         self.resolution = base.unet.config.sample_size * base.vae_scale
         self.timings: dict[str, float] = {}
