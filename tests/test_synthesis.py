@@ -36,20 +36,8 @@ from pipeline.synthesis.metrics import (
     rms_distance,
     seg_alignment,
 )
+from tests.test_lumen import PRESET, RES  # the tiny seeded model sizes every test uses
 
-PRESET = {
-    "vae": {"block_out_channels": (8, 16), "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 4},
-    "unet": {
-        "block_out_channels": (8, 16),
-        "layers_per_block": 1,
-        "attention_head_dim": 2,
-        "norm_num_groups": 4,
-        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-    },
-    "text": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},
-}
-RES = 16
 TINY_PERCEPTION = {"encoder_depth": 3, "decoder_channels": [16, 8, 8], "batch_size": 4, "steps": 3}
 
 
