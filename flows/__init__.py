@@ -3,6 +3,7 @@
 ``from flows import call_flow; call_flow("run", "configs/demo.yaml")`` is what ``lumen run`` does.
 """
 
+from flows import _forksafe
 from flows.stages import (
     FLOWS,
     call_flow,
@@ -12,6 +13,8 @@ from flows.stages import (
     train_base_flow,
     train_lumen_flow,
 )
+
+_forksafe.install()
 
 __all__ = [
     "FLOWS",

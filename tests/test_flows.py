@@ -187,6 +187,23 @@ def test_dask_runner_gives_the_same_shards_as_the_thread_runner(template, tmp_pa
     assert manifests["dask"] == manifests["thread"]
 
 
+def test_dataloader_workers_exit_cleanly_after_a_flow_ran(harness) -> None:
+    """Forked DataLoader workers of a process that ran a flow must not inherit Prefect's exit hooks."""
+    import torch
+    from prefect import flow, get_run_logger
+
+    import flows  # noqa: F401  (installs the after-fork cleanup)
+
+    @flow
+    def chatty() -> int:
+        get_run_logger().info("starts Prefect's log and event services")
+        return 1
+
+    assert chatty() == 1
+    loader = torch.utils.data.DataLoader(list(range(8)), batch_size=2, num_workers=2)
+    assert torch.cat(list(loader)).tolist() == list(range(8))
+
+
 def test_serve_dry_run_builds_a_scheduled_deployment(template, capsys) -> None:
     from pipeline.cli import main
 
