@@ -114,9 +114,9 @@ def train_lumen_task(cfg: LumenConfig, run_dir: Path) -> str:
 @_task("generate-chunk")
 def generate_chunk_task(cfg: LumenConfig, run_dir: Path, index: int, keys: list[str]) -> Any:
     """Generate (or reuse) the variants of one chunk of source images."""
-    from pipeline.lumen.expand import generate_chunk
+    from pipeline.lumen.expand import expand_slots, generate_chunk
 
-    configure_threads(cfg, concurrent=1)  # generation is serialised per process (one pipeline)
+    configure_threads(cfg, concurrent=expand_slots(cfg))  # cores shared by the chunks generated at once
     with device_slot(cfg.runner):
         return generate_chunk(cfg, run_dir, index, keys)
 

@@ -204,6 +204,36 @@ def test_dataloader_workers_exit_cleanly_after_a_flow_ran(harness) -> None:
     assert torch.cat(list(loader)).tolist() == list(range(8))
 
 
+def test_two_generation_slots_make_the_same_chunks_as_one(template, tmp_path: Path) -> None:
+    """Chunks generated two at a time (each on its own model copies) equal the sequential ones."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import torch
+
+    from pipeline.lumen.expand import chunk_files, expand_context, generate_chunk, prepare_expand
+
+    cfg_path, tpl = template
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    images = {}
+    try:
+        for slots in (1, 2):
+            cfg = build_config(yaml.safe_load(cfg_path.read_text()), [f"runner.gpu_concurrency={slots}"])
+            run = _copy_run(tpl, tmp_path / f"slots{slots}")
+            chunks = prepare_expand(cfg, run, progress=False)
+            with ThreadPoolExecutor(slots) as pool:
+                futures = [pool.submit(generate_chunk, cfg, run, i, keys) for i, keys in enumerate(chunks)]
+                [f.result() for f in futures]
+            assert 1 <= expand_context(cfg, run)._built <= slots  # copies are built only when needed
+            images[slots] = [np.load(chunk_files(run, i)[0])["images"] for i in range(len(chunks))]
+    finally:
+        torch.set_num_threads(threads)
+    assert len(images[1]) == 3
+    for a, b in zip(images[1], images[2], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_serve_dry_run_builds_a_scheduled_deployment(template, capsys) -> None:
     from pipeline.cli import main
 

@@ -24,7 +24,8 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -147,13 +148,59 @@ class ExpandContext:
     run_dir: Path
     source: SampleSource
     size: tuple[int, int]
-    make_conditions: ConditionFn
-    generator: LumenGenerator
     models: dict[str, Any]
     layout_meta: dict[str, Any]
     stage_hash: str
     quality: Any = None  # a pipeline.synthesis.filter.QualityFilter when generate.quality_filter is on
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    slots: int = 1
+    build_worker: Callable[[], GenerationWorker] | None = None
+    _idle: list[GenerationWorker] = field(default_factory=list)
+    _built: int = 0
+    _cond: threading.Condition = field(default_factory=threading.Condition)
+
+    @contextmanager
+    def worker(self) -> Iterator[GenerationWorker]:
+        """Borrow a generation worker; up to ``slots`` exist, built on first need, then reused.
+
+        Each worker loads its own models: the layout extractor hooks its UNet and the fast generator
+        swaps a ControlNet submodule during a call, so two threads never share either.
+        """
+        with self._cond:
+            while not self._idle and self._built >= self.slots:
+                self._cond.wait()
+            got = self._idle.pop() if self._idle else None
+            if got is None:
+                self._built += 1
+        if got is None:
+            try:
+                if self.build_worker is None:
+                    raise RuntimeError("this ExpandContext cannot build generation workers")
+                got = self.build_worker()
+            except BaseException:
+                with self._cond:
+                    self._built -= 1
+                    self._cond.notify()
+                raise
+        try:
+            yield got
+        finally:
+            with self._cond:
+                self._idle.append(got)
+                self._cond.notify()
+
+
+@dataclass
+class GenerationWorker:
+    """A condition function and a generator over one private copy of the models."""
+
+    make_conditions: ConditionFn
+    generator: LumenGenerator
+
+
+def expand_slots(cfg: LumenConfig) -> int:
+    """Chunks one process generates at once: ``runner.gpu_concurrency`` under the thread runner (each
+    Dask worker process holds one device slot, so 1 there)."""
+    return cfg.runner.gpu_concurrency if cfg.runner.kind == "thread" else 1
 
 
 _CONTEXTS: dict[tuple[str, str], ExpandContext] = {}
@@ -191,6 +238,21 @@ def _build_context(cfg: LumenConfig, run_dir: Path, progress: bool) -> ExpandCon
         "base": {"id": base_id, "sha256": _weights_sha(base_folder(base_id, run_dir), "unet")},
         "controlnet": {"id": _controlnet_id(cn_folder, run_dir), "sha256": _weights_sha(cn_folder)},
     }
+    first = GenerationWorker(
+        make_conditions, LumenGenerator(base, controlnet, scheduler=cfg.generate.scheduler, device=device)
+    )
+
+    def build_worker() -> GenerationWorker:
+        # From the files, not a copy of the first worker's modules: a copy taken while that worker
+        # generates would catch its ControlNet with the condition stand-in in place.
+        own_base, _ = load_run_base(cfg, run_dir)
+        own_base.to(device)
+        own_cn, _ = _load_controlnet(cn_folder, device)
+        pca = shipped_pca if shipped_pca.is_file() else None
+        make, _ = condition_maker(cfg, own_base, base_id, source, run_dir, pca_path=pca)
+        gen = LumenGenerator(own_base, own_cn, scheduler=cfg.generate.scheduler, device=device)
+        return GenerationWorker(make, gen)
+
     quality = None
     if cfg.generate.quality_filter:
         from pipeline.synthesis.filter import QualityFilter
@@ -202,12 +264,14 @@ def _build_context(cfg: LumenConfig, run_dir: Path, progress: bool) -> ExpandCon
         run_dir=run_dir,
         source=source,
         size=generation_size(cfg, base),
-        make_conditions=make_conditions,
-        generator=LumenGenerator(base, controlnet, scheduler=cfg.generate.scheduler, device=device),
         models=models,
         layout_meta={"condition": card.get("condition"), **cond_meta},
         stage_hash=stage_hash(cfg),
         quality=quality,
+        slots=expand_slots(cfg),
+        build_worker=build_worker,
+        _idle=[first],
+        _built=1,
     )
 
 
@@ -276,9 +340,9 @@ def generate_chunk(cfg: LumenConfig, run_dir: Path, index: int, keys: Sequence[s
                           g.prompt_template, g.variation_prompts)  # fmt: skip
     images = np.zeros((0, *ctx.size, 3), np.uint8)
     if specs:
-        with ctx.lock:  # one generation at a time per process and model
-            conds = dict(zip((s.key for s in samples), ctx.make_conditions(samples), strict=True))
-            images = ctx.generator.generate(
+        with ctx.worker() as worker:  # up to expand_slots(cfg) chunks at once, each on its own models
+            conds = dict(zip((s.key for s in samples), worker.make_conditions(samples), strict=True))
+            images = worker.generator.generate(
                 np.stack([conds[sp.key] for sp in specs]).astype(np.float32), [sp.prompt for sp in specs],
                 [sp.seed for sp in specs], steps=g.steps, guidance_scale=g.guidance_scale, batch_size=g.batch_size,
             )  # fmt: skip
