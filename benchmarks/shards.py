@@ -68,13 +68,26 @@ def _timed(fn: Callable[[], Any], repeats: int) -> tuple[float, Any]:
     return statistics.median(times), result
 
 
+def _interleaved(fns: list[Callable[[], Any]], repeats: int) -> list[tuple[float, Any]]:
+    """Median wall time and last result of each function, called round-robin ``repeats`` times, so
+    load from other processes on a shared machine falls on every path alike."""
+    times: list[list[float]] = [[] for _ in fns]
+    results: list[Any] = [None] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            results[i] = fn()
+            times[i].append(time.perf_counter() - t0)
+    return [(statistics.median(t), r) for t, r in zip(times, results, strict=True)]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--num", type=int, default=1000)
     ap.add_argument("--size", type=int, default=128)
     ap.add_argument("--image-format", choices=["png", "jpg", "webp"], default="png")
     ap.add_argument("--max-samples", type=int, default=256)
-    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--encode-workers", type=int, default=2, help="threads of write_many")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/shards.json"))
     args = ap.parse_args()
@@ -150,11 +163,19 @@ def main() -> None:
             return out
 
         runs_threads, runs_encoded = iter(range(args.repeats)), iter(range(args.repeats))
-        t_write, lumen_dir = _timed(lumen_write, args.repeats)
-        t_write_threads, threads_dir = _timed(lumen_write_threads, args.repeats)
-        t_encode, encoded = _timed(encode_all, args.repeats)
-        t_write_encoded, encoded_dir = _timed(lumen_write_encoded, args.repeats)
-        t_raw_write, raw_dir = _timed(raw_write, args.repeats)
+        encoded = encode_all()  # the inputs of the two pre-encoded paths (untimed)
+        (
+            (t_write, lumen_dir),
+            (t_write_threads, threads_dir),
+            (t_encode, _),
+            (t_write_encoded, encoded_dir),
+            (
+                t_raw_write,
+                raw_dir,
+            ),
+        ) = _interleaved(
+            [lumen_write, lumen_write_threads, encode_all, lumen_write_encoded, raw_write], args.repeats
+        )
         shard_bytes = sum(p.stat().st_size for p in lumen_dir.glob("*.tar"))
         raw_bytes = sum(p.stat().st_size for p in raw_dir.glob("*.tar"))
         identical = all(
@@ -237,7 +258,7 @@ def main() -> None:
     }
     print(
         f"{args.num} toy scenes {args.size}x{args.size}, {args.image_format}, {shard_bytes / 1e6:.1f} MB of shards "
-        f"({shard_bytes / args.num / 1e3:.0f} kB/sample); median of {args.repeats}; {result['machine']}; "
+        f"({shard_bytes / args.num / 1e3:.0f} kB/sample); median of {args.repeats}, write paths interleaved; {result['machine']}; "
         f"load average {result['load_average_1m']:.1f}"
     )
     print("| operation | seconds | samples/s | MB/s |")
