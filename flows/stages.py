@@ -148,6 +148,7 @@ def _expand(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> dict[str,
         expand_context,
         finish_expand,
         prepare_expand,
+        quality_summary,
         shard_writers,
         write_chunk,
     )
@@ -198,6 +199,7 @@ def _expand(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> dict[str,
         "seconds": round(seconds, 1),
         "generation_images_per_s": round(written["synthetic"] / gen_seconds, 2) if gen_seconds else None,
         "shards": {"real": str(real_w.out_dir), "synthetic": str(syn_w.out_dir)},
+        "quality_filter": quality_summary(run_dir, len(chunks)),
     }
     md = (
         f"# Expand: {run_dir.name}\n\n"
@@ -208,6 +210,12 @@ def _expand(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> dict[str,
         f"- time: {seconds:.0f} s\n"
         f"- shards: `{real_w.out_dir}` and `{syn_w.out_dir}`\n"
     )
+    if (q := summary["quality_filter"]) is not None:
+        md += (
+            f"- quality filter ({cfg.generate.quality_mode} mode): {q['scored']} variants scored, "
+            f"{q['dropped']} dropped; mean agreement {q['mean_agreement']}, "
+            f"mean share of pixels set to ignore {q['mean_ignored_share']}\n"
+        )
     publish_summary(run_dir, "expand", md, summary)
     return summary
 

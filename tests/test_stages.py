@@ -119,7 +119,7 @@ def test_expand_writes_real_and_synthetic_shards_with_the_expected_keys(tmp_path
 
 @pytest.mark.parametrize("mode", ["image", "pixel"])
 def test_expand_quality_filter_drops_or_masks_and_records_scores(tmp_path: Path, mode: str) -> None:
-    from pipeline.lumen.expand import run_expand
+    from pipeline.lumen.expand import quality_summary, run_expand
     from pipeline.shards.reader import iter_samples
     from pipeline.shards.verify import verify_shard_set
 
@@ -143,8 +143,11 @@ def test_expand_quality_filter_drops_or_masks_and_records_scores(tmp_path: Path,
     assert (tmp_path / "quality_filter").is_dir()  # the real-trained segmenter, reused on rerun
     syn = verify_shard_set(tmp_path / "shards" / "synthetic")
     assert syn.ok, syn.problems
+    q = quality_summary(tmp_path, num_chunks=2)
+    assert q is not None and q["scored"] == 6
     if mode == "image":  # a 2-step segmenter never agrees perfectly: every variant is dropped
         assert summary.synthetic == 0 and summary.filtered == 6 and summary.real == 3
+        assert q["dropped"] == 6 and q["kept_share"] == 0
         return
     assert summary.synthetic == 6 and summary.filtered == 0
     manifest = json.loads((tmp_path / "shards" / "synthetic" / "manifest.json").read_text())
@@ -160,3 +163,6 @@ def test_expand_quality_filter_drops_or_masks_and_records_scores(tmp_path: Path,
     for key, share in masked.items():
         assert records[key]["quality"]["ignored_share"] == pytest.approx(share, abs=1e-6)
     assert max(masked.values()) > 0  # factor 1 x the class median: some pixels are above it
+    assert q["dropped"] == 0 and q["mean_ignored_share"] == pytest.approx(
+        np.mean(list(masked.values())), abs=1e-3
+    )

@@ -491,6 +491,33 @@ def run_expand(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Expand
     return summary
 
 
+def quality_summary(run_dir: Path, num_chunks: int) -> dict[str, Any] | None:
+    """What the quality filter did over all chunks (from their records, so resumed runs count every
+    chunk): scored, dropped, kept share, mean agreement / mIoU / ignored-pixel share; None if off."""
+    scored: list[dict[str, Any]] = []
+    for index in range(num_chunks):
+        _, meta = chunk_files(run_dir, index)
+        if meta.is_file():
+            scored += [v for v in json.loads(meta.read_text())["variants"] if "quality" in v]
+    if not scored:
+        return None
+
+    def mean(name: str) -> float | None:
+        values = [float(v["quality"][name]) for v in scored if v["quality"].get(name) is not None]
+        values = [x for x in values if np.isfinite(x)]
+        return round(float(np.mean(values)), 4) if values else None
+
+    dropped = sum(not v.get("keep", True) for v in scored)
+    return {
+        "scored": len(scored),
+        "dropped": dropped,
+        "kept_share": round(1 - dropped / len(scored), 4),
+        "mean_agreement": mean("agreement"),
+        "mean_miou": mean("miou"),
+        "mean_ignored_share": mean("ignored_share"),
+    }
+
+
 def finish_expand(run_dir: Path) -> None:
     """Delete the chunks' images once both shard sets are complete; their small JSON records stay, so a
     rerun knows every chunk is written without generating anything."""
