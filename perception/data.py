@@ -559,14 +559,24 @@ class PerceptionDataModule(pl.LightningDataModule):
             drop_last=True,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
+            generator=self._loader_generator(),
         )
 
     def val_dataloader(self) -> DataLoader[dict[str, Any]]:
         self.setup()
         dataset = _EvalDataset(self.val_samples, self.labels, self.ignore_index, self.pad_multiple)
         return DataLoader(
-            dataset, batch_size=self.val_batch_size, shuffle=False, num_workers=self.num_workers
+            dataset,
+            batch_size=self.val_batch_size,
+            shuffle=False,
+            num_workers=self.num_workers,
+            generator=self._loader_generator(),
         )
+
+    def _loader_generator(self) -> torch.Generator:
+        """A private generator for the loader's worker base seed: without one, every iterator draws it
+        from torch's process-wide generator, which runs trained on other threads share."""
+        return torch.Generator().manual_seed(self.seed)
 
 
 def pair_variants(

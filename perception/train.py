@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import threading
 import time
 import warnings
 from collections.abc import Sequence
@@ -29,6 +30,8 @@ from pipeline.data.sample import DatasetInfo
 from pipeline.io import atomic_write_bytes, atomic_write_json
 
 __all__ = ["TrainResult", "state_dict_sha256", "train", "trainer_device"]
+
+_SEED_LOCK = threading.Lock()
 
 logger = logging.getLogger(__name__)
 
@@ -144,22 +147,26 @@ def train(
     out = Path(out_dir) if out_dir is not None else None
     started = time.perf_counter()
 
-    # 2. Data and model, both from the seed.
-    pl.seed_everything(seed, workers=True, verbose=False)
-    data = PerceptionDataModule.from_config(
-        config,
-        real,
-        val,
-        synthetic,
-        tasks=task_list,
-        synthetic_ratio=synthetic_ratio,
-        low_label_fraction=low_label_fraction,
-        label_seed=seed if label_seed is None else label_seed,
-        seed=seed,
-        ignore_index=info.ignore_index if info is not None else None,
-    )
-    data.setup("fit")
-    model = PerceptionModule.from_config(config, task_list, num_classes=info.num_classes if info else None)
+    # 2. Data and model, both from the seed. The initial weights come from torch's process-wide
+    #    generator, so runs on concurrent threads (the flows' runner) seed and draw it one at a time.
+    with _SEED_LOCK:
+        pl.seed_everything(seed, workers=True, verbose=False)
+        data = PerceptionDataModule.from_config(
+            config,
+            real,
+            val,
+            synthetic,
+            tasks=task_list,
+            synthetic_ratio=synthetic_ratio,
+            low_label_fraction=low_label_fraction,
+            label_seed=seed if label_seed is None else label_seed,
+            seed=seed,
+            ignore_index=info.ignore_index if info is not None else None,
+        )
+        data.setup("fit")
+        model = PerceptionModule.from_config(
+            config, task_list, num_classes=info.num_classes if info else None
+        )
 
     # 3. Fit for exactly `steps` optimizer steps, then validate on the real validation data.
     accelerator, devices = trainer_device(device)

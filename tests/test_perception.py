@@ -534,3 +534,41 @@ def test_protocol_pairs_arms_over_seeds_and_settings(
     monkeypatch.setattr("perception.protocol.train", fail)
     again = run_protocol(real, val, variants_of(real, 2), config=config, info=info, out_dir=tmp_path)
     assert again["tasks"] == results["tasks"]
+
+
+def test_concurrent_runs_get_the_weights_of_their_own_seed(
+    toy: tuple[list[Sample], list[Sample], DatasetInfo], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two runs on threads (as the flows' runner trains them) equal the same runs done one by one.
+
+    Seeding is slowed down so that, without the lock, the second thread reseeds torch's process-wide
+    generator between the first thread's seeding and its weight initialisation.
+    """
+    import importlib
+    import threading
+    import time
+
+    train_module = importlib.import_module("perception.train")  # the package exports a function of that name
+
+    real, val, info = toy
+    sequential = [train("seg", real, val, config=TINY_CFG, info=info, seed=s).model_sha256 for s in (0, 1)]
+    seed_everything = train_module.pl.seed_everything
+
+    def slow_seed(*args: object, **kwargs: object) -> int:
+        out = seed_everything(*args, **kwargs)
+        time.sleep(0.3)
+        return out
+
+    monkeypatch.setattr(train_module.pl, "seed_everything", slow_seed)
+    got: dict[int, str] = {}
+
+    def run(seed: int) -> None:
+        got[seed] = train("seg", real, val, config=TINY_CFG, info=info, seed=seed).model_sha256
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in (0, 1)]
+    for t in threads:
+        t.start()
+        time.sleep(0.05)
+    for t in threads:
+        t.join()
+    assert [got[0], got[1]] == sequential
