@@ -110,6 +110,17 @@ def test_fast_path_without_controlnet_matches_stock_pipeline(models) -> None:
     assert np.abs(ours.astype(int) - stock.astype(int)).max() <= 2
 
 
+def test_base_model_alone_generates_non_square_sizes(models) -> None:
+    """Without a ControlNet, ``size`` sets (H, W) (CamVid's 64x96); both paths agree."""
+    base, _ = models
+    res = base.unet.config.sample_size * 2 ** (len(base.vae.config.block_out_channels) - 1)
+    size = (res, res * 3 // 2)
+    fast = LumenGenerator(base, None).generate(None, PROMPTS[:2], SEEDS[:2], steps=2, size=size)
+    stock = LumenGenerator(base, None, fast=False).generate(None, PROMPTS[:2], SEEDS[:2], steps=2, size=size)
+    assert fast.shape == (2, *size, 3)
+    assert np.abs(fast.astype(int) - stock.astype(int)).max() <= 2
+
+
 def test_batching_does_not_change_the_images(models, conds: np.ndarray) -> None:
     gen = LumenGenerator(*models)
     one = gen.generate(conds, PROMPTS, SEEDS, steps=3, batch_size=1)

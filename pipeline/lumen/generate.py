@@ -304,6 +304,7 @@ class LumenGenerator:
         guidance_scale: float = 3.0,
         batch_size: int = 16,
         conditioning_scale: float = 1.0,
+        size: tuple[int, int] | None = None,
     ) -> np.ndarray:
         """Generate ``len(prompts)`` images; returns (B, H, W, 3) uint8.
 
@@ -316,6 +317,8 @@ class LumenGenerator:
             batch_size: images per denoising batch (twice that many rows go through the models with
                 guidance).
             conditioning_scale: ControlNet residual scale.
+            size: (H, W) of the images without a ControlNet (default: the base model's resolution,
+                square); with one, the conditions' size.
         """
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -330,7 +333,9 @@ class LumenGenerator:
                 raise ValueError(f"conditions must be (B, C, H, W), got shape {tuple(cond_t.shape)}")
             h, w = int(cond_t.shape[-2]), int(cond_t.shape[-1])
         else:
-            h = w = self.resolution
+            h, w = size if size is not None else (self.resolution, self.resolution)
+        if size is not None and (h, w) != tuple(size):
+            raise ValueError(f"size {tuple(size)} differs from the conditions' size {(h, w)}")
         self.timings = {"text": 0.0, "denoise": 0.0, "decode": 0.0, "total": 0.0}
         out = []
         t0 = time.perf_counter()

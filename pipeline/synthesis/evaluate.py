@@ -318,7 +318,7 @@ def _generate(run: _Run, sources: Sequence[Sample], cfg: LumenConfig, settings: 
     return gen.generate(
         conds, [s.prompt for s in specs], [s.seed for s in specs], steps=settings.steps or g.steps,
         guidance_scale=g.guidance_scale if settings.guidance is None else settings.guidance,
-        batch_size=settings.batch_size,
+        batch_size=settings.batch_size, size=sources[0].image.shape[:2],
     )  # fmt: skip
 
 
