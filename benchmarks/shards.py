@@ -100,40 +100,31 @@ def main() -> None:
         # 1. Writes: ours, encoding alone, and raw tarfile with the same bytes.
         runs = iter(range(args.repeats))
 
-        def lumen_write() -> Path:
-            out = work / f"lumen-{next(runs)}"
-            with ShardSetWriter(
+        def new_writer(out: Path) -> ShardSetWriter:
+            return ShardSetWriter(
                 out,
                 max_samples=args.max_samples,
                 image_format=args.image_format,
                 dataset_card=card,
                 config_hash="bench",
-            ) as writer:
+            )
+
+        def lumen_write() -> Path:
+            out = work / f"lumen-{next(runs)}"
+            with new_writer(out) as writer:
                 for s in samples:
                     writer.write(s, _provenance(s))
             return out
 
         def lumen_write_threads() -> Path:
             out = work / f"lumen-threads-{next(runs_threads)}"
-            with ShardSetWriter(
-                out,
-                max_samples=args.max_samples,
-                image_format=args.image_format,
-                dataset_card=card,
-                config_hash="bench",
-            ) as writer:
+            with new_writer(out) as writer:
                 writer.write_many(((s, _provenance(s)) for s in samples), workers=args.encode_workers)
             return out
 
         def lumen_write_encoded() -> Path:
             out = work / f"lumen-encoded-{next(runs_encoded)}"
-            with ShardSetWriter(
-                out,
-                max_samples=args.max_samples,
-                image_format=args.image_format,
-                dataset_card=card,
-                config_hash="bench",
-            ) as writer:
+            with new_writer(out) as writer:
                 for s, fields in zip(samples, encoded, strict=True):
                     writer.write_encoded(s.key, fields)
             return out

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -493,29 +494,25 @@ def run_expand(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Expand
 
 def quality_summary(run_dir: Path, num_chunks: int) -> dict[str, Any] | None:
     """What the quality filter did over all chunks (from their records, so resumed runs count every
-    chunk): scored, dropped, kept share, mean agreement / mIoU / ignored-pixel share; None if off."""
-    scored: list[dict[str, Any]] = []
+    chunk): :func:`pipeline.synthesis.filter.summarize` of the recorded verdicts; None if it was off."""
+    from pipeline.synthesis.filter import QualityResult, summarize
+
+    results = []
     for index in range(num_chunks):
         _, meta = chunk_files(run_dir, index)
         if meta.is_file():
-            scored += [v for v in json.loads(meta.read_text())["variants"] if "quality" in v]
-    if not scored:
+            for v in json.loads(meta.read_text())["variants"]:
+                if "quality" in v:
+                    q = v["quality"]  # NaN values were left out of the provenance
+                    results.append(QualityResult(q.get("agreement", math.nan), q.get("miou", math.nan),
+                                                 bool(v.get("keep", True)), ignored_share=q.get("ignored_share", 0.0)))  # fmt: skip
+    if not results:
         return None
-
-    def mean(name: str) -> float | None:
-        values = [float(v["quality"][name]) for v in scored if v["quality"].get(name) is not None]
-        values = [x for x in values if np.isfinite(x)]
-        return round(float(np.mean(values)), 4) if values else None
-
-    dropped = sum(not v.get("keep", True) for v in scored)
-    return {
-        "scored": len(scored),
-        "dropped": dropped,
-        "kept_share": round(1 - dropped / len(scored), 4),
-        "mean_agreement": mean("agreement"),
-        "mean_miou": mean("miou"),
-        "mean_ignored_share": mean("ignored_share"),
+    out: dict[str, Any] = {
+        k: round(v, 4) if math.isfinite(v) else None for k, v in summarize(results).items()
     }
+    out["scored"], out["kept"], out["dropped"] = int(out["scored"]), int(out["kept"]), int(out["dropped"])
+    return out
 
 
 def finish_expand(run_dir: Path) -> None:

@@ -291,13 +291,8 @@ class ShardSetWriter:
         written in input order, so the shards are byte-identical to a loop of :meth:`write`.
         Returns the number of samples written.
         """
-        if workers <= 1:
-            n = 0
-            for sample, provenance in items:
-                self.write(sample, provenance)
-                n += 1
-            return n
         n, pending = 0, deque[tuple[str, Future[dict[str, bytes]]]]()
+        workers = max(1, workers)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="shard-encode") as pool:
             for sample, provenance in items:
                 self._check_open(sample.key)
