@@ -32,6 +32,7 @@ __all__ = [
     "call_flow",
     "evaluate_flow",
     "expand_flow",
+    "gains_flow",
     "run_flow",
     "train_base_flow",
     "train_lumen_flow",
@@ -122,17 +123,15 @@ def generate_chunk_task(cfg: LumenConfig, run_dir: Path, index: int, keys: list[
 
 
 @_task("perception-run")
-def perception_run_task(cfg: LumenConfig, run_dir: Path, spec: Any, val: list[Any]) -> dict[str, Any]:
-    """Train and validate one perception model of the protocol (or reuse its finished run.json)."""
-    from perception.data import ShardSamples, dataset_info_from_shards
+def perception_run_task(cfg: LumenConfig, run_dir: Path, spec: Any, inputs: Any) -> dict[str, Any]:
+    """Train and evaluate one perception model of the protocol (or reuse its finished run.json)."""
     from perception.protocol import run_one
     from pipeline.device import resolve_device
 
-    real_dir, syn_dir = run_dir / "shards" / "real", run_dir / "shards" / "synthetic"
     configure_threads(cfg)
     with device_slot(cfg.runner):
-        return run_one(spec, ShardSamples(real_dir), val, ShardSamples(syn_dir), config=cfg.perception,
-                       info=dataset_info_from_shards(real_dir), out_dir=run_dir / "perception",
+        return run_one(spec, inputs.real, inputs.val, inputs.synthetic, config=cfg.perception, info=inputs.info,
+                       oracle=inputs.oracle, test=inputs.test, out_dir=run_dir / "perception",
                        device=str(resolve_device(cfg.device)))  # fmt: skip
 
 
@@ -220,64 +219,129 @@ def _expand(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> dict[str,
     return summary
 
 
-def _evaluate(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> dict[str, Any]:
+def _perception_runs(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> tuple[Any, dict[str, Any]]:
+    """Every perception run of a run folder's protocol (one task each): the inputs and the results."""
     from perception.protocol import default_settings, plan_runs, protocol_summary
-    from perception.stages import evaluation_inputs, write_report
+    from perception.stages import _models, evaluation_inputs, setting_facts
     from pipeline.report.gains import aggregate
 
-    t0 = time.time()
-    real, val, synthetic, info = evaluation_inputs(cfg, run_dir, progress=progress)
+    inputs = evaluation_inputs(cfg, run_dir, progress=progress)
     settings = default_settings(cfg.perception)
     specs = plan_runs(cfg.perception, settings)
     with device_resources(cfg.runner):
-        futures = [perception_run_task.submit(cfg, run_dir, spec, val) for spec in specs]
+        futures = [perception_run_task.submit(cfg, run_dir, spec, inputs) for spec in specs]
     bar = Progress(len(specs), "evaluate", unit="run", enabled=progress)
     runs = []
     for fut in futures:
         runs.append(fut.result())
         bar.update()
     bar.close()
-    results: dict[str, Any] = {
-        "protocol": protocol_summary(cfg.perception, settings),
-        "tasks": aggregate(runs, alpha=cfg.perception.alpha),
-        "runs": runs,
-    }
-    report_dir = write_report(cfg, run_dir, results, real, synthetic, info)
+    protocol = protocol_summary(cfg.perception, settings)
+    protocol["settings"] = setting_facts(cfg, inputs, _models(cfg, run_dir), settings)
+    results = {"protocol": protocol, "tasks": aggregate(runs, alpha=cfg.perception.alpha), "runs": runs}
+    return inputs, results
+
+
+def _evaluate(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> dict[str, Any]:
+    from perception.stages import write_report
+
+    t0 = time.time()
+    inputs, results = _perception_runs(cfg, run_dir, progress)
+    report_dir = write_report(cfg, run_dir, results, inputs.real, inputs.synthetic, inputs.info)
+    return _publish_gains(run_dir, "evaluate", results, report_dir, time.time() - t0)
+
+
+def _publish_gains(
+    run_dir: Path, stage: str, results: dict[str, Any], report_dir: Path, seconds: float
+) -> dict[str, Any]:
     rows = gains_rows(dict(results["tasks"]))
-    publish_table(run_dir, "gains", rows, "perception metrics: real vs real+synthetic, mean ± std over seeds")
+    publish_table(
+        run_dir, "gains", rows, "perception metrics: gain of each arm over real, mean ± std over seeds"
+    )
+    runs = results["runs"]
     summary = {
-        "stage": "evaluate",
+        "stage": stage,
         "runs": len(runs),
-        "seconds": round(time.time() - t0, 1),
+        "seconds": round(seconds, 1),
         "report": str(report_dir / "report.md"),
         "gains": rows,
     }
-    md = f"# Evaluate: {run_dir.name}\n\n{len(runs)} training runs, {summary['seconds']:.0f} s. Report: `{report_dir / 'report.md'}`\n\n"
-    publish_summary(run_dir, "evaluate", md + markdown_table(rows), summary)
+    md = f"# {stage.capitalize()}: {run_dir.name}\n\n{len(runs)} training runs, {seconds:.0f} s. Report: `{report_dir / 'report.md'}`\n\n"
+    publish_summary(run_dir, stage, md + markdown_table(rows), summary)
     return summary
 
 
 def gains_rows(tasks: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (task, setting, metric): both arms as mean ± std, the gain and the verdict."""
+    """One row per (task, setting, arm, metric): real and the arm as mean ± std, the gain, its CI, p,
+    the verdict and the share of the oracle gain."""
     rows = []
     for task_name, t in tasks.items():
         for setting, e in t["settings"].items():
-            for metric, gain in e["gain"].items():
-                sig = e.get("significance", {}).get(metric, {})
-                real, syn = e["real"][metric], e["real+synthetic"][metric]
-                rows.append(
-                    {
-                        "task": task_name,
-                        "setting": setting,
-                        "metric": metric,
-                        "real": f"{real['mean']:.4f} ± {real['std']:.4f}",
-                        "real+synthetic": f"{syn['mean']:.4f} ± {syn['std']:.4f}",
-                        "gain": round(float(gain), 4),
-                        "p": None if sig.get("p_value") is None else round(float(sig["p_value"]), 3),
-                        "verdict": sig.get("verdict", ""),
-                    }
-                )
+            for arm, gains in (e.get("gain") or {}).items():
+                for metric, gain in gains.items():
+                    sig = e.get("significance", {}).get(arm, {}).get(metric, {})
+                    real, other = e["real"][metric], e[arm][metric]
+                    share = (e.get("oracle_share") or {}).get(arm, {}).get(metric)
+                    ci = sig.get("ci")
+                    rows.append(
+                        {
+                            "task": task_name,
+                            "setting": setting,
+                            "metric": metric,
+                            "arm": arm,
+                            "real": f"{real['mean']:.4f} ± {real['std']:.4f}",
+                            "arm_value": f"{other['mean']:.4f} ± {other['std']:.4f}",
+                            "gain": None if gain is None else round(float(gain), 4),
+                            "ci95": None if not ci else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]",
+                            "p": None if sig.get("p_value") is None else round(float(sig["p_value"]), 3),
+                            "verdict": sig.get("verdict", ""),
+                            "oracle_share": None if share is None else round(float(share), 2),
+                        }
+                    )
     return rows
+
+
+def _study_settings(cfg: LumenConfig) -> dict[str, list[str]]:
+    """``gains.settings``, or this config as the one setting (named by its data and label settings)."""
+    return dict(cfg.gains.settings) or {"main": []}
+
+
+def _gains(
+    config: str, overrides: Sequence[str], cfg: LumenConfig, run_dir: Path, progress: bool
+) -> dict[str, Any]:
+    """The study: per setting, expand (when real+synthetic is an arm) and the perception runs in
+    ``run_dir/<setting>``; then one report over every setting in ``run_dir/report``."""
+    from perception.stages import write_report
+    from pipeline.report.gains import aggregate
+    from pipeline.runs import prepare_run_dir
+
+    t0 = time.time()
+    runs: list[dict[str, Any]] = []
+    protocol: dict[str, Any] = {}
+    last: tuple[LumenConfig, Path, Any] | None = None
+    for name, extra in _study_settings(cfg).items():
+        scfg = load_config(config, [*overrides, *extra, "gains.settings={}"])
+        sdir = prepare_run_dir(scfg, run_dir / name)
+        stage_logger(__name__).info("gains setting %s: %s", name, sdir)
+        if "real+synthetic" in scfg.perception.arms:
+            _expand(scfg, sdir, progress)
+        inputs, results = _perception_runs(scfg, sdir, progress)
+        write_report(scfg, sdir, results, inputs.real, inputs.synthetic, inputs.info)
+        single = len(results["protocol"]["settings"]) == 1
+        for run in results["runs"]:
+            runs.append({**run, "setting": name if single else f"{name}/{run['setting']}"})
+        protocol = protocol or dict(results["protocol"], settings={})
+        for sub, facts in results["protocol"]["settings"].items():
+            protocol["settings"][name if single else f"{name}/{sub}"] = facts
+        last = (scfg, sdir, inputs)
+    if last is None:
+        raise ValueError("gains.settings is empty")
+    results = {"protocol": protocol, "tasks": aggregate(runs, alpha=cfg.perception.alpha), "runs": runs}
+    scfg, sdir, inputs = last
+    report_dir = write_report(
+        cfg, sdir, results, inputs.real, inputs.synthetic, inputs.info, run_dir / "report"
+    )
+    return _publish_gains(run_dir, "gains", results, report_dir, time.time() - t0)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -306,6 +370,16 @@ def expand_flow(
     """Layouts -> K variants per image (chunked tasks) -> optional quality filter -> real + synthetic shards."""
     cfg, run_dir = open_run(config, overrides, out)
     return _expand(cfg, run_dir, progress)
+
+
+@flow(name="lumen-gains")
+def gains_flow(
+    config: str, overrides: Sequence[str] = (), out: str | None = None, progress: bool = True
+) -> dict[str, Any]:
+    """The gains study: every setting of ``gains.settings`` (expand + every perception arm, resumable)
+    and one report over all of them (report.md, report.json, figures) in ``<out>/report``."""
+    cfg, run_dir = open_run(config, overrides, out)
+    return _gains(config, overrides, cfg, run_dir, progress)
 
 
 @flow(name="lumen-evaluate")
@@ -406,6 +480,7 @@ FLOWS: dict[str, Any] = {
     "train-lumen": train_lumen_flow,
     "expand": expand_flow,
     "evaluate": evaluate_flow,
+    "gains": gains_flow,
     "run": run_flow,
 }
 

@@ -1,4 +1,4 @@
-"""The perception DataModule: real or real+synthetic training data at a fixed mixing ratio, real validation.
+"""The perception DataModule: real training data, optionally with extra (synthetic) samples, and real validation.
 
 Data comes either from shard sets (folders written by :class:`pipeline.shards.ShardSetWriter`) or from
 in-memory lists of :class:`~pipeline.data.Sample`. Shard sets are read with random access: the tar
@@ -12,9 +12,14 @@ Training batches (see docs/perception.md):
 2. Synthetic samples are kept when they have the labels and, in the low-label setting, when their
    source image is one of the kept real ones (a variant reuses its source's labels, so other variants
    would leak labels the setting does not have).
-3. :class:`MixedSampler` draws ``round(L * synthetic_ratio)`` synthetic and the rest real samples per
-   epoch of ``L`` draws, spread evenly over the epoch so that every batch holds the ratio too.
-4. Each draw carries its own augmentation seed, so batches do not depend on the number of workers.
+3. **Additive** mixing (the default, :class:`AdditiveSampler`): every batch holds ``batch_size`` real
+   samples, drawn exactly as in the real-only arm (same order, same augmentation seeds), plus
+   ``round(batch_size * extra_ratio)`` extra samples on top. Extra data adds and never displaces.
+   **Replace** mixing (:class:`MixedSampler`): ``round(L * synthetic_ratio)`` of an epoch's ``L`` draws
+   are synthetic and the rest real, spread evenly, so the mixed arm sees fewer real samples per step.
+4. Each draw carries its own augmentation seed, so batches do not depend on the number of workers. The
+   extra samples can get a stronger, photometric augmentation on top (the ``real+augment`` arm, whose
+   extra samples are the kept real samples themselves).
 
 Validation always uses the real validation data, without augmentation.
 """
@@ -47,6 +52,8 @@ from pipeline.shards.writer import MANIFEST_NAME
 
 __all__ = [
     "LABELS",
+    "MIXING",
+    "AdditiveSampler",
     "MixedSampler",
     "PerceptionDataModule",
     "SampleData",
@@ -66,6 +73,9 @@ LABELS: dict[str, str] = {"seg": "seg", "depth": "depth", "normal": "normal"}
 
 SampleData: TypeAlias = "Sequence[Sample] | str | os.PathLike[str] | Sequence[str | os.PathLike[str]]"
 """A list of samples (or :class:`ShardSamples`), or one or more shard-set folders / ``.tar`` files."""
+
+MIXING = ("additive", "replace")
+"""How extra samples join the real ones: on top of a full real batch, or replacing part of it."""
 
 _FIELD_LABEL = {"seg.png": "seg", "depth.npy": "depth", "normal.npy": "normal"}
 _VARIANT_SUFFIX = re.compile(r"^(.+)-v\d+$")
@@ -314,6 +324,66 @@ class MixedSampler(Sampler[tuple[int, int, int]]):
         yield from zip(source.tolist(), index.tolist(), seeds.tolist(), strict=True)
 
 
+def _stream(rng: np.random.Generator, count: int, need: int) -> np.ndarray:
+    """``need`` indices into ``count`` items: concatenated fresh permutations (without replacement)."""
+    reps = math.ceil(need / count) if need else 0
+    if not reps:
+        return np.empty(0, dtype=np.int64)
+    return np.concatenate([rng.permutation(count) for _ in range(reps)])[:need]
+
+
+class AdditiveSampler(Sampler[tuple[int, int, int]]):
+    """Draws ``(source, index, augmentation seed)`` batch by batch: ``batch_size`` real draws, then
+    ``extra_per_batch`` extra (source 1) draws on top. Use it with a DataLoader batch size of
+    ``batch_size + extra_per_batch``.
+
+    The real draws come from their own random stream, seeded by ``(seed, epoch)`` only: every real
+    sample once per epoch (whole batches, a fresh permutation when it runs out), with the same
+    augmentation seeds, whatever the extra data. So an arm with extra data sees exactly the real
+    samples of the real-only arm (``extra_per_batch = 0``), in the same order, with the same
+    augmentation. The extra draws come from a second stream (without replacement, reshuffled when
+    exhausted).
+    """
+
+    def __init__(
+        self, num_real: int, num_extra: int, batch_size: int, extra_per_batch: int = 0, seed: int = 0
+    ) -> None:
+        if num_real == 0:
+            raise ValueError("no labelled real training samples: check the tasks' labels and the data")
+        if extra_per_batch < 0:
+            raise ValueError(f"extra_per_batch must be >= 0, got {extra_per_batch}")
+        if extra_per_batch > 0 and num_extra == 0:
+            raise ValueError(
+                "extra samples were asked for but there are none (with their labels, and of the "
+                "selected real images): add synthetic data or train the real arm"
+            )
+        self.num_real, self.num_extra = num_real, num_extra
+        self.batch_size, self.extra_per_batch, self.seed = batch_size, extra_per_batch, seed
+        self.epoch = 0
+        self.batches = math.ceil(num_real / batch_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Use the draws of ``epoch``."""
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return self.batches * (self.batch_size + self.extra_per_batch)
+
+    def __iter__(self) -> Iterator[tuple[int, int, int]]:
+        b, e = self.batch_size, self.extra_per_batch
+        real_rng = np.random.default_rng([self.seed, self.epoch, 0])
+        real = _stream(real_rng, self.num_real, self.batches * b)
+        real_seeds = real_rng.integers(0, 2**31 - 1, size=len(real))
+        extra_rng = np.random.default_rng([self.seed, self.epoch, 1])
+        extra = _stream(extra_rng, self.num_extra, self.batches * e)
+        extra_seeds = extra_rng.integers(0, 2**31 - 1, size=len(extra))
+        for k in range(self.batches):
+            for i in range(k * b, (k + 1) * b):
+                yield 0, int(real[i]), int(real_seeds[i])
+            for i in range(k * e, (k + 1) * e):
+                yield 1, int(extra[i]), int(extra_seeds[i])
+
+
 # --------------------------------------------------------------------------------------------------
 # Datasets and the DataModule
 # --------------------------------------------------------------------------------------------------
@@ -333,25 +403,26 @@ class _Subset(Sequence[Sample]):
 
 
 class _TrainDataset(Dataset[dict[str, Any]]):
-    """Indexed by :class:`MixedSampler` draws; augments with the draw's seed."""
+    """Indexed by sampler draws; augments with the draw's seed (each source with its own transform)."""
 
     def __init__(
         self,
         sources: tuple[Sequence[Sample], Sequence[Sample]],
-        transform: JointTransform | None,
+        transforms: tuple[JointTransform | None, JointTransform | None],
         labels: Sequence[str],
         ignore_index: int | None,
         pad_multiple: int,
     ) -> None:
-        self.sources, self.transform, self.labels = sources, transform, list(labels)
+        self.sources, self.transforms, self.labels = sources, transforms, list(labels)
         self.ignore_index, self.pad_multiple = ignore_index, pad_multiple
 
     def __getitem__(self, draw: tuple[int, int, int]) -> dict[str, Any]:
         src, index, aug_seed = draw
         sample = self.sources[src][index]
-        if self.transform is not None:
-            self.transform.set_seed(aug_seed)
-            sample = self.transform(sample)
+        transform = self.transforms[src]
+        if transform is not None:
+            transform.set_seed(aug_seed)
+            sample = transform(sample)
         out: dict[str, Any] = to_tensors(
             sample, self.labels, ignore_index=self.ignore_index, pad_multiple=self.pad_multiple
         )
@@ -393,19 +464,27 @@ def _labelled(samples: Sequence[Sample], labels: Sequence[str], what: str) -> tu
 
 
 class PerceptionDataModule(pl.LightningDataModule):
-    """Training data (real, optionally mixed with synthetic) and real validation data for perception.
+    """Training data (real, optionally with extra samples) and real validation data for perception.
 
     Args:
         real: labelled real training data: a list of samples, or shard-set folder(s) (:data:`SampleData`).
         val: real validation data (never synthetic, never augmented).
-        synthetic: synthetic training data, or None for the real-only arm.
+        synthetic: extra training data (synthetic variants, oracle re-renders, or the real data itself
+            for the augment arm), or None for the real-only arm. Only samples made from a kept real
+            image (by :func:`source_key`) are used.
         tasks: ``seg``, ``depth`` and/or ``normal``; samples lacking one of their labels are not used.
-        synthetic_ratio: share of synthetic samples in every batch, in [0, 1].
+        mixing: ``additive`` (``batch_size`` real + ``round(batch_size * extra_ratio)`` extra samples
+            per batch, :class:`AdditiveSampler`) or ``replace`` (``synthetic_ratio`` of every batch of
+            ``batch_size`` is extra data, :class:`MixedSampler`).
+        extra_ratio: additive mode: extra samples per real sample in each batch.
+        synthetic_ratio: replace mode: share of extra samples in every batch, in [0, 1].
+        extra_photometric: strength of the strong photometric augmentation applied to the extra samples
+            on top of the usual one (:func:`perception.transforms.photometric_transforms`); 0 = none.
         low_label_fraction: keep this fraction of the labelled real samples (by key, see
-            :func:`select_labelled`) and only the synthetic variants of those; None keeps all.
+            :func:`select_labelled`); None keeps all.
         label_seed: seed of the low-label choice.
         seed: seed of the draws and of the augmentation.
-        batch_size: training batch size (every batch is full).
+        batch_size: real samples per training batch (additive) or the whole batch (replace).
         val_batch_size: validation batch size (None = ``batch_size``).
         num_workers: DataLoader workers.
         ignore_index: the dataset's seg ignore index (mapped to -1 in the tensors), or None.
@@ -425,7 +504,10 @@ class PerceptionDataModule(pl.LightningDataModule):
         synthetic: SampleData | None = None,
         *,
         tasks: Sequence[str] = ("seg",),
+        mixing: str = "additive",
+        extra_ratio: float = 1.0,
         synthetic_ratio: float = 0.0,
+        extra_photometric: float = 0.0,
         low_label_fraction: float | None = None,
         label_seed: int = 0,
         seed: int = 0,
@@ -440,11 +522,15 @@ class PerceptionDataModule(pl.LightningDataModule):
         unknown = [t for t in tasks if t not in LABELS]
         if unknown or not tasks:
             raise KeyError(f"unknown perception task(s) {unknown or list(tasks)}; valid: {', '.join(LABELS)}")
-        if synthetic is None and synthetic_ratio > 0:
+        if mixing not in MIXING:
+            raise ValueError(f"unknown mixing {mixing!r}; valid: {', '.join(MIXING)}")
+        if synthetic is None and mixing == "replace" and synthetic_ratio > 0:
             raise ValueError(f"synthetic_ratio is {synthetic_ratio} but no synthetic data was given")
         self.labels = [LABELS[t] for t in tasks]
         self._real, self._val, self._synthetic = real, val, synthetic
+        self.mixing, self.extra_ratio = mixing, float(extra_ratio)
         self.synthetic_ratio, self.low_label_fraction = float(synthetic_ratio), low_label_fraction
+        self.extra_photometric = float(extra_photometric)
         self.label_seed, self.seed = label_seed, seed
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers, self.ignore_index, self.pad_multiple = num_workers, ignore_index, pad_multiple
@@ -454,6 +540,7 @@ class PerceptionDataModule(pl.LightningDataModule):
         self.val_samples: Sequence[Sample] = []
         self.train_real_keys: list[str] = []
         self.transform: JointTransform | None = None
+        self.extra_transform: JointTransform | None = None
         self._ready = False
 
     @classmethod
@@ -466,20 +553,25 @@ class PerceptionDataModule(pl.LightningDataModule):
         *,
         tasks: Sequence[str] | None = None,
         synthetic_ratio: float | None = None,
+        extra_photometric: float = 0.0,
         low_label_fraction: float | None = None,
         label_seed: int = 0,
         seed: int = 0,
         ignore_index: int | None = None,
     ) -> PerceptionDataModule:
-        """Build from a :class:`PerceptionConfig` (``synthetic_ratio`` defaults to the config's when
-        synthetic data is given, else 0; ``low_label_fraction`` None = the full setting)."""
+        """Build from a :class:`PerceptionConfig` (mixing, ``extra_ratio`` and, in replace mode,
+        ``synthetic_ratio`` from the config unless given; no extra data = the real-only arm;
+        ``low_label_fraction`` None = the full setting)."""
         ratio = synthetic_ratio if synthetic_ratio is not None else config.synthetic_ratio
         return cls(
             real,
             val,
             synthetic,
             tasks=list(tasks or config.tasks),
+            mixing=config.mixing,
+            extra_ratio=config.extra_ratio,
             synthetic_ratio=ratio if synthetic is not None else 0.0,
+            extra_photometric=extra_photometric,
             low_label_fraction=low_label_fraction,
             label_seed=label_seed,
             seed=seed,
@@ -492,7 +584,7 @@ class PerceptionDataModule(pl.LightningDataModule):
         )
 
     def setup(self, stage: str | None = None) -> None:
-        """Resolve the data, select the labelled real subset and its synthetic variants (once)."""
+        """Resolve the data, select the labelled real subset and the extra samples of it (once)."""
         if self._ready:
             return
         # 1. Real: labelled samples, then the low-label subset by key.
@@ -505,13 +597,13 @@ class PerceptionDataModule(pl.LightningDataModule):
         ]
         self.real_train = _Subset(real, chosen)
         self.train_real_keys = [keys[i] for i in chosen]
-        # 2. Synthetic: labelled, and (low-label) made from a kept real image.
+        # 2. Extra: labelled, and made from a kept real image (a variant reuses its source's labels, so
+        #    variants of other images would leak labels the setting does not have).
         if self._synthetic is not None:
             synthetic = as_samples(self._synthetic)
             skeep, sources = _labelled(synthetic, self.labels, "synthetic training data")
-            if self.low_label_fraction is not None and self.low_label_fraction < 1:
-                allowed = set(self.train_real_keys)
-                skeep = [i for i, src in zip(skeep, sources, strict=True) if src in allowed]
+            allowed = set(self.train_real_keys)
+            skeep = [i for i, src in zip(skeep, sources, strict=True) if src in allowed]
             self.synthetic_train = _Subset(synthetic, skeep)
         # 3. Validation: real, labelled.
         val = as_samples(self._val)
@@ -521,24 +613,44 @@ class PerceptionDataModule(pl.LightningDataModule):
         self.val_samples = _Subset(val, vkeep)
         # 4. Augmentation.
         self.transform = self._build_transform()
+        self.extra_transform = self._build_transform(self.extra_photometric)
         self._ready = True
         logger.info(
-            "perception data: %d real + %d synthetic training samples (ratio %.2f), %d validation",
+            "perception data: %d real + %d extra training samples (%s), %d validation",
             len(self.real_train),
             len(self.synthetic_train),
-            self.synthetic_ratio,
+            f"additive, {self.extra_per_batch} per batch"
+            if self.mixing == "additive"
+            else f"replace, ratio {self.synthetic_ratio:.2f}",
             len(self.val_samples),
         )
 
-    def _build_transform(self) -> JointTransform | None:
+    @property
+    def extra_per_batch(self) -> int:
+        """Additive mode: extra samples on top of each batch's ``batch_size`` real ones."""
+        if self.mixing != "additive" or self._synthetic is None:
+            return 0
+        return round(self.batch_size * self.extra_ratio)
+
+    @property
+    def train_batch_size(self) -> int:
+        """Samples per training batch: real plus extra in additive mode, else ``batch_size``."""
+        return self.batch_size + self.extra_per_batch
+
+    def _build_transform(self, photometric: float = 0.0) -> JointTransform | None:
         if self.augment is None or isinstance(self.augment, JointTransform):
             return self.augment
         first = self.real_train[0] if len(self.real_train) else self.synthetic_train[0]
-        return self.augment.build(first.size, seed=self.seed)
+        return self.augment.build(first.size, seed=self.seed, photometric=photometric)
 
-    def train_sampler(self) -> MixedSampler:
+    def train_sampler(self) -> AdditiveSampler | MixedSampler:
         """The sampler of :meth:`train_dataloader` (a fresh one)."""
         self.setup()
+        if self.mixing == "additive":
+            return AdditiveSampler(
+                len(self.real_train), len(self.synthetic_train), self.batch_size, self.extra_per_batch,
+                self.seed,
+            )  # fmt: skip
         return MixedSampler(
             len(self.real_train), len(self.synthetic_train), self.synthetic_ratio, self.batch_size, self.seed
         )
@@ -547,14 +659,14 @@ class PerceptionDataModule(pl.LightningDataModule):
         self.setup()
         dataset = _TrainDataset(
             (self.real_train, self.synthetic_train),
-            self.transform,
+            (self.transform, self.extra_transform),
             self.labels,
             self.ignore_index,
             self.pad_multiple,
         )
         return DataLoader(
             dataset,
-            batch_size=self.batch_size,
+            batch_size=self.train_batch_size,
             sampler=self.train_sampler(),
             drop_last=True,
             num_workers=self.num_workers,
@@ -564,7 +676,15 @@ class PerceptionDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader[dict[str, Any]]:
         self.setup()
-        dataset = _EvalDataset(self.val_samples, self.labels, self.ignore_index, self.pad_multiple)
+        return self.eval_dataloader(self.val_samples)
+
+    def eval_dataloader(self, samples: SampleData) -> DataLoader[dict[str, Any]]:
+        """A loader over other evaluation data (e.g. the test split), like :meth:`val_dataloader`."""
+        data = as_samples(samples)
+        keep, _ = _labelled(data, self.labels, "evaluation data")
+        if not keep:
+            raise ValueError(f"no evaluation sample has the labels {self.labels}")
+        dataset = _EvalDataset(_Subset(data, keep), self.labels, self.ignore_index, self.pad_multiple)
         return DataLoader(
             dataset,
             batch_size=self.val_batch_size,

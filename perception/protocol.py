@@ -1,15 +1,22 @@
-"""The real-only vs real+synthetic protocol: matched runs over seeds and label settings, then the gains.
+"""The gains protocol: matched runs of every arm over seeds and label settings, then the gains.
 
 For every setting (``low-label``: a fraction of the labelled real images; ``full``: all of them), every
-seed and every task (or all tasks together with ``multitask``), two models are trained:
+seed and every task (or all tasks together with ``multitask``), one model per arm
+(``config.arms``) is trained:
 
 - ``real``: the setting's labelled real images only;
-- ``real+synthetic``: the same real images mixed with the synthetic variants of those images, at
-  ``synthetic_ratio`` of every batch.
+- ``real+augment``: the same, plus strongly photometrically augmented copies of them (colour, blur,
+  noise, contrast): the classical baseline synthetic data has to beat;
+- ``real+oracle`` (toy scenes): plus the same scenes re-rendered with new appearance and exact labels,
+  what a perfect generator would give (the ceiling);
+- ``real+synthetic``: plus the generator's variants of those images.
 
-Both arms of a pair use the same seed (hence the same initial weights), the same batch size and the
-same number of optimizer steps, and are validated on the same real validation images. In the low-label setting the labelled subset is chosen by key with the
-run's seed, so each seed pair has its own subset, shared by its two arms. The per-run records are
+With ``mixing: additive`` (the default) every arm sees exactly the real samples of the ``real`` arm,
+batch by batch, and the extra samples come on top (``extra_ratio`` per real one); ``replace`` gives
+``synthetic_ratio`` of each batch to them instead. All arms of a seed use the same seed (hence the
+same initial weights), the same number of optimizer steps and the same labelled subset (chosen by key
+with the seed), and are evaluated on the same real images: the test split when given (reported), and
+the validation split (for choosing schedules, never reported as the result). The per-run records are
 aggregated by :func:`pipeline.report.gains.aggregate` into the ``report.json`` shape.
 
 With ``out_dir``, every run writes ``<out_dir>/<run name>/run.json``; a rerun with the same config and
@@ -29,14 +36,36 @@ from typing import Any
 
 from perception.data import SampleData, as_samples, catalog, dataset_info_from_shards
 from perception.train import train
-from pipeline.config import PerceptionConfig, config_hash
+from pipeline.config import PerceptionConfig
 from pipeline.data.sample import DatasetInfo, Sample
 from pipeline.io import atomic_write_json
 from pipeline.report.gains import ARMS, aggregate
 
-__all__ = ["ARMS", "RunSpec", "default_settings", "plan_runs", "protocol_summary", "run_one", "run_protocol"]
+__all__ = [
+    "ARMS",
+    "ARM_DESCRIPTIONS",
+    "RunSpec",
+    "default_settings",
+    "plan_runs",
+    "protocol_summary",
+    "run_identity",
+    "run_one",
+    "run_protocol",
+]
 
 logger = logging.getLogger(__name__)
+
+ARM_DESCRIPTIONS: dict[str, str] = {
+    "real": "the setting's labelled real images only",
+    "real+augment": "the same real images, plus copies of them under strong photometric augmentation "
+    "(colour, gamma, grey, blur, noise)",
+    "real+oracle": "the same real images, plus their scenes re-rendered with new appearance "
+    "(palette, textures, lighting, domain) and identical geometry, hence exact labels: the ceiling",
+    "real+synthetic": "the same real images, plus the generator's variants of those images",
+}
+
+_RUN_INDEPENDENT = ("arms", "seeds", "alpha", "full_setting", "low_label_fraction")
+"""PerceptionConfig keys that choose which runs exist, not what a run does (left out of its identity)."""
 
 
 @dataclass(frozen=True)
@@ -47,8 +76,8 @@ class RunSpec:
         tasks: the tasks of the model (one, or all of them with ``multitask``).
         setting: ``low-label``, ``full`` or a custom name.
         label_fraction: share of the labelled real images used (None = all).
-        arm: ``real`` or ``real+synthetic``.
-        seed: the run's seed, shared by the two arms of a pair.
+        arm: one of :data:`ARMS`.
+        seed: the run's seed, shared by the arms of a seed.
     """
 
     tasks: tuple[str, ...]
@@ -65,25 +94,35 @@ class RunSpec:
 
 
 def default_settings(config: PerceptionConfig) -> dict[str, float | None]:
-    """``{"low-label": config.low_label_fraction, "full": None}`` (no low-label setting when it is None or 1)."""
+    """``{"low-label": config.low_label_fraction, "full": None}``: no low-label setting when the fraction
+    is None or 1, no full setting when ``config.full_setting`` is false."""
     settings: dict[str, float | None] = {}
     if config.low_label_fraction is not None and config.low_label_fraction < 1:
         settings["low-label"] = config.low_label_fraction
-    settings["full"] = None
+    if config.full_setting or not settings:
+        settings["full"] = None
     return settings
 
 
 def plan_runs(config: PerceptionConfig, settings: Mapping[str, float | None] | None = None) -> list[RunSpec]:
-    """Every run of the protocol, pairs adjacent: settings x seeds x task groups x arms."""
+    """Every run of the protocol, the arms of a seed adjacent: settings x seeds x task groups x arms
+    (``real`` first)."""
     settings = default_settings(config) if settings is None else settings
     groups = [tuple(config.tasks)] if config.multitask else [(t,) for t in config.tasks]
+    arms = ["real", *[a for a in ARMS if a != "real" and a in config.arms]]
     return [
         RunSpec(group, setting, fraction, arm, seed)
         for setting, fraction in settings.items()
         for seed in config.seeds
         for group in groups
-        for arm in ARMS
+        for arm in arms
     ]
+
+
+def run_identity(config: PerceptionConfig) -> str:
+    """A hash of the settings that change what one run does (not which runs exist: arms, seeds, ...)."""
+    data = {k: v for k, v in config.model_dump(mode="json").items() if k not in _RUN_INDEPENDENT}
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _data_id(*datasets: Sequence[Sample] | None) -> str:
@@ -95,6 +134,27 @@ def _data_id(*datasets: Sequence[Sample] | None) -> str:
     return h.hexdigest()[:16]
 
 
+def _extra_data(
+    spec: RunSpec,
+    real: Sequence[Sample],
+    synthetic: Sequence[Sample] | None,
+    oracle: Sequence[Sample] | None,
+    config: PerceptionConfig,
+) -> tuple[Sequence[Sample] | None, float]:
+    """The extra training samples of the run's arm, and the photometric strength applied to them."""
+    if spec.arm not in ARMS:
+        raise ValueError(f"unknown arm {spec.arm!r}; valid: {', '.join(ARMS)}")
+    if spec.arm == "real":
+        return None, 0.0
+    if spec.arm == "real+augment":
+        return real, config.augment_strength
+    data = synthetic if spec.arm == "real+synthetic" else oracle
+    if data is None:
+        what = "synthetic data" if spec.arm == "real+synthetic" else "oracle re-renders (toy scenes only)"
+        raise ValueError(f"the {spec.arm} arm needs {what}")
+    return data, 0.0
+
+
 def run_one(
     spec: RunSpec,
     real: SampleData,
@@ -103,48 +163,67 @@ def run_one(
     *,
     config: PerceptionConfig,
     info: DatasetInfo | None = None,
+    oracle: SampleData | None = None,
+    test: SampleData | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     device: str = "cpu",
 ) -> dict[str, Any]:
     """Train the run ``spec`` (or reuse its finished ``run.json`` under ``out_dir``) and return its record.
 
+    Args:
+        spec: the run.
+        real, val: labelled real training data and real validation data.
+        synthetic: the generator's variants (the ``real+synthetic`` arm), or None.
+        config: the perception settings.
+        info: the dataset (classes, ignore index).
+        oracle: toy scenes re-rendered with new appearance (the ``real+oracle`` arm), or None.
+        test: test data; when given, ``metrics`` are test metrics (and ``val_metrics`` validation ones).
+        out_dir: where ``<spec.name>/run.json`` and the logs go; None writes nothing.
+        device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``.
+
     Returns:
-        ``{"tasks", "setting", "label_fraction", "arm", "seed", "synthetic_ratio", "steps", "metrics":
-        {task: {metric: value}}, "model_sha256", "num_real", "num_synthetic", "num_val", "seconds",
+        ``{"tasks", "setting", "label_fraction", "arm", "seed", "mixing", "extra_ratio",
+        "synthetic_ratio", "eval_split", "steps", "metrics": {task: {metric: value}}, "val_metrics",
+        "curve", "model_sha256", "num_real", "num_synthetic", "num_val", "num_test", "seconds",
         "config_hash", "data_id"}``.
     """
     real_s, val_s = as_samples(real), as_samples(val)
-    syn_s = as_samples(synthetic) if synthetic is not None and spec.arm != "real" else None
-    if spec.arm not in ARMS:
-        raise ValueError(f"unknown arm {spec.arm!r}; valid: {', '.join(ARMS)}")
-    if spec.arm == "real+synthetic" and syn_s is None:
-        raise ValueError("the real+synthetic arm needs synthetic data")
-    ident = {"config_hash": config_hash(config), "data_id": _data_id(real_s, val_s, syn_s)}
+    test_s = as_samples(test) if test is not None else None
+    syn_s = as_samples(synthetic) if synthetic is not None else None
+    oracle_s = as_samples(oracle) if oracle is not None else None
+    extra, photometric = _extra_data(spec, real_s, syn_s, oracle_s, config)
+    ident = {"config_hash": run_identity(config), "data_id": _data_id(real_s, val_s, extra, test_s)}
     run_dir = Path(out_dir) / spec.name if out_dir is not None else None
     if run_dir is not None and (run_dir / "run.json").is_file():
         record = json.loads((run_dir / "run.json").read_text())
         if all(record.get(k) == v for k, v in ident.items()):
             logger.info("reusing finished run %s", spec.name)
             return dict(record)
-    ratio = config.synthetic_ratio if spec.arm == "real+synthetic" else 0.0
+    ratio = config.synthetic_ratio if extra is not None and config.mixing == "replace" else 0.0
     result = train(
         list(spec.tasks),
         real_s,
         val_s,
-        synthetic=syn_s,
+        synthetic=extra,
         config=config,
         info=info,
         seed=spec.seed,
         synthetic_ratio=ratio,
+        extra_photometric=photometric,
         low_label_fraction=spec.label_fraction,
         label_seed=spec.seed,
+        test=test_s,
+        val_every=config.val_every,
         out_dir=run_dir,
         device=device,
     )
     record = {
         **asdict(spec),
         "tasks": list(spec.tasks),
+        "mixing": config.mixing,
+        "extra_ratio": config.extra_ratio if extra is not None and config.mixing == "additive" else 0.0,
         "synthetic_ratio": ratio,
+        "eval_split": "test" if test_s is not None else "val",
         **result.to_dict(),
         **ident,
     }
@@ -153,19 +232,23 @@ def run_one(
     return record
 
 
-def protocol_summary(config: PerceptionConfig, settings: Mapping[str, float | None]) -> dict[str, Any]:
-    """The protocol's description for the report."""
+def protocol_summary(
+    config: PerceptionConfig, settings: Mapping[str, float | None], **extra: Any
+) -> dict[str, Any]:
+    """The protocol's description for the report (``extra`` items are added as they are)."""
+    arms = [spec_arm for spec_arm in ARMS if spec_arm == "real" or spec_arm in config.arms]
     return {
-        "arms": {
-            "real": "the setting's labelled real images only",
-            "real+synthetic": "the same real images plus the synthetic variants of those images",
-        },
+        "arms": {arm: ARM_DESCRIPTIONS[arm] for arm in arms},
         "settings": {name: {"label_fraction": fraction} for name, fraction in settings.items()},
         "seeds": list(config.seeds),
         "steps": config.steps,
         "batch_size": config.batch_size,
+        "mixing": config.mixing,
+        "extra_ratio": config.extra_ratio,
         "synthetic_ratio": config.synthetic_ratio,
+        "augment_strength": config.augment_strength,
         "multitask": config.multitask,
+        "report_split": config.report_split,
         "model": {
             "arch": config.arch,
             "encoder": config.encoder,
@@ -173,51 +256,60 @@ def protocol_summary(config: PerceptionConfig, settings: Mapping[str, float | No
             "encoder_depth": config.encoder_depth,
             "decoder_channels": config.decoder_channels,
         },
-        "pairing": "the two arms of a seed share initial weights, steps, batch size and labelled subset",
+        "pairing": "the arms of a seed share initial weights, steps, labelled subset and real batches "
+        "(additive mixing: the extra samples come on top of the same real samples)",
         "alpha": config.alpha,
+        **extra,
     }
 
 
 def run_protocol(
     real: SampleData,
     val: SampleData,
-    synthetic: SampleData,
+    synthetic: SampleData | None = None,
     *,
     config: PerceptionConfig | None = None,
     info: DatasetInfo | None = None,
+    oracle: SampleData | None = None,
+    test: SampleData | None = None,
     settings: Mapping[str, float | None] | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     device: str = "cpu",
 ) -> dict[str, Any]:
-    """Run every pair of the protocol and aggregate the gains.
+    """Run every arm of every seed and setting, and aggregate the gains over the ``real`` arm.
 
     Args:
         real: labelled real training data (samples or shard-set folders).
         val: real validation data.
-        synthetic: synthetic training data (variants of ``real``).
-        config: the perception settings (tasks, seeds, steps, ratio, model, ...).
+        synthetic: synthetic training data (variants of ``real``; the ``real+synthetic`` arm).
+        config: the perception settings (tasks, arms, seeds, steps, mixing, model, ...).
         info: the dataset (classes, ignore index); from the real shard set's manifest if None.
+        oracle: toy-scene re-renders of ``real`` (the ``real+oracle`` arm).
+        test: test data, on which the metrics are reported (None: the validation data).
         settings: ``{name: label fraction or None}``; default :func:`default_settings`.
         out_dir: per-run logs and ``run.json`` (resumable); None writes nothing.
         device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``.
 
     Returns:
-        ``{"protocol": ..., "tasks": {task: {"settings": {setting: {"real": {metric: {"mean", "std",
-        "n", "values"}}, "real+synthetic": {...}, "gain": {metric: x}, "significance": {...}}}}},
-        "runs": [record, ...]}`` (see docs/perception.md).
+        ``{"protocol": ..., "tasks": {task: {"settings": {setting: {arm: {metric: {"mean", "std",
+        "n", "values"}}, "gain": {arm: {metric: x}}, "significance": {arm: {metric: {...}}},
+        "oracle_share": {metric: x}}}}}, "runs": [record, ...]}`` (see docs/perception.md).
     """
     config = config or PerceptionConfig()
     settings = default_settings(config) if settings is None else dict(settings)
     if info is None and isinstance(real, (str, os.PathLike)):
         info = dataset_info_from_shards(real)
-    real_s, val_s, syn_s = as_samples(real), as_samples(val), as_samples(synthetic)
+    real, val = as_samples(real), as_samples(val)
+    synthetic = as_samples(synthetic) if synthetic is not None else None
+    oracle = as_samples(oracle) if oracle is not None else None
+    test = as_samples(test) if test is not None else None
     specs = plan_runs(config, settings)
     runs = []
     for i, spec in enumerate(specs):
         logger.info("protocol run %d/%d: %s", i + 1, len(specs), spec.name)
-        runs.append(
-            run_one(spec, real_s, val_s, syn_s, config=config, info=info, out_dir=out_dir, device=device)
-        )
+        record = run_one(spec, real, val, synthetic, config=config, info=info, oracle=oracle, test=test,
+                         out_dir=out_dir, device=device)  # fmt: skip
+        runs.append(record)
     return {
         "protocol": protocol_summary(config, settings),
         "tasks": aggregate(runs, alpha=config.alpha),

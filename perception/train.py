@@ -23,7 +23,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
 
-from perception.data import PerceptionDataModule, SampleData, dataset_info_from_shards
+from perception.data import PerceptionDataModule, SampleData, as_samples, dataset_info_from_shards
 from perception.models import PerceptionModule
 from pipeline.config import PerceptionConfig
 from pipeline.data.sample import DatasetInfo
@@ -44,10 +44,15 @@ class TrainResult:
         tasks: the tasks the model was trained on.
         seed: the run's seed (weights init, draws, augmentation).
         steps: optimizer steps taken.
-        metrics: ``{task: {metric: value}}`` on the real validation data.
+        metrics: ``{task: {metric: value}}`` on the reported split: the test data when given, else
+            the real validation data.
         model_sha256: sha256 of the trained weights (:func:`state_dict_sha256`).
         num_real, num_synthetic, num_val: samples used (after the low-label selection).
         seconds: wall time of training and validation.
+        val_metrics: the validation metrics when ``metrics`` are test metrics, else None.
+        num_test: test samples (None without test data).
+        curve: with ``val_every``, the validation metrics every that many steps:
+            ``[{"step", task: {metric: value}}, ...]``.
     """
 
     tasks: list[str]
@@ -59,10 +64,25 @@ class TrainResult:
     num_synthetic: int
     num_val: int
     seconds: float
+    val_metrics: dict[str, dict[str, float]] | None = None
+    num_test: int | None = None
+    curve: list[dict[str, Any]] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-compatible dict."""
         return asdict(self)
+
+
+class _Curve(pl.Callback):
+    """Collects the validation metrics of every validation run during ``fit`` (the learning curve)."""
+
+    def __init__(self) -> None:
+        self.points: list[dict[str, Any]] = []
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            results = getattr(pl_module, "val_results", {})
+            self.points.append({"step": int(trainer.global_step), **results})
 
 
 def state_dict_sha256(module: torch.nn.Module) -> str:
@@ -109,27 +129,34 @@ def train(
     seed: int = 0,
     steps: int | None = None,
     synthetic_ratio: float | None = None,
+    extra_photometric: float = 0.0,
     low_label_fraction: float | None = None,
     label_seed: int | None = None,
+    test: SampleData | None = None,
+    val_every: int | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     save_model: bool = False,
     device: str = "cpu",
 ) -> TrainResult:
-    """Train a model on real (or real+synthetic) data for ``steps`` optimizer steps; validate on real.
+    """Train a model on real (or real + extra) data for ``steps`` optimizer steps; evaluate on real data.
 
     Args:
         tasks: ``seg``, ``depth``, ``normal`` or several of them (one shared model).
         real: labelled real training data (samples or shard-set folders, see :data:`SampleData`).
         val: real validation data.
-        synthetic: synthetic training data; None trains on real data only.
+        synthetic: extra training data (synthetic variants, oracle re-renders, or the real data again
+            for the augment arm), mixed as ``config.mixing`` says; None trains on real data only.
         config: network, optimisation and augmentation settings (default :class:`PerceptionConfig`).
         info: the dataset (classes, ignore index); read from the real shard set's manifest if None.
         seed: seeds the initial weights, the draws and the augmentation.
         steps: optimizer steps (default ``config.steps``).
-        synthetic_ratio: share of synthetic samples per batch (default ``config.synthetic_ratio`` when
-            ``synthetic`` is given, else 0).
+        synthetic_ratio: replace mixing: share of synthetic samples per batch (default
+            ``config.synthetic_ratio`` when ``synthetic`` is given, else 0).
+        extra_photometric: strength of the strong photometric augmentation of the extra samples.
         low_label_fraction: keep this share of the labelled real samples; None = all.
         label_seed: seed of the low-label choice (default ``seed``).
+        test: test data: ``metrics`` are then measured on it, and ``val_metrics`` on ``val``.
+        val_every: also validate every this many steps (``curve``); the training is the same.
         out_dir: where logs and ``result.json`` go; None writes nothing.
         save_model: also write ``model.safetensors`` to ``out_dir``.
         device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``.
@@ -158,6 +185,7 @@ def train(
             synthetic,
             tasks=task_list,
             synthetic_ratio=synthetic_ratio,
+            extra_photometric=extra_photometric,
             low_label_fraction=low_label_fraction,
             label_seed=seed if label_seed is None else label_seed,
             seed=seed,
@@ -181,12 +209,16 @@ def train(
         "default_root_dir": str(out) if out is not None else None,
     }
     loader = data.train_dataloader()
+    curve = _Curve()
     trainer = pl.Trainer(
         max_steps=steps,
         max_epochs=-1,
-        limit_val_batches=0,
+        limit_val_batches=1.0 if val_every else 0,
+        val_check_interval=val_every,
+        check_val_every_n_epoch=None if val_every else 1,
         num_sanity_val_steps=0,
         log_every_n_steps=max(1, min(50, len(loader))),
+        callbacks=[curve],
         **common,
     )
     with warnings.catch_warnings():
@@ -198,8 +230,14 @@ def train(
         warnings.filterwarnings(
             "ignore", message=".*isinstance\\(treespec, LeafSpec\\).*"
         )  # Lightning internal
-        trainer.fit(model, train_dataloaders=loader)
-        pl.Trainer(**common).validate(model, dataloaders=data.val_dataloader(), verbose=False)
+        trainer.fit(
+            model, train_dataloaders=loader, val_dataloaders=data.val_dataloader() if val_every else None
+        )
+        evaluator = pl.Trainer(**common)
+        evaluator.validate(model, dataloaders=data.val_dataloader(), verbose=False)
+        val_metrics = model.val_results
+        if test is not None:
+            evaluator.validate(model, dataloaders=data.eval_dataloader(test), verbose=False)
 
     # 4. Result (and files, when asked).
     result = TrainResult(
@@ -212,6 +250,9 @@ def train(
         num_synthetic=len(data.synthetic_train),
         num_val=len(data.val_samples),
         seconds=time.perf_counter() - started,
+        val_metrics=val_metrics if test is not None else None,
+        num_test=len(as_samples(test)) if test is not None else None,
+        curve=curve.points if val_every else None,
     )
     if out is not None:
         atomic_write_json(out / "result.json", result.to_dict())

@@ -39,6 +39,7 @@ __all__ = [
     "JointTransform",
     "build_train_transform",
     "pad_to_multiple",
+    "photometric_transforms",
     "to_tensors",
 ]
 
@@ -119,12 +120,39 @@ class JointTransform:
         )
 
 
+def photometric_transforms(strength: float = 1.0) -> list[A.BasicTransform]:
+    """Strong classical photometric augmentation, image only (the ``real+augment`` reference arm).
+
+    Colour (brightness, contrast, saturation, hue, gamma, occasional grey), blur and noise, each with
+    its own probability; ``strength`` scales the ranges (1.0: brightness and contrast in [0.4, 1.6],
+    saturation in [0.3, 1.7], hue ±0.15, gamma 0.5-1.8, Gaussian blur up to sigma 1.2, pixel noise up
+    to 10% std). Labels are never touched.
+    """
+    if strength <= 0:
+        return []
+    s = float(strength)
+    return [
+        A.ColorJitter(
+            brightness=(max(0.05, 1 - 0.6 * s), 1 + 0.6 * s),
+            contrast=(max(0.05, 1 - 0.6 * s), 1 + 0.6 * s),
+            saturation=(max(0.0, 1 - 0.7 * s), 1 + 0.7 * s),
+            hue=(-min(0.5, 0.15 * s), min(0.5, 0.15 * s)),
+            p=1.0,
+        ),
+        A.RandomGamma(gamma_limit=(max(10, round(100 - 50 * s)), round(100 + 80 * s)), p=0.5),
+        A.ToGray(p=min(1.0, 0.1 * s)),
+        A.GaussianBlur(blur_limit=(3, 5), sigma_limit=(0.3, 0.3 + 0.9 * s), p=min(1.0, 0.4 * s)),
+        A.GaussNoise(std_range=(0.01, min(0.5, 0.1 * s)), p=min(1.0, 0.5 * s)),
+    ]
+
+
 def build_train_transform(
     size: tuple[int, int],
     *,
     scale: tuple[float, float] = (0.5, 1.0),
     hflip: bool = True,
     color_jitter: float = 0.2,
+    photometric: float = 0.0,
     seed: int | None = None,
 ) -> JointTransform:
     """The default training augmentation: random resized crop, horizontal flip, colour jitter.
@@ -136,6 +164,7 @@ def build_train_transform(
         hflip: flip horizontally with probability 0.5 (normals' x is negated).
         color_jitter: brightness, contrast and saturation factors in ``[1 - j, 1 + j]``, hue shift up to
             ``j / 4``, applied to the image only with probability 0.8; 0 disables it.
+        photometric: strength of :func:`photometric_transforms` appended after the rest; 0 = none.
         seed: seed of the random parameters.
     """
     aspect = size[1] / size[0]
@@ -155,6 +184,7 @@ def build_train_transform(
                 p=0.8,
             )
         )
+    transforms += photometric_transforms(photometric)
     return JointTransform(transforms, seed=seed)
 
 
@@ -179,13 +209,17 @@ class Augment:
         """The augmentation settings of a :class:`PerceptionConfig`."""
         return cls(config.crop_size, config.crop_scale, config.hflip, config.color_jitter)
 
-    def build(self, image_size: tuple[int, int], seed: int | None = None) -> JointTransform:
-        """The transform for training images of ``image_size`` (height, width)."""
+    def build(
+        self, image_size: tuple[int, int], seed: int | None = None, photometric: float = 0.0
+    ) -> JointTransform:
+        """The transform for training images of ``image_size`` (height, width); ``photometric`` > 0
+        appends the strong photometric augmentation of that strength (:func:`photometric_transforms`)."""
         return build_train_transform(
             self.crop_size or image_size,
             scale=self.scale,
             hflip=self.hflip,
             color_jitter=self.color_jitter,
+            photometric=photometric,
             seed=seed,
         )
 

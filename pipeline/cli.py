@@ -130,6 +130,13 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_gains(args: argparse.Namespace) -> int:
+    s = _flow("gains", args)
+    assert isinstance(s, dict)
+    print(f"report: {s['report']} (and report.json, figures/); {s['runs']} runs in {s['seconds']:.0f} s")
+    return 0
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from flows.serve import build_deployment, serve
 
@@ -167,7 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
             "train the LUMEN ControlNet on images + neural layouts (or lumen.condition)",
         ),
         ("expand", _cmd_expand, "generate synthetic variants and shard real + synthetic samples"),
-        ("evaluate", _cmd_evaluate, "train perception models on real vs real+synthetic and report the gains"),
+        ("evaluate", _cmd_evaluate, "train perception models of every arm and report the gains"),
+        (
+            "gains",
+            _cmd_gains,
+            "the gains study: every setting of gains.settings (expand + every arm), one report",
+        ),
     )
     for name, func, text in stages:
         p = sub.add_parser(name, help=text)

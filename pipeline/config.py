@@ -25,6 +25,7 @@ __all__ = [
     "BaseModelConfig",
     "ConfigError",
     "DataConfig",
+    "GainsConfig",
     "GenerateConfig",
     "LayoutConfig",
     "LumenConfig",
@@ -250,6 +251,8 @@ class ShardConfig(_Section):
 
 Task = Literal["seg", "depth", "normal"]
 _ALL_TASKS: tuple[Task, ...] = ("seg", "depth", "normal")
+Arm = Literal["real", "real+augment", "real+oracle", "real+synthetic"]
+_DEFAULT_ARMS: tuple[Arm, ...] = ("real", "real+augment", "real+synthetic")
 
 
 class PerceptionConfig(_Section):
@@ -283,7 +286,42 @@ class PerceptionConfig(_Section):
     depth_loss: Literal["silog", "l1"] = "silog"
     silog_lambda: float = Field(0.85, ge=0, le=1, description="scale-invariance weight of the silog loss")
     seeds: list[int] = Field(default_factory=lambda: [0, 1, 2], min_length=1)
-    synthetic_ratio: float = Field(0.5, ge=0, le=1, description="share of synthetic samples in each batch")
+    arms: list[Arm] = Field(
+        default_factory=lambda: list(_DEFAULT_ARMS),
+        description="arms trained per seed: real; real+augment (strong photometric augmentation of the real "
+        "images as the extra samples); real+oracle (toy scenes: the same scenes re-rendered with new "
+        "appearance, exact labels, the ceiling); real+synthetic (the generator's variants)",
+    )
+    mixing: Literal["additive", "replace"] = Field(
+        "additive",
+        description="additive: every batch = batch_size real samples (exactly those of the real arm) + "
+        "round(batch_size * extra_ratio) extra ones on top; replace: synthetic_ratio of each batch is extra",
+    )
+    extra_ratio: float = Field(1.0, gt=0, le=8, description="additive mixing: extra samples per real one")
+    synthetic_ratio: float = Field(
+        0.5, ge=0, le=1, description="replace mixing: share of synthetic samples in each batch"
+    )
+    augment_strength: float = Field(
+        1.0, gt=0, le=3, description="real+augment: strength of the photometric augmentation (colour, blur, noise)"
+    )
+    oracle_variants: int = Field(2, ge=1, description="real+oracle: re-renders per labelled toy scene")
+    oracle_domains: list[str] | None = Field(
+        None, description="real+oracle: appearance domains of the re-renders; null = data.domains"
+    )
+    full_setting: bool = Field(True, description="also run the full-label setting beside low-label")
+    report_split: Literal["test", "val"] = Field(
+        "test",
+        description="split the metrics are reported on: test (toy scenes: a third, disjoint stream) or val "
+        "(datasets without a test split, e.g. CamVid); schedules are chosen on val only",
+    )
+    num_test_images: int = Field(256, ge=1, description="toy scenes: test scenes")
+    test_domains: list[str] | None = Field(
+        None, description="toy scenes: domains of the val and test scenes; null = data.domains (cross-domain: "
+        "train on data.domains, test on these)",
+    )
+    val_every: int | None = Field(
+        None, ge=1, description="log the validation metrics every N steps (the learning curve); null = at the end"
+    )
     low_label_fraction: float | None = Field(
         0.1, gt=0, le=1, description="labelled real share of the low-label setting; null = full setting only"
     )
@@ -326,6 +364,17 @@ class RunnerConfig(_Section):
     gpu_concurrency: int = Field(1, ge=1)
 
 
+class GainsConfig(_Section):
+    """The gains study of ``lumen gains``: named settings, each this config plus overrides, run in
+    ``<out>/<setting>`` (expand, then the perception arms) and reported together (docs/perception.md)."""
+
+    settings: dict[str, list[str]] = Field(
+        default_factory=dict,
+        description="setting name -> key=value overrides of this config, e.g. cross-domain: "
+        "[data.domains=[day, studio], perception.test_domains=[night]]; empty = this config as one setting",
+    )
+
+
 class LumenConfig(_Section):
     """One run of the pipeline, every stage included."""
 
@@ -340,6 +389,7 @@ class LumenConfig(_Section):
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     shards: ShardConfig = Field(default_factory=ShardConfig)
     perception: PerceptionConfig = Field(default_factory=PerceptionConfig)
+    gains: GainsConfig = Field(default_factory=GainsConfig)
     runner: RunnerConfig = Field(default_factory=RunnerConfig)
 
     @field_validator("name")

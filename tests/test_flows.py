@@ -37,6 +37,7 @@ RAW = {
         "seeds": [0, 1],
         "batch_size": 2,
         "low_label_fraction": None,
+        "num_test_images": 3,
         "encoder_depth": 3,
         "decoder_channels": [16, 8, 8],
     },

@@ -39,11 +39,11 @@ from perception.metrics import (
 from perception.models import PerceptionModule, build_head
 from perception.protocol import plan_runs, run_protocol
 from perception.train import train
-from perception.transforms import IGNORE, JointTransform, build_train_transform, to_tensors
+from perception.transforms import IGNORE, Augment, JointTransform, build_train_transform, to_tensors
 from pipeline.config import PerceptionConfig, ShardConfig
 from pipeline.data.sample import DatasetInfo, Sample
 from pipeline.data.toyscenes import ToyScenes
-from pipeline.report.gains import ARMS, METRICS
+from pipeline.report.gains import ARMS, METRICS, make_report
 from pipeline.shards import ShardSetWriter
 
 TINY = {"encoder": "tu-resnet10t", "encoder_depth": 3, "decoder_channels": (32, 16, 8)}
@@ -231,8 +231,9 @@ def test_mixing_ratio_holds_over_an_epoch(ratio: float) -> None:
     real = [fake(f"r{i}", size=8) for i in range(50)]
     synthetic = variants_of(real, 3)
     dm = PerceptionDataModule(
-        real, real[:2], synthetic, tasks=["seg"], synthetic_ratio=ratio, batch_size=10, pad_multiple=8
-    )
+        real, real[:2], synthetic, tasks=["seg"], mixing="replace", synthetic_ratio=ratio, batch_size=10,
+        pad_multiple=8,
+    )  # fmt: skip
     flags = [batch["synthetic"] for batch in dm.train_dataloader()]
     share = torch.cat(flags).float().mean().item()
     assert abs(share - ratio) < 0.01
@@ -262,6 +263,7 @@ def test_batches_do_not_depend_on_the_number_of_workers() -> None:
             real,
             real[:1],
             variants_of(real, 1),
+            mixing="replace",
             synthetic_ratio=0.5,
             batch_size=4,
             num_workers=workers,
@@ -353,6 +355,7 @@ def test_shard_sets_are_read_with_random_access(tmp_path: Path) -> None:
         [tmp_path / "real"],
         tmp_path / "synthetic",
         tasks=["seg", "normal"],
+        mixing="replace",
         synthetic_ratio=0.5,
         low_label_fraction=0.4,
         batch_size=2,
@@ -507,10 +510,16 @@ def test_train_is_deterministic_and_writes_only_to_out_dir(
 def test_protocol_pairs_arms_over_seeds_and_settings(
     toy: tuple[list[Sample], list[Sample], DatasetInfo], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Every (setting, seed) has both arms; the result has the report.json shape; reruns resume."""
+    """Every (setting, seed) has every arm; the result has the report.json shape; reruns resume."""
     real, val, info = toy
     config = TINY_CFG.model_copy(
-        update={"tasks": ["depth"], "seeds": [0, 1], "steps": 2, "low_label_fraction": 0.5}
+        update={
+            "tasks": ["depth"],
+            "seeds": [0, 1],
+            "steps": 2,
+            "low_label_fraction": 0.5,
+            "arms": ["real+synthetic", "real"],
+        }
     )
     specs = plan_runs(config)
     assert [(s.setting, s.seed, s.arm) for s in specs[:2]] == [
@@ -519,9 +528,9 @@ def test_protocol_pairs_arms_over_seeds_and_settings(
     ]
     results = run_protocol(real, val, variants_of(real, 2), config=config, info=info, out_dir=tmp_path)
     entry = results["tasks"]["depth"]["settings"]["low-label"]
-    assert set(entry) == {*ARMS, "gain", "significance"}
+    assert set(entry) == {"real", "real+synthetic", "gain", "significance"}
     assert entry["real"]["abs_rel"]["n"] == 2
-    assert entry["gain"]["rmse"] == pytest.approx(
+    assert entry["gain"]["real+synthetic"]["rmse"] == pytest.approx(
         entry["real+synthetic"]["rmse"]["mean"] - entry["real"]["rmse"]["mean"]
     )
     low = [r for r in results["runs"] if r["setting"] == "low-label"]
@@ -534,6 +543,111 @@ def test_protocol_pairs_arms_over_seeds_and_settings(
     monkeypatch.setattr("perception.protocol.train", fail)
     again = run_protocol(real, val, variants_of(real, 2), config=config, info=info, out_dir=tmp_path)
     assert again["tasks"] == results["tasks"]
+    more = config.model_copy(update={"arms": ["real", "real+synthetic", "real+augment"], "seeds": [1]})
+    with pytest.raises(AssertionError, match="retrained"):  # a new arm trains; the finished ones are reused
+        run_protocol(real, val, variants_of(real, 2), config=more, info=info, out_dir=tmp_path)
+
+
+def test_additive_mixing_shows_every_arm_the_real_samples_of_the_real_arm() -> None:
+    """In additive mode the real rows of every batch (keys, order and augmented pixels) are those of
+    the real-only arm, so every real key is seen equally often; the extra samples come on top."""
+    real = [fake(f"r{i}", size=8) for i in range(10)]
+    arms = {
+        "real": None,
+        "real+synthetic": variants_of(real, 2),
+        "real+augment": real,
+    }
+    batches = {}
+    for arm, extra in arms.items():
+        dm = PerceptionDataModule(
+            real, real[:1], extra, batch_size=4, extra_ratio=0.5, low_label_fraction=0.8, pad_multiple=8,
+            extra_photometric=1.0 if arm == "real+augment" else 0.0, seed=3,
+        )  # fmt: skip
+        loader = dm.train_dataloader()
+        epochs = []
+        for epoch in range(3):
+            loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+            epochs += list(loader)
+        batches[arm] = epochs
+    reference = batches["real"]
+    assert all(len(b["key"]) == 4 for b in reference) and len(reference) == 3 * 2
+    for arm in ("real+synthetic", "real+augment"):
+        assert len(batches[arm]) == len(reference)
+        for ref, got in zip(reference, batches[arm], strict=True):
+            assert len(got["key"]) == 6 and got["synthetic"].tolist() == [False] * 4 + [True] * 2
+            assert got["key"][:4] == ref["key"]
+            torch.testing.assert_close(got["image"][:4], ref["image"])
+            torch.testing.assert_close(got["seg"][:4], ref["seg"])
+    counts = {arm: {} for arm in batches}  # type: dict[str, dict[str, int]]
+    for arm, epochs in batches.items():
+        for b in epochs:
+            for key, syn in zip(b["key"], b["synthetic"].tolist(), strict=True):
+                if not syn:
+                    counts[arm][key] = counts[arm].get(key, 0) + 1
+    assert counts["real"] == counts["real+synthetic"] == counts["real+augment"]
+    assert len(counts["real"]) == 8
+
+
+def test_augment_arm_changes_the_extra_images_but_not_their_labels() -> None:
+    """The strong photometric augmentation touches the image only; the real samples keep the usual one."""
+    real = [fake(f"r{i}", size=16) for i in range(4)]
+    dm = PerceptionDataModule(
+        real, real[:1], real, tasks=["seg", "normal"], batch_size=4, pad_multiple=8, extra_photometric=1.0,
+        augment=Augment(scale=(1.0, 1.0), hflip=False, color_jitter=0.0),
+    )  # fmt: skip
+    batch = next(iter(dm.train_dataloader()))
+    by_key: dict[str, list[int]] = {}
+    for i, key in enumerate(batch["key"]):
+        by_key.setdefault(key, []).append(i)
+    pairs = [(i, j) for rows in by_key.values() for i in rows for j in rows if i < 4 <= j]
+    assert pairs  # a real sample and its augmented copy in the same batch
+    for i, j in pairs:
+        torch.testing.assert_close(batch["seg"][i], batch["seg"][j])
+        torch.testing.assert_close(batch["normal"][i], batch["normal"][j])
+        assert not torch.equal(batch["image"][i], batch["image"][j])
+    with pytest.raises(ValueError, match="unknown mixing"):
+        PerceptionDataModule(real, real, mixing="both")
+
+
+def test_reference_arms_appear_in_the_report(
+    toy: tuple[list[Sample], list[Sample], DatasetInfo], tmp_path: Path
+) -> None:
+    """real+augment and real+oracle (toy re-renders) run beside real and real+synthetic; report.json
+    has their means, gains with a CI, and the share of the oracle gain; metrics come from the test data."""
+    real, val, info = toy
+    source = ToyScenes(num_images=8, image_size=(32, 32))
+    oracle = [source.oracle(s.key, v) for s in real for v in range(2)]
+    test = val[:2]
+    config = TINY_CFG.model_copy(
+        update={"tasks": ["seg"], "seeds": [0, 1], "steps": 2, "low_label_fraction": None,
+                "arms": ["real", "real+augment", "real+oracle", "real+synthetic"]}
+    )  # fmt: skip
+    results = run_protocol(
+        real, val, variants_of(real, 1), config=config, info=info, oracle=oracle, test=test
+    )
+    runs = results["runs"]
+    assert {r["arm"] for r in runs} == set(ARMS) and {r["num_test"] for r in runs} == {2}
+    assert {r["num_synthetic"] for r in runs if r["arm"] == "real+oracle"} == {16}
+    assert all(r["val_metrics"] is not None and r["eval_split"] == "test" for r in runs)
+    make_report(results, tmp_path)
+    doc = json.loads((tmp_path / "report.json").read_text())
+    entry = doc["tasks"]["seg"]["settings"]["full"]
+    assert set(ARMS) <= set(entry) and set(entry["gain"]) == set(ARMS) - {"real"}
+    assert len(entry["significance"]["real+oracle"]["miou"]["ci"]) == 2
+    assert set(entry["oracle_share"]) == {"real+augment", "real+synthetic"}
+    assert set(doc["protocol"]["arms"]) == set(ARMS)
+    md = (tmp_path / "report.md").read_text()
+    assert "real+oracle" in md and "share of oracle gain" in md
+
+
+def test_train_logs_a_validation_curve(toy: tuple[list[Sample], list[Sample], DatasetInfo]) -> None:
+    """val_every validates during training without changing it: same weights as without."""
+    real, val, info = toy
+    config = TINY_CFG.model_copy(update={"steps": 4})
+    plain = train("seg", real, val, config=config, info=info, seed=0)
+    curved = train("seg", real, val, config=config, info=info, seed=0, val_every=2)
+    assert [p["step"] for p in curved.curve or []] == [2, 4]
+    assert curved.model_sha256 == plain.model_sha256 and curved.metrics == plain.metrics
 
 
 def test_concurrent_runs_get_the_weights_of_their_own_seed(

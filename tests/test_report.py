@@ -109,16 +109,41 @@ def test_aggregate_builds_the_report_shape_with_gains() -> None:
     """tasks -> settings -> arms / gain / significance, gains = difference of the means."""
     tasks = aggregate(runs_fixture())
     low = tasks["seg"]["settings"]["low-label"]
-    assert set(low) == {*ARMS, "gain", "significance"}
+    assert set(low) == {"real", "real+synthetic", "gain", "significance"}
     assert low["real"]["miou"]["mean"] == pytest.approx(0.6) and low["real"]["miou"]["std"] == pytest.approx(
         0.1
     )
-    assert low["gain"]["miou"] == pytest.approx(0.05)
-    assert low["significance"]["miou"]["verdict"] == "gain"
+    assert low["gain"]["real+synthetic"]["miou"] == pytest.approx(0.05)
+    assert low["significance"]["real+synthetic"]["miou"]["verdict"] == "gain"
     full_depth = tasks["depth"]["settings"]["full"]
-    assert full_depth["gain"]["abs_rel"] == pytest.approx(-0.01)
-    assert full_depth["significance"]["abs_rel"]["improved"]  # lower AbsRel is better
+    assert full_depth["gain"]["real+synthetic"]["abs_rel"] == pytest.approx(-0.01)
+    assert full_depth["significance"]["real+synthetic"]["abs_rel"]["improved"]  # lower AbsRel is better
     assert list(tasks["seg"]["settings"]) == ["low-label", "full"]
+
+
+def test_every_arm_is_compared_with_real_and_the_oracle_share_is_the_ratio_of_gains() -> None:
+    """Each arm gets its gain and paired test against real; share = gain(arm) / gain(real+oracle),
+    given only where the oracle's gain is significant and good."""
+    values = {
+        "real": [0.50, 0.60, 0.70, 0.55, 0.65],
+        "real+augment": [0.52, 0.61, 0.73, 0.56, 0.67],
+        "real+oracle": [0.60, 0.71, 0.80, 0.64, 0.76],
+        "real+synthetic": [0.55, 0.64, 0.76, 0.60, 0.69],
+    }
+    runs = [
+        run("low-label", arm, seed, seg={"miou": v[seed]}) for arm, v in values.items() for seed in range(5)
+    ]
+    entry = aggregate(runs)["seg"]["settings"]["low-label"]
+    assert set(ARMS) <= set(entry) and set(entry["gain"]) == set(ARMS) - {"real"}
+    assert entry["significance"]["real+oracle"]["miou"]["verdict"] == "gain"
+    share = entry["oracle_share"]["real+synthetic"]["miou"]
+    assert share == pytest.approx(
+        entry["gain"]["real+synthetic"]["miou"] / entry["gain"]["real+oracle"]["miou"]
+    )
+    assert 0 < share < 1 and "real+oracle" not in entry["oracle_share"]
+    noisy = [{**r, "metrics": {"seg": {"miou": 0.6 + (0.01 if r["seed"] % 2 else -0.01)}}} if r["arm"] ==
+             "real+oracle" else r for r in runs]  # fmt: skip
+    assert aggregate(noisy)["seg"]["settings"]["low-label"]["oracle_share"]["real+synthetic"]["miou"] is None
 
 
 def test_aggregate_rejects_two_runs_of_the_same_seed() -> None:
@@ -160,7 +185,9 @@ def test_make_report_writes_json_markdown_and_figures(tmp_path: Path) -> None:
     for key in ("tasks", "runs", "protocol", "config", "config_hash", "models", "figures", "test", "dataset"):
         assert key in doc
     assert doc["tasks"]["seg"]["settings"]["full"]["real"]["miou"]["std"] is None
-    assert doc["tasks"]["seg"]["settings"]["low-label"]["gain"]["miou"] == pytest.approx(0.05)
+    assert doc["tasks"]["seg"]["settings"]["low-label"]["gain"]["real+synthetic"]["miou"] == pytest.approx(
+        0.05
+    )
     md = (tmp_path / "report.md").read_text()
     assert "| low-label | mIoU ↑ | 0.60 ± 0.10 (n=3)" in md and "abc123" in md and "figures/gains.png" in md
     assert report["figures"] == {"gains": "figures/gains.png", "gallery": "figures/gallery.png"}

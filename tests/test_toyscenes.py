@@ -126,3 +126,31 @@ def test_domains_are_selectable_and_validated() -> None:
 def test_info_lists_classes() -> None:
     info: DatasetInfo = ToyScenes(num_images=1).info
     assert info.classes == CLASSES and info.labels == ("seg", "depth", "normal")
+
+
+def test_oracle_rerender_has_identical_labels_and_a_different_image(scenes: ToyScenes) -> None:
+    """A re-render keeps the geometry (seg, depth, normals bit for bit) and changes the appearance."""
+    for key in scenes.keys()[:3]:
+        source = scenes.load(key)
+        for variant, domains in ((0, None), (1, ["night"])):
+            oracle = scenes.oracle(key, variant, domains)
+            for field in ("seg", "depth", "normal"):
+                np.testing.assert_array_equal(getattr(oracle, field), getattr(source, field))
+            assert np.abs(oracle.image.astype(int) - source.image.astype(int)).mean() > 5
+            assert oracle.key == f"{key}-o{variant:02d}" and oracle.meta["source_key"] == key
+            validate_sample(oracle, scenes.info)
+        assert scenes.oracle(key, 1, ["night"]).meta["domain"] == "night"
+        np.testing.assert_array_equal(scenes.oracle(key, 0).image, scenes.oracle(key, 0).image)
+    with pytest.raises(ValueError, match="unknown toy-scene domains"):
+        scenes.oracle(scenes.keys()[0], 0, ["mars"])
+
+
+def test_test_split_is_a_third_disjoint_stream() -> None:
+    """train, val and test scenes differ; keys name their split."""
+    images = {}
+    for split in ("train", "val", "test"):
+        ds = ToyScenes(num_images=1, image_size=(32, 32), split=split)
+        assert ds.keys() == [f"toy-{split}-000000"]
+        images[split] = ds.load(ds.keys()[0]).image
+    assert not np.array_equal(images["train"], images["test"])
+    assert not np.array_equal(images["val"], images["test"])

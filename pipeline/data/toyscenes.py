@@ -10,6 +10,11 @@ unit normal in the camera frame (OpenCV convention: x right, y down, z forward; 
 Everything is deterministic from ``(seed, split, index)``. Appearance *domains* (palette, lighting,
 sky) can be chosen per dataset, e.g. to train on ``day`` and test on ``evening``.
 
+:func:`restyle_scene` keeps a scene's geometry (camera, walls, object shapes, poses and sizes) and
+draws a new appearance (domain, light, sky, floor, wall and object materials): rendered, it has the
+same seg, depth and normals as the original and a different image. :meth:`ToyScenes.oracle` makes
+these re-renders for the gains study's ``real+oracle`` arm, what a perfect generator would give.
+
 World frame: right-handed, y up, the floor is the plane y = 0, the camera looks roughly along +z.
 """
 
@@ -24,7 +29,16 @@ import numpy as np
 
 from pipeline.data.sample import DatasetInfo, Sample, SampleError
 
-__all__ = ["CLASSES", "DOMAINS", "Camera", "Scene", "ToyScenes", "render_scene", "sample_scene"]
+__all__ = [
+    "CLASSES",
+    "DOMAINS",
+    "Camera",
+    "Scene",
+    "ToyScenes",
+    "render_scene",
+    "restyle_scene",
+    "sample_scene",
+]
 
 CLASSES: tuple[str, ...] = ("sky", "floor", "wall", "sphere", "box", "cylinder")
 SKY, FLOOR, WALL, SPHERE, BOX, CYLINDER = range(len(CLASSES))
@@ -325,6 +339,52 @@ def sample_scene(
     )
 
 
+def restyle_scene(scene: Scene, rng: np.random.Generator, domain: str) -> Scene:
+    """The same geometry with a new appearance drawn in ``domain``.
+
+    Kept: the camera, the walls (which, where, how high), every object's shape, position, size and yaw.
+    Drawn anew: the light (direction, colour, strength), ambient and sky of ``domain``, the floor and
+    wall materials, and each object's colour (from the domain's palette), texture and gloss. The
+    rendered labels (seg, depth, normals) are therefore identical to the original's.
+    """
+    if domain not in DOMAINS:
+        raise KeyError(f"unknown toy-scene domain {domain!r}; valid: {', '.join(DOMAINS)}")
+    dom = DOMAINS[domain]
+    elev = math.radians(float(rng.uniform(*dom.elevation_deg)))
+    azim = float(rng.uniform(-math.pi, math.pi))
+    strength = float(rng.uniform(*dom.strength))
+    floor_name = str(rng.choice(list(_FLOORS)))
+    ftex, fa, fb = _FLOORS[floor_name]
+    wall_name = str(rng.choice(list(_WALLS)))
+    wtex, wa, wb = _WALLS[wall_name]
+    names = list(dom.palette)
+    objects = []
+    for o in scene.objects:
+        name = names[int(rng.integers(len(names)))]
+        color = dom.palette[name]
+        texture = str(rng.choice(list(_OBJECT_TEXTURES), p=[0.5, 0.15, 0.2, 0.15]))
+        mat = _material(rng, texture, color, _shade_of(color, rng), (0.08, 0.2))
+        mat.shininess = float(rng.choice([0.0, 0.0, 0.35]))
+        objects.append(Obj(o.shape, o.center, o.size, o.yaw, mat, name))
+    return Scene(
+        camera=scene.camera,
+        light_dir=(math.cos(elev) * math.sin(azim), math.sin(elev), math.cos(elev) * math.cos(azim)),
+        light_rgb=(dom.light_rgb[0] * strength, dom.light_rgb[1] * strength, dom.light_rgb[2] * strength),
+        ambient=dom.ambient,
+        sky_horizon=dom.sky_horizon,
+        sky_zenith=dom.sky_zenith,
+        floor=_material(rng, ftex, fa, fb, (0.35, 0.8)),
+        floor_name=floor_name,
+        walls=dict(scene.walls),
+        wall_height=scene.wall_height,
+        wall=_material(rng, wtex, wa, wb, (0.2, 0.45)),
+        wall_name=wall_name,
+        objects=objects,
+        domain=domain,
+        light_words=str(rng.choice(list(dom.light_words))),
+    )
+
+
 # --------------------------------------------------------------------------------------------------
 # Ray casting
 # --------------------------------------------------------------------------------------------------
@@ -613,7 +673,7 @@ def render_scene(scene: Scene, height: int, width: int) -> dict[str, np.ndarray]
 # Dataset adapter
 # --------------------------------------------------------------------------------------------------
 
-_SPLIT_STREAM = {"train": 0, "val": 1}
+_SPLIT_STREAM = {"train": 0, "val": 1, "test": 2}
 
 
 class ToyScenes:
@@ -622,8 +682,8 @@ class ToyScenes:
     Args:
         num_images: number of samples.
         image_size: (height, width) to render at.
-        seed: dataset seed; ``train`` and ``val`` splits draw from disjoint random streams.
-        split: ``train`` or ``val``.
+        seed: dataset seed; the ``train``, ``val`` and ``test`` splits draw from disjoint random streams.
+        split: ``train``, ``val`` or ``test``.
         domains: appearance domains, one chosen per image (see :data:`DOMAINS`).
         min_objects, max_objects: range of the number of objects per scene.
     """
@@ -679,7 +739,33 @@ class ToyScenes:
 
     def load(self, key: str) -> Sample:
         index = self._index(key)
-        scene = self.scene(index)
+        return self._render(key, self.scene(index), index)
+
+    def oracle(self, key: str, variant: int, domains: Sequence[str] | None = None) -> Sample:
+        """Scene ``key`` re-rendered with a new appearance (:func:`restyle_scene`): same seg, depth and
+        normals, a different image. Deterministic from ``(seed, split, index, variant)``.
+
+        Args:
+            key: a key of this dataset.
+            variant: the re-render's number (0, 1, ...).
+            domains: the appearance domains to draw from (default: this dataset's ``domains``).
+
+        Returns:
+            A sample keyed ``<key>-o<NN>`` whose ``meta["source_key"]`` is ``key``.
+        """
+        domains = list(domains or self.domains)
+        unknown = [d for d in domains if d not in DOMAINS]
+        if unknown or not domains:
+            raise ValueError(f"unknown toy-scene domains {unknown or domains}; valid: {', '.join(DOMAINS)}")
+        index = self._index(key)
+        rng = np.random.default_rng([self.seed, _SPLIT_STREAM[self.split], index, 1, int(variant)])
+        domain = domains[int(rng.integers(len(domains)))]
+        scene = restyle_scene(self.scene(index), rng, domain)
+        sample = self._render(f"{key}-o{int(variant):02d}", scene, index)
+        sample.meta.update(source_key=key, oracle_variant=int(variant))
+        return sample
+
+    def _render(self, key: str, scene: Scene, index: int) -> Sample:
         h, w = self.image_size
         try:
             out = render_scene(scene, h, w)

@@ -3,14 +3,17 @@
 Pure numpy / matplotlib: nothing here imports torch, Lightning or the ``perception`` package.
 """
 
-from pipeline.report.figures import plot_gains, plot_gallery
+from pipeline.report.figures import plot_curves, plot_gains, plot_gallery
 from pipeline.report.gains import (
     ARMS,
     METRICS,
+    ORACLE,
+    REFERENCE,
     MetricInfo,
     aggregate,
     build_report,
     make_report,
+    oracle_share,
     paired_test,
     render_markdown,
     sign_flip_p,
@@ -23,11 +26,15 @@ from pipeline.report.gains import (
 __all__ = [
     "ARMS",
     "METRICS",
+    "ORACLE",
+    "REFERENCE",
     "MetricInfo",
     "aggregate",
     "build_report",
     "make_report",
+    "oracle_share",
     "paired_test",
+    "plot_curves",
     "plot_gains",
     "plot_gallery",
     "render_markdown",

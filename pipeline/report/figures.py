@@ -1,4 +1,5 @@
-"""Report figures: the gains bar chart with error bars, and a gallery of sources with their variants.
+"""Report figures: each arm's gain with its confidence interval, learning curves, and a gallery of
+sources with their variants.
 
 Matplotlib is used through ``matplotlib.figure.Figure`` (no pyplot, no global backend state), and every
 file is written atomically.
@@ -19,12 +20,17 @@ from matplotlib.figure import Figure
 
 from pipeline.data.sample import Sample
 from pipeline.io import atomic_write_bytes
-from pipeline.report.gains import ARMS, METRICS
+from pipeline.report.gains import ARMS, METRICS, REFERENCE
 from pipeline.viz import colorize_depth, colorize_normal, colorize_seg, image_grid, save_png
 
-__all__ = ["plot_gains", "plot_gallery"]
+__all__ = ["plot_curves", "plot_gains", "plot_gallery"]
 
-_COLORS = {"real": "#7f8c9a", "real+synthetic": "#2a7ab9"}
+_COLORS = {
+    "real": "#7f8c9a",
+    "real+augment": "#e39b2d",
+    "real+oracle": "#3a9d5d",
+    "real+synthetic": "#2a7ab9",
+}
 
 
 def _panels(tasks: Mapping[str, Any]) -> list[tuple[str, str]]:
@@ -32,17 +38,24 @@ def _panels(tasks: Mapping[str, Any]) -> list[tuple[str, str]]:
     panels: list[tuple[str, str]] = []
     for task, body in tasks.items():
         for entry in body["settings"].values():
-            for metric in entry.get(ARMS[0], entry.get(ARMS[1], {})):
+            for metric in entry.get(REFERENCE, {}):
                 if (task, metric) not in panels:
                     panels.append((task, metric))
     return panels
 
 
-def plot_gains(tasks: Mapping[str, Any], path: str | os.PathLike[str], ncols: int = 5) -> Path:
-    """Bar chart: one panel per task and metric, settings along x, one bar per arm.
+def _save(fig: Figure, path: str | os.PathLike[str]) -> Path:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
 
-    Bars show the mean over seeds, error bars one standard deviation, dots the individual seeds; the
-    paired-test p-value is written above each setting (``*`` when significant).
+
+def plot_gains(tasks: Mapping[str, Any], path: str | os.PathLike[str], ncols: int = 5) -> Path:
+    """Gain over ``real`` per arm: one panel per task and metric, settings along x, one bar per arm.
+
+    Bars show the mean paired gain over seeds (in the metric's units, so down is good for errors),
+    error bars its confidence interval, dots the per-seed differences; ``*`` marks p < alpha.
 
     Args:
         tasks: the ``tasks`` mapping of ``report.json``.
@@ -56,49 +69,82 @@ def plot_gains(tasks: Mapping[str, Any], path: str | os.PathLike[str], ncols: in
     nrows = math.ceil(len(panels) / ncols)
     fig = Figure(figsize=(3.2 * ncols, 2.9 * nrows), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
+    arms = [
+        a
+        for a in ARMS
+        if a != REFERENCE and any(a in e for b in tasks.values() for e in b["settings"].values())
+    ]
+    width = 0.8 / max(1, len(arms))
     for k, (task, metric) in enumerate(panels):
         ax = fig.add_subplot(nrows, ncols, k + 1)
         settings = tasks[task]["settings"]
         info = METRICS.get(metric)
-        for j, arm in enumerate(ARMS):
+        for j, arm in enumerate(arms):
             for i, entry in enumerate(settings.values()):
-                s = entry.get(arm, {}).get(metric)
-                if s is None or s["mean"] is None:
+                sig = entry.get("significance", {}).get(arm, {}).get(metric)
+                gain = entry.get("gain", {}).get(arm, {}).get(metric)
+                if sig is None or gain is None:
                     continue
-                x = i + (j - 0.5) * 0.38
-                ax.bar(
-                    x,
-                    s["mean"],
-                    0.36,
-                    yerr=s["std"],
-                    capsize=3,
-                    color=_COLORS[arm],
-                    label=arm if i == 0 else None,
-                )
-                ax.plot([x] * len(s["values"]), s["values"], "k.", markersize=3)
-        for i, entry in enumerate(settings.values()):
-            sig = entry.get("significance", {}).get(metric)
-            if sig and sig.get("p_value") is not None:
-                star = "*" if sig["significant"] else ""
-                p = sig["p_value"]
-                ax.annotate(
-                    f"p{'<0.001' if p < 0.001 else f'={p:.2g}'}{star}",
-                    (i, 1.0),
-                    xycoords=("data", "axes fraction"),
-                    ha="center",
-                    va="bottom",
-                    fontsize=7,
-                )
+                x = i + (j - (len(arms) - 1) / 2) * width
+                ci = sig.get("ci")
+                yerr = None if not ci else [[gain - ci[0]], [ci[1] - gain]]
+                ax.bar(x, gain, width * 0.9, yerr=yerr, capsize=2, color=_COLORS.get(arm, "#555555"),
+                       label=arm if i == 0 else None)  # fmt: skip
+                diffs = _diffs(entry, arm, metric)
+                ax.plot([x] * len(diffs), diffs, "k.", markersize=2)
+                if sig.get("significant"):
+                    ax.annotate("*", (x, 1.0), xycoords=("data", "axes fraction"), ha="center", va="bottom")
+        ax.axhline(0.0, color="black", linewidth=0.6)
         arrow = "" if info is None else (" ↑" if info.higher_is_better else " ↓")
-        ax.set_title(f"{task}: {info.label if info else metric}{arrow}", fontsize=9, pad=12)
-        ax.set_xticks(range(len(settings)), list(settings), fontsize=8)
+        ax.set_title(f"{task}: gain in {info.label if info else metric}{arrow}", fontsize=9, pad=12)
+        ax.set_xticks(range(len(settings)), list(settings), fontsize=7)
         ax.tick_params(axis="y", labelsize=7)
         if k == 0:
-            ax.legend(fontsize=7, loc="lower left")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+            ax.legend(fontsize=6, loc="best")
+    return _save(fig, path)
+
+
+def _diffs(entry: Mapping[str, Any], arm: str, metric: str) -> list[float]:
+    """Per-seed differences arm - real (seeds in the order both summaries list them)."""
+    a, b = entry.get(REFERENCE, {}).get(metric), entry.get(arm, {}).get(metric)
+    if not a or not b or len(a["values"]) != len(b["values"]):
+        return []
+    return [y - x for x, y in zip(a["values"], b["values"], strict=True)]
+
+
+_CURVE_METRICS = {"seg": "miou", "depth": "abs_rel", "normal": "mean_angle"}
+
+
+def plot_curves(
+    runs: Sequence[Mapping[str, Any]], path: str | os.PathLike[str], arm: str = REFERENCE
+) -> Path:
+    """Validation learning curves of ``arm``: one panel per task (mIoU, AbsRel, mean angle) and setting,
+    one line per seed, from the runs' ``curve`` (``perception.val_every``).
+
+    Raises:
+        ValueError: no run of ``arm`` has a curve.
+    """
+    curves = [r for r in runs if r.get("arm") == arm and r.get("curve")]
+    if not curves:
+        raise ValueError(f"no {arm} run has a learning curve: set perception.val_every")
+    settings = list(dict.fromkeys(str(r["setting"]) for r in curves))
+    tasks = [t for t in _CURVE_METRICS if any(t in p for r in curves for p in r["curve"])]
+    fig = Figure(figsize=(3.4 * len(tasks), 2.6 * len(settings)), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    for i, setting in enumerate(settings):
+        for j, task in enumerate(tasks):
+            ax = fig.add_subplot(len(settings), len(tasks), i * len(tasks) + j + 1)
+            metric = _CURVE_METRICS[task]
+            for r in (r for r in curves if r["setting"] == setting):
+                pts = [(p["step"], p[task][metric]) for p in r["curve"] if task in p]
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"seed {r['seed']}")
+            info = METRICS[metric]
+            ax.set_title(f"{setting}: {task} {info.label} (val)", fontsize=9)
+            ax.set_xlabel("optimizer step", fontsize=7)
+            ax.tick_params(labelsize=7)
+            if i == 0 and j == 0:
+                ax.legend(fontsize=6)
+    return _save(fig, path)
 
 
 def _label_tiles(

@@ -1,4 +1,4 @@
-"""Gains of real+synthetic over real-only training: per-seed metrics to mean, std, gain and a paired test.
+"""Gains of each arm over real-only training: per-seed metrics to mean, std, gain and a paired test.
 
 Pure functions (numpy and the standard library only). Input: the per-run records of the perception
 protocol, each ``{"setting", "arm", "seed", "metrics": {task: {metric: value}}, ...}``. Output: the
@@ -6,13 +6,14 @@ protocol, each ``{"setting", "arm", "seed", "metrics": {task: {metric: value}}, 
 
     {"tasks": {TASK: {"settings": {SETTING: {
         "real":           {METRIC: {"mean", "std", "n", "values"}},
-        "real+synthetic": {METRIC: {...}},
-        "gain":           {METRIC: mean(real+synthetic) - mean(real)},
-        "significance":   {METRIC: {"test", "n", "mean_diff", "std_diff", "t", "p_value", "ci", ...}}}}}}}
+        "real+augment":   {METRIC: {...}},   # and every other arm that ran
+        "gain":           {ARM: {METRIC: mean(ARM) - mean(real)}},
+        "significance":   {ARM: {METRIC: {"test", "n", "mean_diff", "std_diff", "t", "p_value", "ci", ...}}},
+        "oracle_share":   {ARM: {METRIC: gain(ARM) / gain(real+oracle)}}}}}}}
 
-Significance: a two-sided **paired t-test** over seeds (the two arms of a seed share initial weights,
-steps and data subset, so their difference is the unit of evidence), with a (1 - alpha) confidence
-interval of the mean difference. The exact **sign-flip (randomisation) test** on the same differences
+Significance: a two-sided **paired t-test** over seeds (the arms of a seed share initial weights,
+steps, data subset and real batches, so their difference is the unit of evidence), with a (1 - alpha)
+confidence interval of the mean difference. The exact **sign-flip (randomisation) test** on the same differences
 is given alongside as a distribution-free check; with n pairs its smallest possible p-value is
 2 / 2^n (0.25 for 3 seeds), so it can only confirm a gain with 6 or more seeds.
 """
@@ -35,12 +36,15 @@ from pipeline.io import atomic_write_json, atomic_write_text
 __all__ = [
     "ARMS",
     "METRICS",
+    "ORACLE",
+    "REFERENCE",
     "REPORT_SCHEMA_VERSION",
     "TEST_DESCRIPTION",
     "MetricInfo",
     "aggregate",
     "build_report",
     "make_report",
+    "oracle_share",
     "paired_test",
     "render_markdown",
     "sign_flip_p",
@@ -50,10 +54,13 @@ __all__ = [
     "write_report",
 ]
 
-REPORT_SCHEMA_VERSION = 1
-ARMS: tuple[str, str] = ("real", "real+synthetic")
+REPORT_SCHEMA_VERSION = 2
+ARMS: tuple[str, ...] = ("real", "real+augment", "real+oracle", "real+synthetic")
+"""Every arm, the reference first; gains are measured against ``real``."""
+REFERENCE = "real"
+ORACLE = "real+oracle"
 TEST_DESCRIPTION = (
-    "two-sided paired t-test over seeds on the per-seed difference (real+synthetic - real), "
+    "two-sided paired t-test over seeds on the per-seed difference (arm - real), "
     "df = n - 1; 'sign_flip_p' is the exact sign-flip randomisation test on the same differences"
 )
 
@@ -224,17 +231,18 @@ def paired_test(
 
 
 def aggregate(runs: Iterable[Mapping[str, Any]], *, alpha: float = 0.05) -> dict[str, Any]:
-    """Per task and setting: each arm's mean/std per metric, the gain, and the paired test.
+    """Per task and setting: each arm's mean/std per metric, each arm's gain over ``real`` with the
+    paired test, and the share of the oracle's gain each arm achieves.
 
     Args:
-        runs: records with ``setting``, ``arm`` (``real`` or ``real+synthetic``), ``seed`` and
-            ``metrics`` ``{task: {metric: value}}``; a multi-task run contributes to every task.
+        runs: records with ``setting``, ``arm`` (one of :data:`ARMS`), ``seed`` and ``metrics``
+            ``{task: {metric: value}}``; a multi-task run contributes to every task.
         alpha: significance level.
 
     Returns:
-        ``{TASK: {"settings": {SETTING: {"real": ..., "real+synthetic": ..., "gain": ...,
-        "significance": ...}}}}`` with settings in order of first appearance. The paired test uses the
-        seeds that both arms have (and finite values in both).
+        ``{TASK: {"settings": {SETTING: {ARM: ..., "gain": {ARM: ...}, "significance": {ARM: ...},
+        "oracle_share": {ARM: ...}}}}}`` with settings in order of first appearance and arms in the
+        order of :data:`ARMS`. The paired tests use the seeds both arms have (finite values in both).
     """
     table: dict[str, dict[str, dict[str, dict[str, dict[int, float]]]]] = {}
     for run in runs:
@@ -260,28 +268,52 @@ def _compare(arms: Mapping[str, Mapping[str, Mapping[int, float]]], alpha: float
         for arm in ARMS
         if arm in arms
     }
-    if not all(arm in arms for arm in ARMS):
+    others = [arm for arm in ARMS if arm != REFERENCE and arm in arms]
+    if REFERENCE not in arms or not others:
         return entry
-    real, synthetic = arms[ARMS[0]], arms[ARMS[1]]
+    real = arms[REFERENCE]
     entry["gain"], entry["significance"] = {}, {}
-    for metric in real:
-        if metric not in synthetic:
-            continue
-        a, b = entry[ARMS[0]][metric]["mean"], entry[ARMS[1]][metric]["mean"]
-        entry["gain"][metric] = b - a if a is not None and b is not None else None
-        seeds = sorted(
-            s
-            for s in set(real[metric]) & set(synthetic[metric])
-            if math.isfinite(real[metric][s]) and math.isfinite(synthetic[metric][s])
-        )
-        info = METRICS.get(metric)
-        entry["significance"][metric] = paired_test(
-            [real[metric][s] for s in seeds],
-            [synthetic[metric][s] for s in seeds],
-            higher_is_better=info.higher_is_better if info else None,
-            alpha=alpha,
-        )
+    for arm in others:
+        entry["gain"][arm], entry["significance"][arm] = {}, {}
+        for metric in real:
+            if metric not in arms[arm]:
+                continue
+            a, b = entry[REFERENCE][metric]["mean"], entry[arm][metric]["mean"]
+            entry["gain"][arm][metric] = b - a if a is not None and b is not None else None
+            seeds = sorted(
+                s
+                for s in set(real[metric]) & set(arms[arm][metric])
+                if math.isfinite(real[metric][s]) and math.isfinite(arms[arm][metric][s])
+            )
+            info = METRICS.get(metric)
+            entry["significance"][arm][metric] = paired_test(
+                [real[metric][s] for s in seeds],
+                [arms[arm][metric][s] for s in seeds],
+                higher_is_better=info.higher_is_better if info else None,
+                alpha=alpha,
+            )
+    if ORACLE in entry["gain"]:
+        entry["oracle_share"] = {
+            arm: {m: oracle_share(entry, arm, m) for m in entry["gain"][arm]}
+            for arm in others
+            if arm != ORACLE
+        }
     return entry
+
+
+def oracle_share(entry: Mapping[str, Any], arm: str, metric: str) -> float | None:
+    """``gain(arm) / gain(real+oracle)`` for one metric of a report entry: the share of the ceiling's
+    gain an arm achieves (1 = as good as a perfect generator, 0 = no better than real-only, < 0 =
+    worse). None unless the oracle's gain is significant and goes the metric's good way (a ratio to a
+    noisy or negative ceiling means nothing)."""
+    sig = entry.get("significance", {}).get(ORACLE, {}).get(metric)
+    if not sig or not sig.get("significant") or not sig.get("improved"):
+        return None
+    ceiling = entry["gain"][ORACLE].get(metric)
+    gain = entry["gain"].get(arm, {}).get(metric)
+    if gain is None or not ceiling:
+        return None
+    return float(gain / ceiling)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -322,8 +354,14 @@ def build_report(
                 "num_real",
                 "num_synthetic",
                 "num_val",
+                "num_test",
                 "label_fraction",
+                "mixing",
+                "extra_ratio",
                 "synthetic_ratio",
+                "eval_split",
+                "val_metrics",
+                "curve",
             )
         }
         for run in results.get("runs", [])
@@ -373,54 +411,96 @@ def _fmt_p(p: float | None) -> str:
     return "n/a" if p is None else ("<0.001" if p < 0.001 else f"{p:.3f}")
 
 
+def _setting_line(name: str, s: Mapping[str, Any]) -> str:
+    """One setting in words: labels used, sizes, domains, the generator's data."""
+    frac = s.get("label_fraction")
+    parts = [f"{'all' if frac is None else _fmt(frac, 3)} of the labelled real images"]
+    if s.get("num_labelled") is not None:
+        parts.append(
+            f"perception saw L = {s['num_labelled']} labelled images per seed (of {s.get('real_pool')})"
+        )
+    for role, text in (s.get("generator") or {}).items():
+        parts.append(f"the generator's {role} saw {text}")
+    if s.get("train_domains"):
+        parts.append(f"train domains {'+'.join(s['train_domains'])}")
+    if s.get("test_domains"):
+        parts.append(f"val/test domains {'+'.join(s['test_domains'])}")
+    if s.get("oracle_domains"):
+        parts.append(f"oracle re-renders into {'+'.join(s['oracle_domains'])}")
+    if s.get("num_test") is not None:
+        parts.append(f"{s['num_test']} test and {s.get('num_val')} val images")
+    elif s.get("num_val") is not None:
+        parts.append(f"{s['num_val']} val images")
+    return f"- `{name}`: " + "; ".join(parts)
+
+
+def _ci(sig: Mapping[str, Any]) -> str:
+    ci = sig.get("ci")
+    return "n/a" if not ci else f"[{ci[0]:+.3g}, {ci[1]:+.3g}]"
+
+
 def render_markdown(report: Mapping[str, Any]) -> str:
-    """``report.md``: per task a table of settings x metrics (mean ± std per arm, gain, p, verdict),
-    the figures, the protocol and the hashes."""
+    """``report.md``: the protocol, then per task a table of every arm (mean ± std) and a table of every
+    arm's gain over ``real`` (95% CI, paired p, verdict, share of the oracle gain), the figures and the
+    hashes."""
     protocol = report.get("protocol") or {}
-    lines = ["# Perception gains: real-only vs real+synthetic", ""]
+    lines = ["# Perception gains", ""]
     if protocol:
+        mixing = protocol.get("mixing", "replace")
+        how = (
+            f"every batch holds {protocol.get('batch_size')} real samples (the same in every arm) plus "
+            f"{_fmt(protocol.get('extra_ratio'), 3)}× as many extra ones on top"
+            if mixing == "additive"
+            else f"{_fmt(protocol.get('synthetic_ratio'), 3)} of every batch of {protocol.get('batch_size')} is extra data"
+        )
         lines += [
-            f"Each arm: {protocol.get('steps')} optimizer steps of batch {protocol.get('batch_size')}, "
-            f"seeds {protocol.get('seeds')}; real+synthetic batches are "
-            f"{_fmt(protocol.get('synthetic_ratio'), 3)} synthetic. Settings: "
-            + ", ".join(
-                f"`{name}` ({'all' if s.get('label_fraction') is None else _fmt(s['label_fraction'], 3)} "
-                "of the labelled real images)"
-                for name, s in (protocol.get("settings") or {}).items()
-            )
-            + ".",
+            f"Each run: {protocol.get('steps')} optimizer steps, {mixing} mixing ({how}); seeds "
+            f"{protocol.get('seeds')}; metrics on the **{protocol.get('report_split', 'val')}** split "
+            "(schedules were fixed on the validation split, no per-arm stopping or selection).",
+            "",
+            "Arms:",
+            *[f"- `{arm}`: {text}" for arm, text in (protocol.get("arms") or {}).items()],
+            "",
+            "Settings:",
+            *[_setting_line(name, s) for name, s in (protocol.get("settings") or {}).items()],
             "",
         ]
     lines += [
-        f"Significance: {report['test']['description']}. "
-        f"A gain is called distinguishable from noise when p < {protocol.get('alpha', 0.05)}. "
-        "Arrows give each metric's better direction.",
+        f"Significance: {report['test']['description']}. A gain is called distinguishable from noise "
+        f"when p < {protocol.get('alpha', 0.05)}; CI is the {round(100 * (1 - protocol.get('alpha', 0.05)))}% "
+        "interval of the mean paired difference. Share of the oracle gain = gain(arm) / gain(real+oracle), "
+        "given where the oracle's gain is significant. Arrows give each metric's better direction.",
         "",
     ]
     for task, body in report["tasks"].items():
+        arms = [a for a in ARMS if any(a in e for e in body["settings"].values())]
+        lines += [f"## {task}", "", "| setting | metric | " + " | ".join(arms) + " |"]
+        lines.append("| --- | --- |" + " --- |" * len(arms))
+        for setting, entry in body["settings"].items():
+            for metric in entry.get(REFERENCE, {}):
+                cells = [setting, _metric_label(metric)]
+                for arm in arms:
+                    st = entry.get(arm, {}).get(metric)
+                    cells.append("n/a" if st is None else _mean_std(st))
+                lines.append("| " + " | ".join(cells) + " |")
         lines += [
-            f"## {task}",
             "",
-            "| setting | metric | real | real+synthetic | gain | p (t) | p (sign) | verdict |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- |",
+            "| setting | metric | arm | gain | 95% CI | p (t) | p (sign) | verdict | share of oracle gain |",
+            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
         for setting, entry in body["settings"].items():
-            for metric in entry.get("real", {}):
-                info = METRICS.get(metric)
-                arrow = "" if info is None else (" ↑" if info.higher_is_better else " ↓")
-                cells = [setting, f"{info.label if info else metric}{arrow}"]
-                for arm in ARMS:
-                    s = entry.get(arm, {}).get(metric)
-                    cells.append("n/a" if s is None else _mean_std(s))
-                sig = entry.get("significance", {}).get(metric, {})
-                gain = entry.get("gain", {}).get(metric)
-                cells += [
-                    _fmt(gain) if gain is None else f"{gain:+.4g}",
-                    _fmt_p(sig.get("p_value")),
-                    _fmt_p(sig.get("sign_flip_p")),
-                    sig.get("verdict", "n/a"),
-                ]
-                lines.append("| " + " | ".join(cells) + " |")
+            for arm, gains in (entry.get("gain") or {}).items():
+                for metric, gain in gains.items():
+                    sig = entry.get("significance", {}).get(arm, {}).get(metric, {})
+                    share = (entry.get("oracle_share") or {}).get(arm, {}).get(metric)
+                    lines.append(
+                        "| " + " | ".join([
+                            setting, _metric_label(metric), arm,
+                            _fmt(gain) if gain is None else f"{gain:+.4g}", _ci(sig),
+                            _fmt_p(sig.get("p_value")), _fmt_p(sig.get("sign_flip_p")),
+                            sig.get("verdict", "n/a"), "" if share is None else f"{share:.2f}",
+                        ]) + " |"
+                    )  # fmt: skip
         lines.append("")
     for name, path in (report.get("figures") or {}).items():
         lines += [f"![{name}]({path})", ""]
@@ -433,6 +513,12 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         lines += ["", "| run | model sha256 |", "| --- | --- |"]
         lines += [f"| {name} | `{sha[:16]}` |" for name, sha in report["perception_models"].items()]
     return "\n".join(lines) + "\n"
+
+
+def _metric_label(metric: str) -> str:
+    info = METRICS.get(metric)
+    arrow = "" if info is None else (" ↑" if info.higher_is_better else " ↓")
+    return f"{info.label if info else metric}{arrow}"
 
 
 def write_report(report: Mapping[str, Any], out_dir: str | os.PathLike[str]) -> tuple[Path, Path]:
@@ -467,11 +553,14 @@ def make_report(
 ) -> dict[str, Any]:
     """Figures (``figures/gains.png``, ``figures/gallery.png`` when ``gallery`` is given), then
     ``report.json`` and ``report.md`` in ``out_dir``. Returns the report."""
-    from pipeline.report.figures import plot_gains, plot_gallery
+    from pipeline.report.figures import plot_curves, plot_gains, plot_gallery
 
     out = Path(out_dir)
     figures = {"gains": "figures/gains.png"}
     plot_gains(results["tasks"], out / figures["gains"])
+    if any(r.get("curve") for r in results.get("runs", [])):
+        figures["curves"] = "figures/curves.png"
+        plot_curves(results["runs"], out / figures["curves"])
     if gallery:
         figures["gallery"] = "figures/gallery.png"
         plot_gallery(
