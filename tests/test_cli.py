@@ -38,7 +38,7 @@ def test_typo_in_override_exits_2_naming_valid_keys(capsys: pytest.CaptureFixtur
 def test_stage_commands_reject_bad_configs_before_starting_prefect(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    for command in ("run", "train-base", "train-lumen", "expand", "evaluate"):
+    for command in ("run", "train-base", "train-lumen", "expand", "evaluate", "gains"):
         assert main([command, DEMO, "--out", str(tmp_path / "r"), "data.num_imgs=3"]) == 2
         assert "unknown config key 'data.num_imgs'" in capsys.readouterr().err
     assert not (tmp_path / "r").exists()  # nothing written for a config that does not validate
@@ -48,3 +48,18 @@ def test_config_show_prints_hash(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["config", "show", DEMO, "seed=5"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("# hash ") and "seed: 5" in out
+
+
+def test_gains_configs_resolve_every_setting() -> None:
+    """Each setting of the shipped gains configs is the config plus its overrides, and validates."""
+    from pipeline.config import load_config
+
+    cfg = load_config(REPO / "configs" / "gains-toy.yaml")
+    assert list(cfg.gains.settings) == ["cross-domain", "in-domain"]
+    cross = load_config(
+        REPO / "configs" / "gains-toy.yaml", [*cfg.gains.settings["cross-domain"], "gains.settings={}"]
+    )
+    assert cross.data.domains == ["day", "studio"] and cross.perception.test_domains == ["evening", "night"]
+    assert cross.generate.prompt_template == "{variation}, {caption}"
+    camvid = load_config(REPO / "configs" / "gains-camvid.yaml")
+    assert camvid.perception.report_split == "val" and "real+oracle" not in camvid.perception.arms

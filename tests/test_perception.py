@@ -686,3 +686,36 @@ def test_concurrent_runs_get_the_weights_of_their_own_seed(
     for t in threads:
         t.join()
     assert [got[0], got[1]] == sequential
+
+
+def test_evaluation_inputs_render_toy_streams_and_oracles_without_shards(tmp_path: Path) -> None:
+    """Without shards, toy-scene real data is rendered; val and test come from their own streams in
+    the test domains; the oracle re-renders exactly the keys some seed labels, into the oracle domains."""
+    from perception.stages import evaluation_inputs
+    from pipeline.config import build_config
+
+    cfg = build_config(
+        {
+            "data": {"num_images": 8, "num_val_images": 2, "image_size": [32, 32], "domains": ["day"]},
+            "perception": {
+                "arms": ["real", "real+oracle"],
+                "seeds": [0, 1],
+                "low_label_fraction": 0.25,
+                "full_setting": False,
+                "num_test_images": 3,
+                "test_domains": ["night"],
+                "oracle_domains": ["evening"],
+            },
+        }
+    )
+    inputs = evaluation_inputs(cfg, tmp_path, progress=False)
+    assert [s.key for s in inputs.real] == [f"toy-train-{i:06d}" for i in range(8)]
+    assert {s.meta["domain"] for s in inputs.real} == {"day"}
+    assert [s.key for s in inputs.val] == ["toy-val-000000", "toy-val-000001"]
+    assert inputs.test is not None and [s.key for s in inputs.test][-1] == "toy-test-000002"
+    assert {s.meta["domain"] for s in [*inputs.val, *inputs.test]} == {"night"}
+    keys = [s.key for s in inputs.real]
+    chosen = {keys[i] for seed in (0, 1) for i in select_labelled(keys, 0.25, seed)}
+    assert inputs.oracle is not None and {source_key(s) for s in inputs.oracle} == chosen
+    assert len(inputs.oracle) == 2 * len(chosen) and {s.meta["domain"] for s in inputs.oracle} == {"evening"}
+    assert inputs.synthetic is None
