@@ -67,6 +67,7 @@ class DataConfig(_Section):
         (128, 128), description="(height, width) samples are rendered or resized to; null = native size"
     )
     seed: int = 0
+    load_workers: int = Field(1, ge=1, description="processes that load/render samples for model training")
     # toyscenes
     domains: list[str] = Field(default_factory=lambda: ["day", "evening", "studio"])
     min_objects: int = Field(2, ge=0)
@@ -179,6 +180,15 @@ class BaseModelConfig(_Section):
     vae_learning_rate: float = Field(1e-3, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     checkpoint_every: int = Field(250, ge=1)
+    preset: Literal["tiny", "small"] = Field(
+        "tiny", description="size of the tiny-architecture model trained here (small: wider VAE and UNet)"
+    )
+    vae_batch_size: int = Field(16, ge=1)
+    vae_crop: int | None = Field(32, ge=8, description="random crop side for VAE training (None: full images)")
+    vae_edge_weight: float = Field(0.0, ge=0, description="weight of an image-gradient L1 term in the VAE loss")
+    mixed_precision: Literal["no", "fp16", "bf16", "auto"] = Field(
+        "auto", description="UNet training autocast: auto = bf16 on CUDA, none on CPU"
+    )
 
     @model_validator(mode="after")
     def _check(self) -> BaseModelConfig:

@@ -13,7 +13,7 @@ def test_shipped_assets_verify_and_record_how_to_reproduce_them() -> None:
     assert {"tiny-base", "tiny-lumen-layout"} <= set(available_assets())
     for name in available_assets():
         meta = verify_asset(asset_path(name))
-        assert meta["command"].startswith("lumen ") and meta["files"]
+        assert meta["command"].startswith(("lumen ", "python scripts/gpu_recipe.py ")) and meta["files"]
 
 
 def test_a_modified_asset_file_is_detected(tmp_path: Path) -> None:

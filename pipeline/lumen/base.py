@@ -19,6 +19,8 @@ import torch
 from pipeline.device import resolve_device
 
 __all__ = [
+    "PRESETS",
+    "SMALL_PRESET",
     "TINY_PRESET",
     "BaseComponents",
     "BaseModelNotFoundError",
@@ -48,6 +50,30 @@ TINY_PRESET: dict[str, dict[str, Any]] = {
     },
     "text": {"hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 128},
 }
+
+
+SMALL_PRESET: dict[str, dict[str, Any]] = {
+    # Same 4x VAE factor and latent grid, 1.5-2x the VAE width: reconstructions bound everything.
+    "vae": {
+        "block_out_channels": (32, 64, 96),
+        "layers_per_block": 1,
+        "latent_channels": 4,
+        "norm_num_groups": 16,
+    },
+    # 1.5x the tiny UNet's width at the two finer levels (about 2x its compute).
+    "unet": {
+        "block_out_channels": (48, 96, 128),
+        "layers_per_block": 1,
+        "attention_head_dim": 8,
+        "norm_num_groups": 16,
+        "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    },
+    "text": {"hidden_size": 96, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 192},
+}
+
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {"tiny": TINY_PRESET, "small": SMALL_PRESET}
+"""Model sizes by name (``base.preset``)."""
 
 
 class BaseModelNotFoundError(FileNotFoundError):

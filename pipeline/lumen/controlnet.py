@@ -281,7 +281,8 @@ class LumenTrainer:
         from pipeline.viz import image_grid, save_png
 
         self.controlnet.eval()
-        gen = LumenGenerator(self.base, self.controlnet, device=self.device)
+        # channels_last stays off: the weights must remain contiguous for training and save_pretrained
+        gen = LumenGenerator(self.base, self.controlnet, device=self.device, channels_last=False)
         rows = []
         for i in range(len(conditions)):
             imgs = gen.generate(

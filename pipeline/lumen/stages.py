@@ -42,25 +42,61 @@ def collect_samples(
     quarantine: Quarantine,
     split: str = "train",
     progress: bool = True,
+    workers: int = 1,
 ) -> InMemoryDataset:
     """All valid samples of a split, resized to ``size`` = (H, W) (cover + centre crop), in memory.
 
-    Memory is about ``N * size^2 * 20`` bytes with every label (image, seg, depth, normals).
+    Memory is about ``N * size^2 * 20`` bytes with every label (image, seg, depth, normals). With
+    ``workers > 1`` samples are loaded (rendered, for toy scenes) by that many processes, in chunks; the
+    result and the quarantine are the same as a serial load's.
     """
     source = build_dataset(cfg.data, split)
-    samples = [
-        resize_sample(s, size)
-        for s in tqdm(
-            iter_valid(source, quarantine, stage=f"collect-{split}"),
-            total=len(source),
-            desc=f"load {source.info.name}",
-            unit="img",
-            disable=not progress,
-        )
-    ]
+    keys = list(source.keys())
+    bar = tqdm(total=len(keys), desc=f"load {source.info.name}", unit="img", disable=not progress)
+    samples: list[Sample] = []
+    if workers <= 1:
+        for s in iter_valid(source, quarantine, stage=f"collect-{split}"):
+            samples.append(resize_sample(s, size))
+            bar.update(1)
+    else:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+
+        step = max(1, min(256, len(keys) // (4 * workers) or 1))
+        chunks = [keys[i : i + step] for i in range(0, len(keys), step)]
+        ctx = mp.get_context("fork") if "fork" in mp.get_all_start_methods() else None
+        with ProcessPoolExecutor(workers, mp_context=ctx) as pool:
+            jobs = [pool.submit(_load_chunk, cfg.data, split, chunk, size) for chunk in chunks]
+            for job in jobs:
+                loaded, bad = job.result()
+                samples.extend(loaded)
+                for rec in bad:
+                    quarantine.add(**rec, stage=f"collect-{split}")
+                bar.update(len(loaded) + len(bad))
+    bar.close()
     if not samples:
         raise RuntimeError(f"no valid {split} images in {source.info.name}; see {quarantine.path}")
     return InMemoryDataset(samples, source.info)
+
+
+def _load_chunk(
+    data_cfg: Any, split: str, keys: list[str], size: tuple[int, int]
+) -> tuple[list[Sample], list[dict[str, Any]]]:
+    """Worker of :func:`collect_samples`: load, validate and resize ``keys``; bad ones as records."""
+    from pipeline.data.sample import SampleError
+    from pipeline.data.validate import validate_sample
+
+    source = build_dataset(data_cfg, split)
+    loaded, bad = [], []
+    for key in keys:
+        try:
+            sample = source.load(key)
+            validate_sample(sample, source.info)
+        except SampleError as err:
+            bad.append({"key": key, "reason": err.reason, "detail": err.detail, "file": err.file})
+            continue
+        loaded.append(resize_sample(sample, size))
+    return loaded, bad
 
 
 def run_train_base(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Path:
@@ -76,22 +112,29 @@ def run_train_base(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Pa
     size = (b.resolution, b.resolution)
     if cfg.data.image_size is not None and cfg.data.image_size[0] == b.resolution:
         size = (b.resolution, max(b.resolution, cfg.data.image_size[1]))  # wide: random square windows
-    data = collect_samples(cfg, size, quarantine, progress=progress)
+    data = collect_samples(cfg, size, quarantine, progress=progress, workers=cfg.data.load_workers)
     images = np.stack([s.image for s in data])
     captions = [s.caption for s in data]
+    from pipeline.lumen.base import PRESETS
+
     settings = BaseTrainSettings(
         resolution=b.resolution,
         vae_steps=b.vae_steps,
+        vae_batch_size=b.vae_batch_size,
+        vae_crop=b.vae_crop or b.resolution,
         vae_lr=b.vae_learning_rate,
+        edge_weight=b.vae_edge_weight,
         unet_steps=b.train_steps,
         batch_size=b.batch_size,
         unet_lr=b.learning_rate,
         ema_decay=b.ema_decay,
         checkpoint_every=b.checkpoint_every,
         seed=cfg.seed,
+        device=str(resolve_device(cfg.device)),
+        mixed_precision=b.mixed_precision,
     )
     out = run_dir / "base"
-    train_base(images, captions, out, settings, progress=progress)
+    train_base(images, captions, out, settings, preset=PRESETS[b.preset], progress=progress)
     log.info("base model saved to %s", out)
     return out
 
@@ -276,7 +319,9 @@ def run_train_lumen(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> P
 
     base, base_id = load_run_base(cfg, run_dir)
     quarantine = Quarantine(run_dir / "quarantine.jsonl")
-    data = collect_samples(cfg, generation_size(cfg, base), quarantine, progress=progress)
+    data = collect_samples(
+        cfg, generation_size(cfg, base), quarantine, progress=progress, workers=cfg.data.load_workers
+    )
     make, cond_meta = condition_maker(cfg, base, base_id, data, run_dir)
     conds = make(list(data))
     images = np.stack([s.image for s in data])

@@ -58,6 +58,25 @@ class BaseTrainSettings:
     snr_gamma: float = 5.0
     checkpoint_every: int = 500
     seed: int = 0
+    edge_weight: float = 0.0
+    """Weight of an image-gradient L1 term in the VAE loss (sharper edges than L1 alone)."""
+    device: str = "cpu"
+    mixed_precision: str = "no"
+    """``no`` | ``bf16`` | ``fp16`` | ``auto`` (bf16 on CUDA, none elsewhere) for the UNet phase."""
+
+
+def _autocast(device: torch.device, mode: str) -> Any:
+    from contextlib import nullcontext
+
+    if mode == "auto":
+        mode = "bf16" if device.type == "cuda" else "no"
+    if mode == "no":
+        return nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16 if mode == "bf16" else torch.float16)
+
+
+def _image_gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
 
 
 def images_to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -112,6 +131,9 @@ def _train_vae(
         start = int(state["step"])
         gen.set_state(torch.load(ckpt / "gen.pt", weights_only=True))
         log.info("resumed VAE training at step %d from %s", start, ckpt)
+    dev = torch.device(s.device)
+    vae.to(dev)
+    x = x.to(dev)
     vae.train()
     bar = tqdm(
         range(start, s.vae_steps), initial=start, total=s.vae_steps, desc="train VAE", disable=not progress
@@ -120,16 +142,21 @@ def _train_vae(
         lr = _lr_at(step, s.vae_steps, s.vae_lr, s.warmup_steps)
         set_lr(opt, lr)
         idx = torch.randint(0, len(x), (s.vae_batch_size,), generator=gen)
-        batch = x[idx]
+        batch = x[idx.to(dev)]
         if s.vae_crop < x.shape[-2]:  # the VAE is convolutional: random crops train it cheaply
             top, left = (int(v) for v in torch.randint(0, x.shape[-1] - s.vae_crop + 1, (2,), generator=gen))
             top %= x.shape[-2] - s.vae_crop + 1  # wide images (the square case is unchanged)
             batch = batch[..., top : top + s.vae_crop, left : left + s.vae_crop]
         flip = torch.rand(len(idx), generator=gen) < 0.5
-        batch = torch.where(flip[:, None, None, None], batch.flip(-1), batch)
+        batch = torch.where(flip.to(dev)[:, None, None, None], batch.flip(-1), batch)
         post = vae.encode(batch).latent_dist
-        recon = vae.decode(post.sample(generator=gen)).sample
+        eps = torch.randn(post.mean.shape, generator=gen).to(dev)
+        recon = vae.decode(post.mean + post.std * eps).sample
         loss = F.l1_loss(recon, batch) + s.kl_weight * post.kl().mean()
+        if s.edge_weight > 0:
+            loss = loss + s.edge_weight * sum(
+                F.l1_loss(a, b) for a, b in zip(_image_gradients(recon), _image_gradients(batch), strict=True)
+            )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -146,9 +173,10 @@ def _train_vae(
 def _encode_latents(vae: Any, x: torch.Tensor, batch: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
     """Posterior mean and std of every image and of its mirror image: two (2N, C, h, w) tensors."""
     means, stds = [], []
+    dev = next(vae.parameters()).device
     for flip in (False, True):
         for i in range(0, len(x), batch):
-            b = x[i : i + batch]
+            b = x[i : i + batch].to(dev)
             dist = vae.encode(b.flip(-1) if flip else b).latent_dist
             means.append(dist.mean)
             stds.append(dist.std)
@@ -186,6 +214,13 @@ def _train_unet(
     sched = comps.scheduler
     n_images = len(token_ids)
     side = s.resolution // comps.vae_scale
+    dev = torch.device(s.device)
+    unet.to(dev)
+    text.to(dev)
+    ema.to(dev)
+    means, stds, token_ids, empty_ids = means.to(dev), stds.to(dev), token_ids.to(dev), empty_ids.to(dev)
+    alphas = sched.alphas_cumprod.to(dev)
+    amp = _autocast(dev, s.mixed_precision)
     unet.train()
     text.train()
     bar = tqdm(
@@ -194,23 +229,25 @@ def _train_unet(
     for step in bar:
         lr = _lr_at(step, s.unet_steps, s.unet_lr, s.warmup_steps)
         set_lr(opt, lr)
-        idx = torch.randint(0, len(means), (s.batch_size,), generator=gen)
+        idx = torch.randint(0, len(means), (s.batch_size,), generator=gen).to(dev)
         m, sd = means[idx], stds[idx]
         if m.shape[-1] > side or m.shape[-2] > side:  # wide images: a random square window per batch
             top = int(torch.randint(0, m.shape[-2] - side + 1, (1,), generator=gen))
             left = int(torch.randint(0, m.shape[-1] - side + 1, (1,), generator=gen))
             m, sd = (v[..., top : top + side, left : left + side] for v in (m, sd))
-        z = (m + sd * torch.randn(m.shape, generator=gen)) * scale
+        z = (m + sd * torch.randn(m.shape, generator=gen).to(dev)) * scale
         ids = token_ids[idx % n_images].clone()
-        drop = torch.rand(len(idx), generator=gen) < s.empty_prompt_prob
+        drop = (torch.rand(len(idx), generator=gen) < s.empty_prompt_prob).to(dev)
         ids[drop] = empty_ids
-        noise = torch.randn(z.shape, generator=gen)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen)
-        noisy = sched.add_noise(z, noise, t)
-        pred = unet(noisy, t, text(ids)[0]).sample
-        snr = compute_snr(sched, t)
+        noise = torch.randn(z.shape, generator=gen).to(dev)
+        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen).to(dev)
+        a = alphas[t][:, None, None, None]
+        noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+        with amp:
+            pred = unet(noisy, t, text(ids)[0]).sample
+        snr = compute_snr(sched, t.cpu()).to(dev)
         weight = torch.clamp(snr, max=s.snr_gamma) / snr
-        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+        loss = (F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -226,6 +263,7 @@ def _train_unet(
     ema.copy_to(params)
     unet.eval()
     text.eval()
+    comps.to("cpu")
     return comps
 
 

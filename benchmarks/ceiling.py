@@ -1,0 +1,248 @@
+"""Each generator stage's ceiling, measured with a judge trained on real images.
+
+For one dataset (toy scenes or CamVid) and one set of generator assets (a base model and its layout
+ControlNet, the shipped ones by default), on M held-out validation images:
+
+- ``real``: the judge's seg mIoU on the real images (the reference every row is a share of);
+- ``vae``: PSNR of VAE reconstructions (posterior mean) and the judge's mIoU on them: the ceiling of
+  everything that goes through the latent space;
+- ``base``: unconditional samples of the base model (the validation captions, no ControlNet) against the
+  real images: kernel inception distance (KID, polynomial kernel) in the seg judge's encoder features;
+- ``lumen@s``: layout-conditioned variants at ControlNet conditioning scale ``s``: judge mIoU against the
+  source's labels (mean ± std over generation seeds).
+
+The judges are cached by key in ``--work``, so runs over other assets reuse the same judges and are
+directly comparable. Prints a table and writes JSON::
+
+    python benchmarks/ceiling.py --dataset toy --label after
+    python benchmarks/ceiling.py --dataset toy --label before --assets /tmp/old-assets
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DATASETS = {
+    "toy": ("configs/demo.yaml", "tiny-base", "tiny-lumen-layout", []),
+    "camvid": (
+        "configs/camvid.yaml",
+        "camvid-base",
+        "camvid-lumen-layout",
+        ["data.root=../shared/datasets/camvid"],
+    ),
+}
+
+
+def _psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2, axis=(1, 2, 3))
+    return float(np.mean(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))))
+
+
+@torch.no_grad()
+def reconstruct(vae: Any, images: np.ndarray, batch: int = 32) -> np.ndarray:
+    """VAE round trip through the posterior mean: (N, H, W, 3) uint8 -> the same."""
+    from pipeline.lumen.train_base import images_to_tensor
+
+    out = []
+    for i in range(0, len(images), batch):
+        x = images_to_tensor(images[i : i + batch]).to(vae.device)
+        y = vae.decode(vae.encode(x).latent_dist.mean).sample
+        out.append(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def judge_features(judge: Any, images: np.ndarray) -> np.ndarray:
+    """Global-average-pooled deepest encoder features of a judge: (N, C)."""
+    from perception.transforms import to_tensors
+    from pipeline.data.sample import Sample
+
+    feats = []
+    for i in range(0, len(images), 32):
+        x = torch.stack(
+            [
+                to_tensors(Sample("f", im), [], pad_multiple=judge.pad_multiple)["image"]
+                for im in images[i : i + 32]
+            ]
+        )
+        f = judge.module.net.encoder(x.to(judge.device))[-1]
+        feats.append(f.float().mean(dim=(2, 3)).cpu().numpy())
+    return np.concatenate(feats)
+
+
+def kid(x: np.ndarray, y: np.ndarray) -> float:
+    """Unbiased squared MMD with the polynomial kernel (x.y / d + 1)^3 (KID), features (N, d) and (M, d)."""
+    d = x.shape[1]
+
+    def k(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return (a @ b.T / d + 1.0) ** 3
+
+    n, m = len(x), len(y)
+    kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+    return float(
+        (kxx.sum() - np.trace(kxx)) / (n * (n - 1))
+        + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
+        - 2 * kxy.mean()
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    from diffusers import ControlNetModel
+
+    from pipeline.assets import ASSETS_DIR, verify_asset
+    from pipeline.config import load_config
+    from pipeline.data import build_dataset
+    from pipeline.data.memory import InMemoryDataset
+    from pipeline.lumen.base import load_base
+    from pipeline.lumen.generate import LumenGenerator
+    from pipeline.lumen.stages import condition_maker, generation_size
+    from pipeline.synthesis.evaluate import _load_split
+    from pipeline.synthesis.judges import fit_judge
+    from pipeline.synthesis.metrics import seg_alignment
+    from pipeline.viz import image_grid, save_png
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--dataset", choices=sorted(DATASETS), default="toy")
+    p.add_argument(
+        "--assets", type=Path, default=ASSETS_DIR, help="folder holding the base and ControlNet assets"
+    )
+    p.add_argument("--label", default="shipped", help="row label (e.g. before / after)")
+    p.add_argument("--images", type=int, default=32)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5])
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--train-images", type=int, default=512)
+    p.add_argument("--judge-steps", type=int, default=400)
+    p.add_argument("--work", type=Path, default=Path("runs/ceiling"))
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON path (default benchmarks/results/ceiling_<dataset>_<label>.json)",
+    )
+    args = p.parse_args(argv)
+    torch.set_grad_enabled(False)
+
+    config, base_name, lumen_name, overrides = DATASETS[args.dataset]
+    cfg = load_config(ROOT / config, overrides)
+    base_dir, lumen_dir = args.assets / base_name, args.assets / lumen_name
+    meta = verify_asset(lumen_dir)
+    verify_asset(base_dir)
+    lay = meta.get("config", {}).get("layouts", {})
+    cfg = cfg.model_copy(
+        update={
+            "layouts": cfg.layouts.model_copy(
+                update={
+                    **{k: v for k, v in lay.items() if k in ("layer", "timestep", "num_components")},
+                    "cache": False,
+                    "dtype": "float32",
+                }
+            )
+        }
+    )
+    device = torch.device("cpu")
+    started = time.perf_counter()
+    base = load_base(base_dir).to(device)
+    size = generation_size(cfg, base)
+    info = build_dataset(cfg.data, "val").info
+    train = _load_split(cfg, "train", args.train_images, size)
+    judge = fit_judge("seg", train, info, args.work / args.dataset / "judge-seg", config=cfg.perception,
+                      steps=args.judge_steps, seed=0, device=device)  # fmt: skip
+    val = _load_split(cfg, "val", args.images, size)
+    real = np.stack([s.image for s in val])
+    labels = np.stack([s.seg for s in val])
+
+    def miou(images: np.ndarray, k: int = 1) -> float:
+        return float(
+            seg_alignment(
+                judge.predict(images), np.repeat(labels, k, 0), info.num_classes, info.ignore_index
+            ).miou
+        )
+
+    rows: dict[str, Any] = {}
+    real_miou = miou(real)
+    rows["real"] = {"judge_miou": real_miou}
+    recon = reconstruct(base.vae, real)
+    rows["vae"] = {
+        "psnr": _psnr(recon, real),
+        "judge_miou": miou(recon),
+        "share_of_real": miou(recon) / real_miou,
+    }
+
+    real_feats = judge_features(judge, real)
+    unconditional = LumenGenerator(base, None, device=device)
+    base_kid = []
+    for seed in args.seeds:
+        imgs = unconditional.generate(None, [s.caption for s in val], [seed * 1000 + i for i in range(len(val))],
+                                      steps=args.steps, guidance_scale=args.guidance, size=size)  # fmt: skip
+        base_kid.append(kid(judge_features(judge, imgs), real_feats))
+    rows["base"] = {"kid": float(np.mean(base_kid)), "kid_std": float(np.std(base_kid, ddof=1)) if len(base_kid) > 1 else 0.0,
+                    "recon_kid": kid(judge_features(judge, recon), real_feats)}  # fmt: skip
+
+    card = json.loads((lumen_dir / "lumen.json").read_text())
+    make, _ = condition_maker(
+        cfg,
+        base,
+        str(card["base_model"]),
+        InMemoryDataset(val, info),
+        args.work,
+        pca_path=lumen_dir / "pca.safetensors",
+    )
+    conds = make(val).astype(np.float32)
+    controlnet = ControlNetModel.from_pretrained(lumen_dir).to(device).eval()
+    gen = LumenGenerator(base, controlnet, device=device)
+    grid_rows = []
+    for scale in args.scales:
+        scores = []
+        for seed in args.seeds:
+            imgs = gen.generate(conds, [s.caption for s in val], [seed * 1000 + i for i in range(len(val))], steps=args.steps,
+                                guidance_scale=args.guidance, conditioning_scale=scale)  # fmt: skip
+            scores.append(miou(imgs))
+            if seed == args.seeds[0]:
+                grid_rows.append(imgs[:8])
+        rows[f"lumen@{scale:g}"] = {"judge_miou": float(np.mean(scores)), "judge_miou_std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
+                                    "share_of_real": float(np.mean(scores)) / real_miou, "seeds": scores}  # fmt: skip
+    out = args.out or ROOT / "benchmarks" / "results" / f"ceiling_{args.dataset}_{args.label}.json"
+    doc = {
+        "benchmark": "ceiling", "dataset": args.dataset, "label": args.label, "assets": {"base": str(base_dir), "lumen": str(lumen_dir)},
+        "base_training": verify_asset(base_dir).get("training"), "lumen_training": meta.get("training"),
+        "images": len(val), "seeds": args.seeds, "steps": args.steps, "guidance": args.guidance,
+        "judge": {"train_images": args.train_images, "steps": args.judge_steps}, "rows": rows,
+        "seconds": round(time.perf_counter() - started, 1),
+    }  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    grid = [list(real[:8]), list(recon[:8]), *[list(r) for r in grid_rows]]
+    save_png(out.with_suffix(".png"), image_grid(grid))
+    print(f"| {args.dataset} / {args.label} | judge mIoU | share of real | other |")
+    print("|---|---:|---:|---|")
+    print(f"| real | {real_miou:.3f} | 100% | |")
+    print(
+        f"| VAE reconstruction | {rows['vae']['judge_miou']:.3f} | {rows['vae']['share_of_real']:.0%} | PSNR {rows['vae']['psnr']:.1f} dB |"
+    )
+    print(
+        f"| base, unconditional | | | KID {rows['base']['kid']:.4f} ± {rows['base']['kid_std']:.4f} (reconstructions {rows['base']['recon_kid']:.4f}) |"
+    )
+    for scale in args.scales:
+        r = rows[f"lumen@{scale:g}"]
+        print(
+            f"| layout variants, scale {scale:g} | {r['judge_miou']:.3f} ± {r['judge_miou_std']:.3f} | {r['share_of_real']:.0%} | |"
+        )
+    print(f"wrote {out} and {out.with_suffix('.png')} (rows: real, reconstructions, variants per scale)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,371 @@
+"""Train the shipped generator models (base + layout ControlNet) on one accelerator, sized to a time budget.
+
+One pair of models per call: ``toy`` (toy scenes) or ``camvid`` (CamVid train images only). The script
+uses the library's own stages (no Prefect), so it runs on a machine with only torch and the wheels of
+diffusers and pydantic:
+
+1. measure the step time of the VAE, the UNet and the ControlNet of ``base.preset`` on this device;
+2. choose the step counts that fill ``--minutes`` (VAE / UNet / ControlNet shares of the budget) and write
+   them into the resolved configs, so the result is reproducible with fixed steps;
+3. ``train-base`` -> export the fp16 base asset into ``pipeline/assets/<name>`` -> ``train-lumen`` over that
+   exported base (so the layouts, the PCA and the base identity are exactly what users load) -> export the
+   ControlNet asset with its PCA;
+4. write ``<out>/<asset>.tar`` for each asset plus ``<out>/<pair>-logs.tar`` (loss curves, sample grids).
+
+Usage::
+
+    python scripts/gpu_recipe.py prepare-camvid --root ../shared/datasets/camvid --out .gpu/camvid
+    python scripts/gpu_recipe.py train --pair toy --minutes 8 --out $OUT
+    python scripts/gpu_recipe.py train --pair camvid --data .gpu/camvid --minutes 8 --out $OUT
+    python scripts/gpu_recipe.py train --pair toy --smoke --out /tmp/smoke   # tiny CPU check
+
+Unpack the tars into ``pipeline/assets/`` to ship the models (each asset.json records the command, the
+resolved config, the device and the wall time).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shutil
+import sys
+import tarfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from pipeline.config import LumenConfig, config_dict, load_config  # noqa: E402
+
+log = logging.getLogger("gpu_recipe")
+
+PAIRS = {
+    "toy": ("configs/gpu-base.yaml", "configs/gpu-lumen.yaml", "tiny-base", "tiny-lumen-layout"),
+    "camvid": (
+        "configs/gpu-base-camvid.yaml",
+        "configs/gpu-lumen-camvid.yaml",
+        "camvid-base",
+        "camvid-lumen-layout",
+    ),
+}
+SHARES = {"vae": 0.22, "unet": 0.43, "lumen": 0.35}
+"""Shares of the training budget (what is left after data loading and layout extraction)."""
+SMOKE = [
+    "data.num_images=48", "base.vae_steps=3", "base.train_steps=3", "lumen.train_steps=3",
+    "layouts.pca_images=32", "base.batch_size=4", "base.vae_batch_size=4", "lumen.batch_size=4",
+    "lumen.validate_every=1000", "base.checkpoint_every=1000", "lumen.checkpoint_every=1000",
+]  # fmt: skip
+
+
+# -- timing -----------------------------------------------------------------------------------------
+
+
+def _time(fn: Any, device: torch.device, warmup: int = 3, reps: int = 8) -> float:
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return (time.perf_counter() - t0) / reps
+
+
+def step_times(cfg: LumenConfig, device: torch.device, lumen_batch: int) -> dict[str, float]:
+    """Seconds per optimizer step of the VAE, UNet and ControlNet phases at the config's batch sizes."""
+    from pipeline.lumen.base import PRESETS, build_tiny_components
+    from pipeline.lumen.controlnet import build_controlnet
+    from pipeline.lumen.tokenizer import build_tokenizer
+
+    b = cfg.base
+    h, w = cfg.data.image_size or (b.resolution, b.resolution)
+    comps = build_tiny_components(build_tokenizer(["a scene"]), b.resolution, preset=PRESETS[b.preset])
+    comps.to(device)
+    crop = b.vae_crop or b.resolution
+    x = torch.randn(b.vae_batch_size, 3, min(crop, h), min(crop, w), device=device)
+    opt = torch.optim.AdamW(comps.vae.parameters(), lr=1e-5)
+
+    def vae_step() -> None:
+        post = comps.vae.encode(x).latent_dist
+        loss = comps.vae.decode(post.mean).sample.abs().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    side = b.resolution // comps.vae_scale
+    amp = (
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if device.type == "cuda"
+        else torch.autocast("cpu", enabled=False)
+    )
+    params = [*comps.unet.parameters(), *comps.text_encoder.parameters()]
+    uopt = torch.optim.AdamW(params, lr=1e-5)
+    z = torch.randn(b.batch_size, 4, side, side, device=device)
+    ids = torch.zeros(b.batch_size, comps.tokenizer.model_max_length, dtype=torch.long, device=device)
+    t = torch.randint(0, 1000, (b.batch_size,), device=device)
+
+    def unet_step() -> None:
+        with amp:
+            loss = comps.unet(z, t, comps.text_encoder(ids)[0]).sample.float().square().mean()
+        uopt.zero_grad()
+        loss.backward()
+        uopt.step()
+
+    cn = build_controlnet(comps, cfg.layouts.num_components).to(device)
+    copt = torch.optim.AdamW(cn.parameters(), lr=1e-5)
+    bs = lumen_batch
+    zl = torch.randn(bs, 4, h // comps.vae_scale, w // comps.vae_scale, device=device)
+    cond = torch.rand(bs, cfg.layouts.num_components, h, w, device=device)
+    tl = torch.randint(0, 1000, (bs,), device=device)
+    with torch.no_grad():
+        emb = comps.text_encoder(ids[:1])[0].expand(bs, -1, -1).contiguous()
+    comps.unet.requires_grad_(False)
+
+    def lumen_step() -> None:
+        with amp:
+            down, mid = cn(zl, tl, emb, controlnet_cond=cond, return_dict=False)
+            pred = comps.unet(zl, tl, emb, down_block_additional_residuals=down,
+                              mid_block_additional_residual=mid).sample  # fmt: skip
+            loss = pred.float().square().mean()
+        copt.zero_grad()
+        loss.backward()
+        copt.step()
+
+    return {
+        "vae": _time(vae_step, device),
+        "unet": _time(unet_step, device),
+        "lumen": _time(lumen_step, device),
+    }
+
+
+# -- the recipe -------------------------------------------------------------------------------------
+
+
+def _export(src: Path, name: str, info: dict[str, Any], extra: dict[str, Path] | None = None) -> Path:
+    from pipeline.assets import export_asset
+
+    return export_asset(src, name, info, extra=extra)  # type: ignore[arg-type]
+
+
+def _tar(folder: Path, dest: Path) -> Path:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp")
+    with tarfile.open(tmp, "w") as tar:
+        tar.add(folder, arcname=folder.name)
+    os.replace(tmp, dest)
+    return dest
+
+
+def train_pair(args: argparse.Namespace) -> dict[str, Any]:
+    from pipeline.lumen.stages import run_train_base
+
+    base_cfg_path, lumen_cfg_path, base_name, _ = PAIRS[args.pair]
+    common = [f"device={args.device}", f"data.load_workers={args.workers}"]
+    if args.data:
+        common.append(f"data.root={Path(args.data).resolve()}")
+    if args.smoke:
+        common += SMOKE
+    run_dir = Path(args.work).resolve() / args.pair
+    if run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True)
+    t_start = time.time()
+
+    base_cfg = load_config(ROOT / base_cfg_path, [*common, *args.override])
+    lumen_cfg = load_config(ROOT / lumen_cfg_path, [*common, *args.override])
+    device = torch.device(args.device)
+    steps: dict[str, int] = {}
+    if args.minutes > 0 and not args.smoke and not args.skip_base:
+        times = step_times(base_cfg, device, lumen_cfg.lumen.batch_size)
+        budget = args.minutes * 60 - args.overhead
+        steps = {k: max(100, int(budget * SHARES[k] / times[k])) for k in SHARES}
+        log.info(
+            "step times %s -> steps %s (budget %.0f s)",
+            {k: round(v, 4) for k, v in times.items()},
+            steps,
+            budget,
+        )
+        base_cfg = load_config(
+            ROOT / base_cfg_path,
+            [*common, *args.override, f"base.vae_steps={steps['vae']}", f"base.train_steps={steps['unet']}"],
+        )
+        lumen_cfg = load_config(
+            ROOT / lumen_cfg_path, [*common, *args.override, f"lumen.train_steps={steps['lumen']}"]
+        )
+
+    from pipeline.assets import ASSETS_DIR
+
+    out = Path(args.out)
+    if args.skip_base:  # the base asset is already in pipeline/assets (an earlier run of this script)
+        return _train_lumen(args, lumen_cfg, run_dir, out, t_start, 0.0, steps)
+    t0 = time.time()
+    base_dir = run_train_base(base_cfg, run_dir / "base-run", progress=args.progress)
+    base_minutes = (time.time() - t0) / 60
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    reproduce = (
+        f"python scripts/gpu_recipe.py train --pair {args.pair} --minutes 0 "
+        f"base.vae_steps={base_cfg.base.vae_steps} base.train_steps={base_cfg.base.train_steps}"
+    )
+    _export(base_dir, base_name, {
+        "adapter": base_cfg.data.adapter,
+        "command": reproduce,
+        "config": _public(config_dict(base_cfg)),
+        "resolution": base_cfg.base.resolution,
+        "preset": base_cfg.base.preset,
+        "trained_on": _trained_on(base_cfg),
+        "training": {"device": device_name, "vae_steps": base_cfg.base.vae_steps,
+                     "unet_steps": base_cfg.base.train_steps, "batch_size": base_cfg.base.batch_size,
+                     "wall_minutes": round(base_minutes, 2)},
+    })  # fmt: skip
+
+    _tar(ASSETS_DIR / base_name, out / f"{base_name}.tar")  # first: it survives a later failure
+    return _train_lumen(args, lumen_cfg, run_dir, out, t_start, base_minutes, steps)
+
+
+def _train_lumen(
+    args: argparse.Namespace,
+    lumen_cfg: LumenConfig,
+    run_dir: Path,
+    out: Path,
+    t_start: float,
+    base_minutes: float,
+    steps: dict[str, int],
+) -> dict[str, Any]:
+    from pipeline.assets import ASSETS_DIR
+    from pipeline.lumen.stages import run_train_lumen
+
+    _, _, base_name, lumen_name = PAIRS[args.pair]
+    device = torch.device(args.device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    reproduce = " ".join([
+        f"python scripts/gpu_recipe.py train --pair {args.pair} --minutes 0 --skip-base",
+        *(o for o in args.override if not o.startswith("lumen.train_steps=")),
+        f"lumen.train_steps={lumen_cfg.lumen.train_steps}",
+    ])  # fmt: skip
+    t0 = time.time()
+    lumen_run = run_dir / "lumen-run"
+    lumen_dir = run_train_lumen(lumen_cfg, lumen_run, progress=args.progress)  # over the exported base
+    lumen_minutes = (time.time() - t0) / 60
+    _export(lumen_dir, lumen_name, {
+        "adapter": lumen_cfg.data.adapter,
+        "base": base_name,
+        "command": reproduce,
+        "condition": lumen_cfg.lumen.condition,
+        "config": _public(config_dict(lumen_cfg)),
+        "resolution": lumen_cfg.base.resolution,
+        "trained_on": _trained_on(lumen_cfg) + " + their neural layouts; no labels",
+        "training": {"device": device_name, "steps": lumen_cfg.lumen.train_steps,
+                     "batch_size": lumen_cfg.lumen.batch_size, "wall_minutes": round(lumen_minutes, 2)},
+    }, extra={"pca.safetensors": lumen_run / "pca.safetensors"})  # fmt: skip
+
+    _tar(ASSETS_DIR / lumen_name, out / f"{lumen_name}.tar")
+    logs = run_dir / f"{args.pair}-logs"
+    logs.mkdir()
+    for src, name in [
+        (run_dir / "base-run" / "base" / "train_log.csv", "base_train_log.csv"),
+        (run_dir / "base-run" / "base" / "samples.png", "base_samples.png"),
+        (lumen_run / "lumen_train" / "train_log.csv", "lumen_train_log.csv"),
+    ]:
+        if src.is_file():
+            shutil.copyfile(src, logs / name)
+    for png in sorted((lumen_run / "lumen_train" / "validation").glob("*.png"))[-2:]:
+        shutil.copyfile(png, logs / f"lumen_{png.name}")
+    summary = {
+        "pair": args.pair, "device": device_name, "steps": steps or ("smoke" if args.smoke else "from the configs"),
+        "base_minutes": round(base_minutes, 2), "lumen_minutes": round(lumen_minutes, 2),
+        "total_minutes": round((time.time() - t_start) / 60, 2),
+    }  # fmt: skip
+    (logs / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    _tar(logs, out / f"{args.pair}-logs.tar")
+    print(json.dumps(summary))
+    return summary
+
+
+def _public(cfg: dict[str, Any]) -> dict[str, Any]:
+    """The config as recorded in asset.json: no machine-specific paths or worker counts."""
+    cfg = json.loads(json.dumps(cfg, default=str))
+    cfg.pop("runs_dir", None)
+    cfg.pop("runner", None)
+    cfg["data"].pop("load_workers", None)
+    if cfg["data"].get("root"):
+        cfg["data"]["root"] = "../shared/datasets/camvid (train split, pre-resized by prepare-camvid)"
+    return cfg
+
+
+def _trained_on(cfg: LumenConfig) -> str:
+    d = cfg.data
+    if d.adapter == "toyscenes":
+        return f"{d.num_images} toy scenes (train split, seed {d.seed}, domains {'/'.join(d.domains)}), images and captions"
+    return f"{d.adapter} train images ({d.num_images or 'all'}), images and captions; never val"
+
+
+def prepare_camvid(args: argparse.Namespace) -> None:
+    """Write CamVid's train split at the generator's size (64x96) in the SegNet layout: the device copy is
+    small enough to travel, and the adapter's resize on it is the identity."""
+    from PIL import Image
+
+    from pipeline.config import DataConfig
+    from pipeline.data.registry import build_dataset
+
+    cfg = DataConfig(adapter="camvid", root=Path(args.root), num_images=None, image_size=tuple(args.size))
+    src = build_dataset(cfg, "train")
+    out = Path(args.out)
+    for sub in ("train", "trainannot"):
+        (out / sub).mkdir(parents=True, exist_ok=True)
+    for key in src.keys():
+        s = src.load(key)
+        name = f"{key.split('-', 1)[-1]}.png"
+        Image.fromarray(s.image).save(out / "train" / name)
+        Image.fromarray(np.asarray(s.seg, dtype=np.uint8)).save(out / "trainannot" / name)
+    print(f"{len(src)} CamVid train images at {args.size[0]}x{args.size[1]} in {out}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train and export one pair of models")
+    t.add_argument("--pair", choices=sorted(PAIRS), required=True)
+    t.add_argument(
+        "--minutes", type=float, default=8.0,
+        help="wall-clock budget of the whole pair; 0 = the configs' step counts (exact reproduction)",
+    )  # fmt: skip
+    t.add_argument("--overhead", type=float, default=75.0, help="seconds kept for data, layouts, export")
+    t.add_argument("--data", help="data.root (CamVid: the prepare-camvid folder)")
+    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    t.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)))
+    t.add_argument("--work", default="/tmp/gpu_recipe")
+    t.add_argument("--out", required=True)
+    t.add_argument("--smoke", action="store_true", help="a few steps on tiny data (CPU check)")
+    t.add_argument("--progress", action="store_true")
+    t.add_argument(
+        "--skip-base", action="store_true", help="train only the ControlNet, over the shipped base"
+    )
+    t.add_argument("override", nargs="*", help="config overrides key=value (both configs)")
+    c = sub.add_parser("prepare-camvid", help="CamVid train split at the generator's size")
+    c.add_argument("--root", default="../shared/datasets/camvid")
+    c.add_argument("--out", default=".gpu/camvid")
+    c.add_argument("--size", type=int, nargs=2, default=[64, 96])
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    if args.cmd == "prepare-camvid":
+        prepare_camvid(args)
+    else:
+        torch.set_num_threads(max(1, min(6, args.workers)))
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        train_pair(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
