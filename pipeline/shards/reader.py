@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import os
+import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -27,8 +28,14 @@ from torch.utils.data import IterableDataset
 from webdataset.utils import pytorch_worker_info
 
 from pipeline.data.sample import Sample
-from pipeline.shards.schema import ShardFormatError, decode_sample, parse_member_name, to_sample
-from pipeline.shards.writer import MANIFEST_NAME
+from pipeline.shards.schema import (
+    MAX_MEMBER_BYTES,
+    ShardFormatError,
+    decode_sample,
+    parse_member_name,
+    to_sample,
+)
+from pipeline.shards.writer import MANIFEST_NAME, ShardSetError, check_shard_name
 
 __all__ = ["ShardPipeline", "Source", "iter_samples", "read_shards", "shard_urls"]
 
@@ -42,26 +49,57 @@ def shard_urls(source: Source) -> list[str]:
     """The shard URLs of one source, in manifest order.
 
     A folder with a ``manifest.json`` gives the manifest's shards (with a warning if the writer did not
-    finish); a folder without one gives its ``*.tar`` files sorted by name, with a warning.
+    finish); a folder without one gives its ``*.tar`` files sorted by name, with a warning. Shards of a
+    folder are absolute paths of plain file names inside it: a manifest naming anything else (a path,
+    ``..``, a URL scheme such as ``pipe:``) is refused with :class:`ShardSetError` before any shard is
+    opened. A source that is not a folder is taken as the caller wrote it (a file, a URL or a brace
+    pattern; webdataset runs ``pipe:`` URLs through a shell, so never build one from untrusted text).
     """
     path = Path(source)
+    if path.is_file():
+        return [str(path.resolve())]
     if not path.is_dir():
         urls = wds.shardlists.expand_urls(str(source))
         if not urls:
             raise FileNotFoundError(f"no shards match {source!r}")
         return list(urls)
-    manifest_path = path / MANIFEST_NAME
+    folder = path.resolve()
+    manifest_path = folder / MANIFEST_NAME
     if manifest_path.is_file():
-        manifest = json.loads(manifest_path.read_text())
-        if not manifest.get("complete", False):
-            logger.warning("%s: the writer has not finished (manifest complete=false)", path)
-        urls = [str(path / s["name"]) for s in manifest["shards"]]
+        names = _manifest_names(manifest_path)
     else:
         logger.warning("%s has no %s; reading its *.tar files", path, MANIFEST_NAME)
-        urls = sorted(str(p) for p in path.glob("*.tar"))
-    if not urls:
+        names = []
+        for p in sorted(folder.glob("*.tar")):
+            try:
+                names.append(check_shard_name(p.name))
+            except ShardSetError as err:
+                logger.warning("%s: skipping %s", path, err)
+    if not names:
         raise FileNotFoundError(f"{path} holds no shards")
-    return urls
+    return [str(folder / name) for name in names]
+
+
+def _manifest_names(manifest_path: Path) -> list[str]:
+    """The checked shard names of a manifest (untrusted input: every name must be a plain file name)."""
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except ValueError as err:
+        raise ShardSetError(f"{manifest_path} is not valid JSON: {err}") from err
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("shards"), list):
+        raise ShardSetError(f"{manifest_path} is not a shard-set manifest (no 'shards' list)")
+    if not manifest.get("complete", False):
+        logger.warning("%s: the writer has not finished (manifest complete=false)", manifest_path.parent)
+    names = []
+    for entry in manifest["shards"]:
+        name = entry.get("name") if isinstance(entry, dict) else entry
+        try:
+            names.append(check_shard_name(name))
+        except ShardSetError as err:
+            raise ShardSetError(
+                f"{manifest_path}: {err}; refusing to read this set (check it with `lumen shards verify`)"
+            ) from None
+    return names
 
 
 def _log_and_continue(exn: Exception) -> bool:
@@ -70,14 +108,64 @@ def _log_and_continue(exn: Exception) -> bool:
     return True
 
 
-def _valid_member(name: str) -> bool:
-    """webdataset ``select_files`` hook: drop (and log) members that are not ``KEY.FIELD``."""
-    try:
-        parse_member_name(name)
-    except ShardFormatError as err:
-        logger.warning("skipping tar member: %s", err)
-        return False
-    return True
+class _TarSamples:
+    """Shard URLs -> raw samples ``{"__key__", "__url__", FIELD: bytes}``, streaming each tar once.
+
+    Unlike ``webdataset.tarfile_to_samples`` it never reads a member over ``max_member_bytes`` into
+    memory, and it names what it skips: a member that is not a regular file (symlink, folder, device),
+    an invalid member name, or an oversized member drops its whole sample with a warning. A shard that
+    cannot be opened or is truncated is skipped from that point, with a warning.
+    """
+
+    def __init__(self, max_member_bytes: int) -> None:
+        self.max_member_bytes = max_member_bytes
+
+    def __call__(self, src: Iterator[dict[str, str]]) -> Iterator[dict[str, Any]]:
+        for item in src:
+            url = item["url"]
+            try:
+                with wds.gopen(url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+                    yield from self._samples(tar, url)
+            except (tarfile.TarError, EOFError, OSError, ValueError) as err:
+                logger.warning("skipping the rest of shard %s: %s: %s", url, type(err).__name__, err)
+
+    def _samples(self, tar: tarfile.TarFile, url: str) -> Iterator[dict[str, Any]]:
+        current: dict[str, Any] | None = None
+        bad: set[str] = set()
+        for member in tar:
+            try:
+                key, field = parse_member_name(member.name)
+            except ShardFormatError as err:
+                logger.warning("%s: skipping tar member: %s", url, err)
+                continue
+            if current is not None and current["__key__"] != key:
+                if current["__key__"] not in bad:
+                    yield current
+                current = None
+            if current is None:
+                current = {"__key__": key, "__url__": url}
+            problem = self._problem(member)
+            if problem or field in current:
+                bad.add(key)
+                logger.warning("%s: skipping sample %s: %s", url, key, problem or f"{field} appears twice")
+                continue
+            handle = tar.extractfile(member)
+            data = handle.read() if handle is not None else b""
+            if len(data) != member.size:
+                raise EOFError(f"member {member.name!r} is truncated")
+            current[field] = data
+        if current is not None and current["__key__"] not in bad:
+            yield current
+
+    def _problem(self, member: tarfile.TarInfo) -> str:
+        if not member.isreg():
+            return f"member {member.name!r} is not a regular file (symlink, link or device)"
+        if member.size > self.max_member_bytes:
+            return (
+                f"member {member.name!r} has {member.size} bytes, over the cap of {self.max_member_bytes} "
+                "(read_shards(max_member_bytes=...))"
+            )
+        return ""
 
 
 class _EpochState:
@@ -189,6 +277,7 @@ def _source_stages(
     split_by_node: bool,
     split_by_worker: bool,
     resampled: bool,
+    max_member_bytes: int,
     state: _EpochState,
 ) -> list[Any]:
     """The stages from a shard list to decoded samples for one source."""
@@ -202,7 +291,7 @@ def _source_stages(
         if split_by_worker:
             stages.append(wds.split_by_worker)
         stages.append(_WarnIfEmpty())
-    stages.append(wds.tarfile_to_samples(handler=_log_and_continue, select_files=_valid_member))
+    stages.append(_TarSamples(max_member_bytes))
     if shuffle > 0:
         stages.append(_Shuffle(shuffle, seed, state))
     stages.append(wds.map(decode_sample, handler=_log_and_continue))
@@ -219,6 +308,7 @@ def read_shards(
     split_by_worker: bool = True,
     resampled: bool = False,
     as_sample: bool = False,
+    max_member_bytes: int = MAX_MEMBER_BYTES,
 ) -> ShardPipeline:
     """A pipeline of decoded samples from one or more shard sets.
 
@@ -233,6 +323,11 @@ def read_shards(
         split_by_worker: give each DataLoader worker a disjoint subset of its node's shards.
         resampled: draw shards with replacement forever (pair with ``.with_epoch(n)``); no splitting.
         as_sample: yield :class:`~pipeline.data.Sample` objects instead of dicts.
+        max_member_bytes: a tar member larger than this is not read; its sample is skipped.
+
+    The reader checks shard names, member names, types and sizes, and decodes and checks every sample;
+    it does not check the shards' sha256 against the manifest (that needs a second full read): run
+    ``lumen shards verify`` on a set from an untrusted source first (see docs/security.md).
 
     Yields:
         dicts ``{"__key__", "__url__", "image" (H, W, 3) uint8, "json" dict}`` plus whichever of
@@ -253,6 +348,7 @@ def read_shards(
         split_by_node=split_by_node,
         split_by_worker=split_by_worker,
         resampled=resampled,
+        max_member_bytes=max_member_bytes,
         state=state,
     )
     tail: list[Callable[..., Any]] = [wds.map(to_sample)] if as_sample else []

@@ -427,18 +427,25 @@ def parse_member_name(name: str) -> tuple[str, str]:
     return match.group(1), match.group(2)
 
 
+MAX_MEMBER_BYTES = 512 * 1024 * 1024
+"""Default cap on one tar member's size when reading shards: larger members are refused unread."""
+
+
 def iter_tar_samples(
-    tar: tarfile.TarFile, fields: Iterable[str] | Callable[[str], bool] | None = None
+    tar: tarfile.TarFile,
+    fields: Iterable[str] | Callable[[str], bool] | None = None,
+    max_member_bytes: int = MAX_MEMBER_BYTES,
 ) -> Iterator[tuple[str, dict[str, bytes]]]:
     """Group the members of an open tar into ``(key, {field: bytes})``, in file order.
 
     Args:
         tar: an open ``tarfile.TarFile`` (``mode="r:"`` lets unread members be skipped by seeking).
         fields: only read these fields' bytes (others appear with ``b""``); None reads all.
+        max_member_bytes: a member to read that is larger than this raises before it is read.
 
     Raises:
-        ShardFormatError: non-regular member, invalid name, a field twice, or a key split across
-            non-adjacent members (i.e. a duplicate key).
+        ShardFormatError: non-regular member, invalid name, a field twice, a key split across
+            non-adjacent members (i.e. a duplicate key), or a member over ``max_member_bytes``.
         tarfile.TarError, EOFError, OSError: a truncated or corrupt tar.
     """
     if fields is None or callable(fields):
@@ -463,6 +470,10 @@ def iter_tar_samples(
         if field in group:
             raise ShardFormatError(f"{key}: field {field!r} appears twice")
         if wanted is None or wanted(field):
+            if member.size > max_member_bytes:
+                raise ShardFormatError(
+                    f"member {member.name!r} has {member.size} bytes, over the cap of {max_member_bytes}"
+                )
             handle = tar.extractfile(member)
             if handle is None:  # pragma: no cover - regular files always have a handle
                 raise ShardFormatError(f"cannot read member {member.name!r}")

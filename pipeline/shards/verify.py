@@ -21,13 +21,14 @@ from pydantic import ValidationError
 
 from pipeline.io import sha256_file
 from pipeline.shards.schema import (
+    MAX_MEMBER_BYTES,
     SCHEMA_VERSION,
     Provenance,
     ShardFormatError,
     decode_sample,
     iter_tar_samples,
 )
-from pipeline.shards.writer import MANIFEST_FORMAT, MANIFEST_NAME, ShardSetError
+from pipeline.shards.writer import MANIFEST_FORMAT, MANIFEST_NAME, ShardSetError, check_shard_name
 
 __all__ = ["VerifyReport", "shard_info", "verify_shard_set"]
 
@@ -141,7 +142,12 @@ def _check_labels(key: str, sample: dict[str, Any], card: dict[str, Any]) -> lis
 
 
 def _verify_shard(
-    path: Path, entry: dict[str, Any], manifest: dict[str, Any], seen: set[str], report: VerifyReport
+    path: Path,
+    entry: dict[str, Any],
+    manifest: dict[str, Any],
+    seen: set[str],
+    report: VerifyReport,
+    max_member_bytes: int,
 ) -> None:
     """Check one shard: size and sha256, member names, every sample decoded and checked."""
     if not path.is_file():
@@ -157,7 +163,7 @@ def _verify_shard(
     card = manifest.get("dataset") or {}
     try:
         with tarfile.open(path, mode="r:") as tar:
-            for key, fields in iter_tar_samples(tar):
+            for key, fields in iter_tar_samples(tar, max_member_bytes=max_member_bytes):
                 count += 1
                 report.keys.append(key)
                 if key in seen:
@@ -177,13 +183,16 @@ def _verify_shard(
         report.problems.append(f"{path.name}: {count} samples, manifest says {entry.get('samples')}")
 
 
-def verify_shard_set(directory: str | os.PathLike[str]) -> VerifyReport:
+def verify_shard_set(
+    directory: str | os.PathLike[str], max_member_bytes: int = MAX_MEMBER_BYTES
+) -> VerifyReport:
     """Check every shard of a shard set against its manifest and the schema.
 
     Problems found (each a line in ``report.problems``): missing or invalid manifest, an unfinished
     writer, leftover temporary files, shards missing from or absent in the manifest, size/sha256/count
     mismatches, truncated or corrupt tars, invalid member names, duplicate keys, samples that do not
-    decode, wrong label sizes, class ids outside the dataset card, invalid provenance.
+    decode, wrong label sizes, class ids outside the dataset card, invalid provenance, members that
+    are not regular files or are larger than ``max_member_bytes`` (not read).
     """
     directory = Path(directory)
     report = VerifyReport(directory)
@@ -207,11 +216,13 @@ def verify_shard_set(directory: str | os.PathLike[str]) -> VerifyReport:
     seen: set[str] = set()
     for entry in manifest["shards"]:
         name = str(entry.get("name")) if isinstance(entry, dict) else repr(entry)
-        if not isinstance(entry, dict) or Path(name).name != name or not name.endswith(".tar"):
+        try:
+            check_shard_name(entry.get("name") if isinstance(entry, dict) else None)
+        except ShardSetError:
             report.problems.append(f"manifest lists an invalid shard name {name!r}")
             continue
         report.num_shards += 1
-        _verify_shard(directory / name, entry, manifest, seen, report)
+        _verify_shard(directory / name, entry, manifest, seen, report, max_member_bytes)
     logger.info("verified %s: %d problems", directory, len(report.problems))
     return report
 
@@ -234,7 +245,7 @@ def shard_info(directory: str | os.PathLike[str], num_keys: int = 5) -> dict[str
     by_kind: Counter[str] = Counter()
     keys: list[str] = []
     for entry in manifest["shards"]:
-        path = directory / str(entry["name"])
+        path = directory / check_shard_name(entry.get("name") if isinstance(entry, dict) else None)
         try:
             with tarfile.open(path, mode="r:") as tar:
                 for key, fields in iter_tar_samples(tar, fields={"json"}):

@@ -52,7 +52,15 @@ from pipeline.shards.schema import (
     iter_tar_samples,
 )
 
-__all__ = ["MANIFEST_FORMAT", "MANIFEST_NAME", "ShardEntry", "ShardSetError", "ShardSetWriter", "shard_name"]
+__all__ = [
+    "MANIFEST_FORMAT",
+    "MANIFEST_NAME",
+    "ShardEntry",
+    "ShardSetError",
+    "ShardSetWriter",
+    "check_shard_name",
+    "shard_name",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +90,24 @@ class ShardEntry:
 def shard_name(prefix: str, index: int) -> str:
     """File name of shard ``index``: ``{prefix}-{index:06d}.tar``."""
     return f"{prefix}-{index:06d}.tar"
+
+
+_SHARD_FILE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*\.tar$")
+
+
+def check_shard_name(name: object) -> str:
+    """Return ``name`` if it is a plain shard file name, else raise :class:`ShardSetError`.
+
+    A manifest is untrusted input: a name with a path (``../other/x.tar``), a URL scheme
+    (``pipe:cmd``, which webdataset would run through a shell) or any character other than letters,
+    digits, ``_``, ``-`` and ``.`` is refused before anything opens it.
+    """
+    if not isinstance(name, str) or not _SHARD_FILE.match(name) or ".." in name:
+        raise ShardSetError(
+            f"invalid shard name {name!r}: a shard is a plain file name inside the set's folder "
+            "(letters, digits, '_', '-', '.', ending in .tar; no path, no URL scheme)"
+        )
+    return name
 
 
 def _tar_size(key: str, fields: Mapping[str, bytes]) -> int:
@@ -483,7 +509,9 @@ class ShardSetWriter:
         try:
             manifest = json.loads(path.read_text())
             entries = [ShardEntry(**s) for s in manifest["shards"]]
-        except (ValueError, KeyError, TypeError) as err:
+            for entry in entries:
+                check_shard_name(entry.name)
+        except (ValueError, KeyError, TypeError, ShardSetError) as err:
             raise ShardSetError(
                 f"{path} is not a valid manifest ({err}); delete it to rebuild it from the shards"
             ) from err
