@@ -14,7 +14,7 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import IO, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -432,11 +432,39 @@ def _check_keys(raw: Mapping[str, Any], model: type[BaseModel], prefix: str = ""
             _check_keys(value, annotation, prefix=f"{where}.")
 
 
+class _AliasError(ConfigError):
+    """A YAML alias in a config or override."""
+
+
+class _NoAliasLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses aliases (``*name``): a config never needs them, and nested
+    aliases expand exponentially (the "billion laughs" bomb) before any key could be checked."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise _AliasError(
+                f"YAML aliases (*{event.anchor}, line {event.start_mark.line + 1}) are not allowed "
+                "in configs; write the values out"
+            )
+        return super().compose_node(parent, index)
+
+
+def safe_load_yaml(text: str | IO[str]) -> Any:
+    """Parse untrusted YAML: safe tags only, no aliases (raises :class:`ConfigError`)."""
+    try:
+        return yaml.load(text, Loader=_NoAliasLoader)  # a SafeLoader subclass: safe tags only
+    except yaml.YAMLError as err:
+        raise ConfigError(f"not valid YAML: {err}".replace("\n", " ")) from None
+
+
 def _parse_value(text: str) -> Any:
     """Parse an override value as YAML (numbers, booleans, null, lists), falling back to the raw string."""
     try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
+        return safe_load_yaml(text)
+    except _AliasError:
+        raise
+    except ConfigError:
         return text
 
 
@@ -475,6 +503,7 @@ def _format_validation_error(err: ValidationError) -> str:
 
 def build_config(raw: Mapping[str, Any] | None = None, overrides: Iterable[str] = ()) -> LumenConfig:
     """Validate a raw dict (plus overrides) into a :class:`LumenConfig`."""
+    _check_keys(raw or {}, LumenConfig)  # before the copy: never expand what will be refused
     data = json.loads(json.dumps(dict(raw or {}), default=str))  # deep copy, plain types
     apply_overrides(data, overrides)
     _check_keys(data, LumenConfig)
@@ -495,8 +524,13 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Iterable[str] = 
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"config file not found: {p}. Pass a YAML file such as configs/demo.yaml")
-        with p.open() as f:
-            loaded = yaml.safe_load(f)
+        try:
+            with p.open(encoding="utf-8") as f:
+                loaded = safe_load_yaml(f)
+        except ConfigError as err:
+            raise ConfigError(f"{p}: {err}") from None
+        except (OSError, UnicodeDecodeError) as err:
+            raise ConfigError(f"cannot read config {p}: {err}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

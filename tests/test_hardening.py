@@ -5,13 +5,21 @@ from __future__ import annotations
 import io
 import json
 import logging
+import struct
 import tarfile
+import time
+import zlib
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 
-from pipeline.data import Sample
+from pipeline.cli import main
+from pipeline.config import ConfigError, build_config, load_config
+from pipeline.data import FolderDataset, Quarantine, Sample, iter_valid
+from pipeline.data.sample import KEY_PATTERN
 from pipeline.shards import ShardSetError, ShardSetWriter, iter_samples, read_shards, verify_shard_set
 from pipeline.shards.schema import encode_sample
 
@@ -121,3 +129,164 @@ def test_symlink_member_is_reported_not_skipped_silently(
         keys = [d["__key__"] for d in read_shards(shard)]
     assert keys == ["ok-0"]
     assert "ln-1" in caplog.text and "not a regular file" in caplog.text
+
+
+# --------------------------------------------------------------------------------------------------
+# Images and labels from an untrusted dataset folder
+# --------------------------------------------------------------------------------------------------
+
+
+def _folder(root: Path, stems: list[str], seg: bool = False) -> Path:
+    (root / "images").mkdir(parents=True)
+    if seg:
+        (root / "seg").mkdir()
+    for stem in stems:
+        Image.fromarray(np.full((16, 16, 3), 7, np.uint8)).save(root / "images" / f"{stem}.png")
+        if seg:
+            Image.fromarray(np.zeros((16, 16), np.uint8)).save(root / "seg" / f"{stem}.png")
+    return root
+
+
+def _claim_size(path: Path, width: int, height: int) -> None:
+    """Rewrite a PNG's IHDR so that its header claims ``width`` x ``height`` (CRC fixed up)."""
+    data = bytearray(path.read_bytes())
+    ihdr = data.index(b"IHDR")
+    data[ihdr + 4 : ihdr + 12] = struct.pack(">II", width, height)
+    data[ihdr + 17 : ihdr + 21] = struct.pack(">I", zlib.crc32(bytes(data[ihdr : ihdr + 17])))
+    path.write_bytes(bytes(data))
+
+
+def _quarantined(ds: FolderDataset) -> tuple[list[str], dict[str, str]]:
+    q = Quarantine(None)
+    good = [s.key for s in iter_valid(ds, q)]
+    return good, {r["key"]: r["reason"] for r in q.records}
+
+
+def test_decompression_bomb_png_is_quarantined_not_a_crash(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A tiny PNG claiming 50000 x 50000 pixels quarantines its sample; `lumen data check` goes on."""
+    root = _folder(tmp_path / "ds", ["bomb", "good"])
+    _claim_size(root / "images" / "bomb.png", 50000, 50000)
+    good, reasons = _quarantined(FolderDataset(root, seg_dir=None, depth_dir=None, normal_dir=None))
+    assert good == ["folder-good"] and reasons == {"folder-bomb": "image_too_large"}
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"data:\n  adapter: folder\n  root: {root}\n  image_size: null\n  num_val_images: 1\n")
+    assert main(["data", "check", str(cfg)]) == 1  # 1 = some samples quarantined, no traceback
+    assert "quarantined 1 sample(s): image_too_large" in capsys.readouterr().out
+
+
+def test_image_over_the_pixel_cap_is_refused_from_its_header_before_decoding(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The header size is checked against the cap (default 8192 x 8192) before any pixel is decoded."""
+    root = _folder(tmp_path / "ds", ["big", "small"])
+    _claim_size(root / "images" / "big.png", 9000, 9000)  # under PIL's own bomb limit
+    decoded: list[tuple[int, int]] = []
+    load = Image.Image.load
+
+    def spy(self: Image.Image) -> Any:
+        decoded.append(self.size)
+        return load(self)
+
+    monkeypatch.setattr(Image.Image, "load", spy)
+    ds = FolderDataset(root, seg_dir=None, depth_dir=None, normal_dir=None)
+    assert _quarantined(ds)[1] == {"folder-big": "image_too_large"}
+    assert (9000, 9000) not in decoded
+    capped = FolderDataset(root, seg_dir=None, depth_dir=None, normal_dir=None, max_image_pixels=100)
+    assert _quarantined(capped)[1] == {"folder-big": "image_too_large", "folder-small": "image_too_large"}
+
+
+def test_sanitised_names_get_distinct_keys(tmp_path: Path) -> None:
+    """名前.png and 日本.png both sanitise to '__': a short hash of the name keeps them apart."""
+    root = _folder(tmp_path / "ds", ["名前", "日本", "plain"])
+    ds = FolderDataset(root, seg_dir=None, depth_dir=None, normal_dir=None)
+    keys = ds.keys()
+    assert len(set(keys)) == 3 and "folder-plain" in keys
+    assert all(KEY_PATTERN.match(k) for k in keys)
+    assert [s.key for s in iter_valid(ds, Quarantine(None))] == keys
+
+
+def test_label_values_over_16_bits_are_refused_not_wrapped(tmp_path: Path) -> None:
+    """A 32-bit seg value 65537 must not become class 1 through a uint16 cast."""
+    root = _folder(tmp_path / "ds", ["a"], seg=True)
+    # PIL opens by content: a 32-bit TIFF named .png is read as mode I
+    Image.fromarray(np.full((16, 16), 65537, np.int32)).save(root / "seg" / "a.png", format="TIFF")
+    assert Image.open(root / "seg" / "a.png").mode == "I"
+    ds = FolderDataset(root, depth_dir=None, normal_dir=None, classes=["x", "y"])
+    assert _quarantined(ds) == ([], {"folder-a": "seg_class_out_of_range"})
+
+
+def test_16_bit_greyscale_images_are_scaled_or_quarantined(tmp_path: Path) -> None:
+    """A 16-bit grey image is scaled to 8 bits (not clipped to 255), or quarantined when asked."""
+    root = _folder(tmp_path / "ds", [])
+    ramp = np.linspace(0, 65535, 16 * 16).reshape(16, 16).astype(np.uint16)
+    Image.fromarray(ramp).save(root / "images" / "deep.png")
+    ds = FolderDataset(root, seg_dir=None, depth_dir=None, normal_dir=None)
+    image = ds.load("folder-deep").image
+    assert image.shape == (16, 16, 3) and image.dtype == np.uint8
+    assert (image == 255).mean() < 0.05 and image[0, 0, 0] == 0 and image[-1, -1, 0] == 255
+    strict = FolderDataset(root, seg_dir=None, depth_dir=None, normal_dir=None, high_bit_depth="quarantine")
+    assert _quarantined(strict) == ([], {"folder-deep": "image_high_bit_depth"})
+
+
+def test_label_lookup_is_case_insensitive(tmp_path: Path) -> None:
+    """``Upper.PNG`` finds ``seg/Upper.PNG`` (and ``seg/upper.png``), not ``seg_missing``."""
+    root = _folder(tmp_path / "ds", [])
+    (root / "seg").mkdir()
+    for stem, img_ext, seg_name in (("Upper", ".PNG", "Upper.PNG"), ("Other", ".png", "other.Png")):
+        Image.fromarray(np.full((16, 16, 3), 7, np.uint8)).save(root / "images" / f"{stem}{img_ext}", "PNG")
+        Image.fromarray(np.ones((16, 16), np.uint8)).save(root / "seg" / seg_name, "PNG")
+    ds = FolderDataset(root, depth_dir=None, normal_dir=None, classes=["x", "y"])
+    good, reasons = _quarantined(ds)
+    assert reasons == {} and sorted(good) == ["folder-Other", "folder-Upper"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------------
+
+_LAUGHS = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n"
+    for p, c in zip("abcde", "bcdef", strict=True)
+)  # 9**6 strings once expanded: small enough that the old code failed by copying it, not by hanging
+
+
+def test_yaml_alias_bomb_fails_at_once(tmp_path: Path) -> None:
+    """A billion-laughs YAML (under an unknown key) is refused while parsing, not expanded."""
+    cfg = tmp_path / "bomb.yaml"
+    cfg.write_text("name: x\nunknown:\n" + "".join(f"  {line}\n" for line in _LAUGHS.splitlines()))
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError, match="aliases"):
+        load_config(cfg)
+    assert time.monotonic() - t0 < 2
+    with pytest.raises(ConfigError, match="aliases"):
+        load_config(None, ["data.classes=[&a x, *a]"])
+
+
+def test_unknown_keys_are_checked_before_the_config_is_copied(monkeypatch: pytest.MonkeyPatch) -> None:
+    copies: list[Any] = []
+    real_dumps = json.dumps
+
+    def spy(obj: Any, *args: Any, **kwargs: Any) -> str:
+        copies.append(obj)
+        return real_dumps(obj, *args, **kwargs)
+
+    monkeypatch.setattr("pipeline.config.json.dumps", spy)
+    with pytest.raises(ConfigError, match="unknown config key 'huge'"):
+        build_config({"huge": ["x"] * 10})
+    assert copies == []
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [("data: [\n", "not valid YAML"), ("x: !!python/object/apply:os.system [echo hi]\n", "not valid YAML")],
+)
+def test_yaml_errors_are_one_error_line_and_exit_2(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], body: str, message: str
+) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(body)
+    assert main(["config", "show", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and message in err and "Traceback" not in err

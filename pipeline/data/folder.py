@@ -14,10 +14,13 @@ classes and ignore index 11 built in.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 from PIL import Image
@@ -33,39 +36,108 @@ CAMVID_CLASSES: tuple[str, ...] = (
     "sky", "building", "pole", "road", "pavement", "tree", "sign", "fence", "car", "pedestrian", "bicyclist",
 )  # fmt: skip
 CAMVID_IGNORE = 11
+MAX_IMAGE_PIXELS = 8192 * 8192
+"""Default cap on width x height of any image or label file, checked on the header before decoding."""
+HighBitDepth = Literal["scale", "quarantine"]
+_HIGH_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
 
 
 def _sanitise(stem: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_-]", "_", stem)
+    """A key-safe stem; when characters had to be replaced, a short hash of the original name keeps
+    distinct names distinct (``名前`` and ``日本`` would both be ``__`` otherwise)."""
+    clean = re.sub(r"[^A-Za-z0-9_-]", "_", stem)
+    if clean != stem:
+        clean += "-" + hashlib.sha256(stem.encode("utf-8", "surrogateescape")).hexdigest()[:8]
+    return clean
 
 
-def _find(folder: Path | None, stem: str, exts: Sequence[str]) -> Path | None:
-    if folder is None:
+class _LabelIndex:
+    """The files of one label folder by (stem, lower-case extension), listed once.
+
+    Extensions match case-insensitively (``Upper.PNG``); a stem matches exactly, or case-insensitively
+    when that is unambiguous.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        self.exact: dict[tuple[str, str], Path] = {}
+        folded: dict[tuple[str, str], list[Path]] = {}
+        for p in sorted(folder.iterdir()):
+            if p.is_file():
+                self.exact.setdefault((p.stem, p.suffix.lower()), p)
+                folded.setdefault((p.stem.casefold(), p.suffix.lower()), []).append(p)
+        self.folded = {k: v[0] for k, v in folded.items() if len(v) == 1}
+
+    def find(self, stem: str, exts: Sequence[str]) -> Path | None:
+        for ext in exts:
+            if (stem, ext) in self.exact:
+                return self.exact[(stem, ext)]
+        for ext in exts:
+            if (stem.casefold(), ext) in self.folded:
+                return self.folded[(stem.casefold(), ext)]
         return None
-    for ext in exts:
-        p = folder / f"{stem}{ext}"
-        if p.is_file():
-            return p
-    return None
 
 
-def _open_image(path: Path, reason: str) -> Image.Image:
+def _open_image(path: Path, reason: str, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
+    """Open and decode an image, refusing one whose header claims more than ``max_pixels`` pixels
+    before any pixel is decoded (a few-KB PNG can claim 50000 x 50000)."""
     try:
-        img = Image.open(path)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own cap decides
+            img = Image.open(path)
+    except Image.DecompressionBombError as err:  # over twice PIL's own limit: refused by PIL
+        raise SampleError("image_too_large", f"{path.name}: {err}", file=str(path)) from err
+    except (OSError, SyntaxError, ValueError) as err:  # PIL raises all three for corrupt files
+        raise SampleError(reason, f"{path.name}: {err}", file=str(path)) from err
+    if img.width * img.height > max_pixels:
+        img.close()
+        raise SampleError(
+            "image_too_large",
+            f"{path.name}: {img.width}x{img.height} pixels, over the cap of {max_pixels} (max_image_pixels)",
+            file=str(path),
+        )
+    try:
         img.load()
         return img
-    except (OSError, SyntaxError, ValueError) as err:  # PIL raises all three for corrupt files
+    except (OSError, SyntaxError, ValueError) as err:
         raise SampleError(reason, f"{path.name}: {err}", file=str(path)) from err
 
 
-def _load_seg(path: Path) -> np.ndarray:
-    img = _open_image(path, "seg_unreadable")
-    if img.mode not in ("L", "P", "I;16", "I"):
+def _to_rgb(img: Image.Image, path: Path, high_bit_depth: HighBitDepth) -> np.ndarray:
+    """(H, W, 3) uint8 of any PIL image. 16-bit greyscale is scaled to 8 bits (``convert("RGB")``
+    would clip almost every pixel to 255) or quarantined, as ``high_bit_depth`` says."""
+    if img.mode not in _HIGH_BIT_MODES:
+        return np.asarray(img.convert("RGB"))
+    if high_bit_depth == "quarantine" or img.mode == "F":
+        raise SampleError(
+            "image_high_bit_depth",
+            f"{path.name}: mode {img.mode} (more than 8 bits per channel); convert it to 8 bits"
+            + (" or use high_bit_depth='scale'" if img.mode != "F" else ""),
+            file=str(path),
+        )
+    arr = np.asarray(img).astype(np.int64)
+    if arr.size and (arr.min() < 0 or arr.max() > 65535):
+        raise SampleError(
+            "image_high_bit_depth", f"{path.name}: values outside 0..65535 in mode {img.mode}", file=str(path)
+        )
+    grey = ((arr * 255 + 32767) // 65535).astype(np.uint8)
+    return np.repeat(grey[..., None], 3, axis=-1)
+
+
+def _load_seg(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    img = _open_image(path, "seg_unreadable", max_pixels)
+    if img.mode not in ("L", "P", "I;16", "I;16L", "I;16B", "I"):
         raise SampleError(
             "seg_bad_mode", f"{path.name}: mode {img.mode}, expected L, P or 16-bit", file=str(path)
         )
     arr = np.asarray(img)
-    return arr.astype(np.uint8) if arr.max(initial=0) < 256 else arr.astype(np.uint16)
+    lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
+    if lo < 0 or hi > 65535:  # range-check before casting: 65537 must not become class 1
+        raise SampleError(
+            "seg_class_out_of_range",
+            f"{path.name}: class ids {lo}..{hi} do not fit 0..65535",
+            file=str(path),
+        )
+    return arr.astype(np.uint8) if hi < 256 else arr.astype(np.uint16)
 
 
 def _load_array(path: Path, what: str) -> np.ndarray:
@@ -75,17 +147,17 @@ def _load_array(path: Path, what: str) -> np.ndarray:
         raise SampleError(f"{what}_unreadable", f"{path.name}: {err}", file=str(path)) from err
 
 
-def _load_depth(path: Path, depth_scale: float) -> np.ndarray:
-    if path.suffix == ".npy":
+def _load_depth(path: Path, depth_scale: float, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    if path.suffix.lower() == ".npy":
         return _load_array(path, "depth").astype(np.float32)
-    img = _open_image(path, "depth_unreadable")
+    img = _open_image(path, "depth_unreadable", max_pixels)
     return np.asarray(img).astype(np.float32) / depth_scale
 
 
-def _load_normal(path: Path) -> np.ndarray:
-    if path.suffix == ".npy":
+def _load_normal(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+    if path.suffix.lower() == ".npy":
         return _load_array(path, "normal").astype(np.float32)
-    rgb = np.asarray(_open_image(path, "normal_unreadable").convert("RGB")).astype(np.float32)
+    rgb = np.asarray(_open_image(path, "normal_unreadable", max_pixels).convert("RGB")).astype(np.float32)
     n = rgb / 127.5 - 1.0
     norm = np.linalg.norm(n, axis=-1, keepdims=True)
     n = np.divide(n, norm, out=np.zeros_like(n), where=norm > 0)
@@ -145,6 +217,12 @@ class FolderDataset:
         depth_scale: PNG16 depth value per metre.
         name: dataset name, used as key prefix and in provenance.
         caption: caption given to every sample (folders carry no text).
+        max_image_pixels: width x height cap of every image and label file, checked on the file
+            header before decoding; a larger file quarantines its sample (``image_too_large``).
+        high_bit_depth: 16-bit greyscale images are ``scale``d to 8 bits or ``quarantine``d.
+
+    Sample keys are ``<name>-<stem>``; a stem with characters other than letters, digits, ``_`` and
+    ``-`` has them replaced and gets a short hash of the original name, so keys never collide.
     """
 
     def __init__(
@@ -161,7 +239,13 @@ class FolderDataset:
         depth_scale: float = 1000.0,
         name: str = "folder",
         caption: str = "",
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
+        high_bit_depth: HighBitDepth = "scale",
     ) -> None:
+        if high_bit_depth not in ("scale", "quarantine"):
+            raise ValueError(f"high_bit_depth must be 'scale' or 'quarantine', got {high_bit_depth!r}")
+        self.max_image_pixels = int(max_image_pixels)
+        self.high_bit_depth: HighBitDepth = high_bit_depth
         self.root = Path(root)
         if not self.root.is_dir():
             raise FileNotFoundError(
@@ -179,6 +263,7 @@ class FolderDataset:
                 log.info("no %s folder at %s: samples have no %s labels", label, folder, label)
                 folder = None
             self.label_dirs[label] = folder
+        self._label_index = {k: _LabelIndex(v) for k, v in self.label_dirs.items() if v is not None}
         if self.label_dirs["seg"] is not None and not classes:
             raise ValueError(
                 "data.classes: a dataset with seg labels needs its class names (index = class id)"
@@ -221,29 +306,33 @@ class FolderDataset:
             path = self._files[key]
         except KeyError:
             raise KeyError(f"{key!r} is not a key of dataset {self.name!r}") from None
-        image = _open_image(path, "image_unreadable")
+        image = _open_image(path, "image_unreadable", self.max_image_pixels)
         sample = Sample(
             key=key,
-            image=np.asarray(image.convert("RGB")),
+            image=_to_rgb(image, path, self.high_bit_depth),
             caption=self.caption,
             meta={"source": self.name, "file": str(path)},
         )
-        seg_path = _find(self.label_dirs["seg"], path.stem, (".png",))
-        depth_path = _find(self.label_dirs["depth"], path.stem, (".npy", ".png"))
-        normal_path = _find(self.label_dirs["normal"], path.stem, (".npy", ".png"))
+        seg_path = self._find("seg", path.stem, (".png",))
+        depth_path = self._find("depth", path.stem, (".npy", ".png"))
+        normal_path = self._find("normal", path.stem, (".npy", ".png"))
         for label, p in (("seg", seg_path), ("depth", depth_path), ("normal", normal_path)):
             if self.label_dirs[label] is not None and p is None:
                 raise SampleError(f"{label}_missing", f"no {label} file for {path.name}", file=str(path))
         if seg_path is not None:
-            sample.seg = _load_seg(seg_path)
+            sample.seg = _load_seg(seg_path, self.max_image_pixels)
         if depth_path is not None:
-            sample.depth = _load_depth(depth_path, self.depth_scale)
+            sample.depth = _load_depth(depth_path, self.depth_scale, self.max_image_pixels)
         if normal_path is not None:
-            sample.normal = _load_normal(normal_path)
+            sample.normal = _load_normal(normal_path, self.max_image_pixels)
         _check_label_sizes(sample, path)
         if self.image_size is not None:
             sample = resize_sample(sample, self.image_size)
         return sample
+
+    def _find(self, label: str, stem: str, exts: Sequence[str]) -> Path | None:
+        index = self._label_index.get(label)
+        return None if index is None else index.find(stem, exts)
 
     def __iter__(self) -> Iterator[Sample]:
         for key in self.keys():
