@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     from diffusers import ControlNetModel
 
     from pipeline.assets import ASSETS_DIR, verify_asset
-    from pipeline.config import load_config
+    from pipeline.config import PerceptionConfig, load_config
     from pipeline.data import build_dataset
     from pipeline.data.memory import InMemoryDataset
     from pipeline.lumen.base import load_base
@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     size = generation_size(cfg, base)
     info = build_dataset(cfg.data, "val").info
     train = _load_split(cfg, "train", args.train_images, size)
-    judge = fit_judge("seg", train, info, args.work / args.dataset / "judge-seg", config=cfg.perception,
+    # the judge's network is pinned (PerceptionConfig defaults), not the dataset config's perception section
+    judge = fit_judge("seg", train, info, args.work / args.dataset / "judge-seg", config=PerceptionConfig(),
                       steps=args.judge_steps, seed=0, device=device)  # fmt: skip
     val = _load_split(cfg, "val", args.images, size)
     real = np.stack([s.image for s in val])
