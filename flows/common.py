@@ -9,16 +9,28 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
 
-from pipeline.config import LumenConfig, config_hash, load_config
-from pipeline.io import atomic_write_json, atomic_write_text
+from pipeline.config import ConfigError, LumenConfig, config_hash, load_config
+from pipeline.io import FolderLock, atomic_write_json, atomic_write_text
 
-__all__ = ["Progress", "open_run", "publish_summary", "publish_table", "stage_logger"]
+__all__ = [
+    "LOCK_WAIT_ENV",
+    "Progress",
+    "open_run",
+    "opened_run",
+    "publish_summary",
+    "publish_table",
+    "stage_logger",
+]
+
+LOCK_WAIT_ENV = "LUMEN_LOCK_WAIT_S"
+"""Seconds a flow waits for another process holding its run folder (unset or 0: fail at once)."""
 
 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
 
@@ -43,6 +55,22 @@ def open_run(
     run_dir = prepare_run_dir(cfg, out)
     stage_logger(__name__).info("run folder %s (config hash %s)", run_dir, config_hash(cfg))
     return cfg, run_dir
+
+
+@contextmanager
+def opened_run(
+    config: str | os.PathLike[str], overrides: Sequence[str] = (), out: str | None = None
+) -> Iterator[tuple[LumenConfig, Path]]:
+    """:func:`open_run`, holding the run folder's lock (:class:`~pipeline.io.FolderLock`) until the
+    block ends: a second flow on the same folder fails at once naming the holder's PID, or waits up
+    to ``$LUMEN_LOCK_WAIT_S`` seconds for it."""
+    cfg, run_dir = open_run(config, overrides, out)
+    try:
+        wait_s = float(os.environ.get(LOCK_WAIT_ENV) or 0)
+    except ValueError:
+        raise ConfigError(f"{LOCK_WAIT_ENV} must be a number of seconds") from None
+    with FolderLock(run_dir, wait_s=wait_s, what="run folder"):
+        yield cfg, run_dir
 
 
 def _in_prefect_run() -> bool:

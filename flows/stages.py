@@ -23,7 +23,14 @@ from typing import Any
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
 
-from flows.common import Progress, markdown_table, open_run, publish_summary, publish_table, stage_logger
+from flows.common import (
+    Progress,
+    markdown_table,
+    opened_run,
+    publish_summary,
+    publish_table,
+    stage_logger,
+)
 from flows.runner import build_task_runner, configure_threads, device_resources, device_slot
 from pipeline.config import LumenConfig, config_hash, load_config
 from pipeline.io import atomic_write_text
@@ -352,15 +359,15 @@ def _gains(
 @flow(name="lumen-train-base")
 def train_base_flow(config: str, overrides: Sequence[str] = (), out: str | None = None) -> str:
     """Train the tiny base text-to-image model on the dataset's images and captions."""
-    cfg, run_dir = open_run(config, overrides, out)
-    return str(train_base_task(cfg, run_dir))
+    with opened_run(config, overrides, out) as (cfg, run_dir):
+        return str(train_base_task(cfg, run_dir))
 
 
 @flow(name="lumen-train-lumen")
 def train_lumen_flow(config: str, overrides: Sequence[str] = (), out: str | None = None) -> str:
     """Train the LUMEN ControlNet on images + neural layouts (or the comparison condition)."""
-    cfg, run_dir = open_run(config, overrides, out)
-    return str(train_lumen_task(cfg, run_dir))
+    with opened_run(config, overrides, out) as (cfg, run_dir):
+        return str(train_lumen_task(cfg, run_dir))
 
 
 @flow(name="lumen-expand")
@@ -368,8 +375,8 @@ def expand_flow(
     config: str, overrides: Sequence[str] = (), out: str | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Layouts -> K variants per image (chunked tasks) -> optional quality filter -> real + synthetic shards."""
-    cfg, run_dir = open_run(config, overrides, out)
-    return _expand(cfg, run_dir, progress)
+    with opened_run(config, overrides, out) as (cfg, run_dir):
+        return _expand(cfg, run_dir, progress)
 
 
 @flow(name="lumen-gains")
@@ -378,8 +385,8 @@ def gains_flow(
 ) -> dict[str, Any]:
     """The gains study: every setting of ``gains.settings`` (expand + every perception arm, resumable)
     and one report over all of them (report.md, report.json, figures) in ``<out>/report``."""
-    cfg, run_dir = open_run(config, overrides, out)
-    return _gains(config, overrides, cfg, run_dir, progress)
+    with opened_run(config, overrides, out) as (cfg, run_dir):
+        return _gains(config, overrides, cfg, run_dir, progress)
 
 
 @flow(name="lumen-evaluate")
@@ -387,8 +394,8 @@ def evaluate_flow(
     config: str, overrides: Sequence[str] = (), out: str | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Perception models on real vs real+synthetic (one task per training run) and the gains report."""
-    cfg, run_dir = open_run(config, overrides, out)
-    return _evaluate(cfg, run_dir, progress)
+    with opened_run(config, overrides, out) as (cfg, run_dir):
+        return _evaluate(cfg, run_dir, progress)
 
 
 def _needs_training(cfg: LumenConfig, run_dir: Path) -> tuple[bool, bool]:
@@ -415,7 +422,12 @@ def run_flow(
     models are trained first. On success ``runs/<name>-latest`` points at this run folder.
     """
     t0 = time.time()
-    cfg, run_dir = open_run(config, overrides, out)
+    with opened_run(config, overrides, out) as (cfg, run_dir):
+        return _run(cfg, run_dir, progress, t0)
+
+
+def _run(cfg: LumenConfig, run_dir: Path, progress: bool, t0: float) -> dict[str, Any]:
+    """The body of :func:`run_flow`, on an opened (and locked) run folder."""
     timings: dict[str, float] = {}
 
     def timed(name: str, fn: Callable[[], Any]) -> Any:

@@ -7,12 +7,17 @@ New features are config keys, not new flags.
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import json
 import logging
+import signal
 import sys
+import threading
+import traceback
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pipeline import __version__
 from pipeline.config import ConfigError, LumenConfig, config_dict, config_hash, load_config
@@ -226,6 +231,67 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+EXIT_CONFIG = 2
+EXIT_IN_USE = 3
+EXIT_DISK_FULL = 4
+EXIT_PERMISSION = 5
+EXIT_SHARDS = 6
+EXIT_OS = 7
+EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, ``timeout``, a scheduler), raised so that ``finally`` blocks and exit hooks
+    run: locks are released and Prefect stops its ephemeral server."""
+
+
+def _terminate_on_sigterm() -> Any:
+    """Make SIGTERM raise :class:`Terminated`; returns the previous handler (None off the main thread)."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
+
+
+def exit_code(err: BaseException) -> int | None:
+    """The exit code of a user-facing failure (one ``error: ...`` line), or None for a bug.
+
+    2 config, 3 folder in use by another process, 4 disk full, 5 permission denied, 6 shard set on
+    disk that cannot be used, 7 other file-system errors.
+    """
+    from pipeline.io import LockError
+    from pipeline.shards.writer import ShardSetError
+
+    if isinstance(err, ConfigError):
+        return EXIT_CONFIG
+    if isinstance(err, LockError):
+        return EXIT_IN_USE
+    if isinstance(err, ShardSetError):
+        return EXIT_SHARDS
+    if isinstance(err, OSError):
+        if err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return EXIT_DISK_FULL
+        if isinstance(err, PermissionError) or err.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            return EXIT_PERMISSION
+        return EXIT_OS
+    return None
+
+
+def _one_line(err: BaseException, verbose: bool) -> str:
+    text = str(err) or type(err).__name__
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        text = f"disk full: {text}; free some space and rerun (the run resumes)"
+    elif isinstance(err, OSError) and exit_code(err) == EXIT_PERMISSION:
+        text = f"permission denied: {text}"
+    if isinstance(err, ConfigError) or verbose:
+        return text
+    return f"{text} (lumen --verbose ... shows the traceback)"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     # Overrides may come after options (`lumen run CFG --out D a.b=1`): argparse leaves those unparsed.
@@ -242,14 +308,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     for noisy in ("httpx", "httpcore"):  # one line per Prefect API call otherwise
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    previous = _terminate_on_sigterm()
+    try:
+        return _run_command(args)
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the command; user-facing failures become one ``error: ...`` line and an exit code."""
     try:
         return int(args.func(args))
-    except ConfigError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        print("terminated" if isinstance(err, Terminated) else "interrupted", file=sys.stderr)
+        return EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
+    except Exception as err:
+        code = exit_code(err)
+        if code is None:
+            raise  # a bug: the traceback is the report
+        print(f"error: {_one_line(err, args.verbose)}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        return code
 
 
 if __name__ == "__main__":

@@ -6,11 +6,13 @@ import os
 import time
 from pathlib import Path
 
-import yaml
+from pipeline.config import ConfigError, LumenConfig, config_hash, safe_load_yaml, save_config
+from pipeline.io import LOCK_NAME, atomic_write_json
 
-from pipeline.config import ConfigError, LumenConfig, config_hash, save_config
+__all__ = ["RUN_LAYOUT", "RUN_MARKER", "prepare_run_dir"]
 
-__all__ = ["RUN_LAYOUT", "prepare_run_dir"]
+RUN_MARKER = ".lumen-run.json"
+"""Marks a folder as a lumen run folder; ``--out`` never adopts a non-empty folder without it."""
 
 RUN_LAYOUT = {
     "config": "config.yaml",
@@ -26,16 +28,43 @@ RUN_LAYOUT = {
 
 
 def _stored_hash(config_path: Path) -> str | None:
-    first = config_path.read_text().split("\n", 1)[0]
+    with open(config_path, encoding="utf-8", errors="replace") as f:
+        first = f.readline(200).rstrip("\n")
     return first.rsplit(" ", 1)[-1] if first.startswith("# resolved config, hash ") else None
+
+
+def _is_run_dir(run_dir: Path) -> bool:
+    """A folder made by :func:`prepare_run_dir`: the marker, or (older runs) a resolved config.yaml."""
+    cfg_path = run_dir / RUN_LAYOUT["config"]
+    return (run_dir / RUN_MARKER).is_file() or (cfg_path.is_file() and _stored_hash(cfg_path) is not None)
+
+
+def _check_adoptable(run_dir: Path) -> None:
+    """Refuse to turn an existing non-empty folder that is not a run folder into one."""
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir} is a file, not a folder; pass a new folder")
+    try:
+        others = sorted(p.name for p in run_dir.iterdir() if p.name != LOCK_NAME)
+    except OSError as err:
+        raise ConfigError(f"--out {run_dir} cannot be read ({err}); pass a folder you can write") from err
+    if others:
+        listed = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
+        raise ConfigError(
+            f"--out {run_dir} is a non-empty folder that is not a lumen run folder (it holds {listed}); "
+            "pass a new or empty folder (a run folder holds .lumen-run.json)"
+        )
 
 
 def prepare_run_dir(cfg: LumenConfig, out: str | os.PathLike[str] | None = None) -> Path:
     """Create (or reopen, to resume) a run folder and write the resolved ``config.yaml`` into it.
 
     Without ``out`` a new versioned folder ``<runs_dir>/<name>-<YYYYmmdd-HHMMSS>`` is made, never
-    reusing an existing one. With ``out`` an existing folder is resumed only if it was made with the
-    same config (same hash); otherwise this raises, so a run never mixes outputs of two configs.
+    reusing an existing one. With ``out`` an existing run folder is resumed only if it was made with
+    the same config (same hash); otherwise this raises, so a run never mixes outputs of two configs.
+    An existing non-empty folder that is not a run folder (no ``.lumen-run.json``) is refused: a run
+    never writes into, or deletes from, a folder of other files (``--out ~`` or ``--out /``).
     """
     if out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -47,23 +76,31 @@ def prepare_run_dir(cfg: LumenConfig, out: str | os.PathLike[str] | None = None)
     else:
         run_dir = Path(out)
     cfg_path = run_dir / RUN_LAYOUT["config"]
-    if cfg_path.exists():
-        stored = _stored_hash(cfg_path)
+    marker = run_dir / RUN_MARKER
+    if marker.is_file() and not cfg_path.exists():  # made, then killed before its config was saved
+        save_config(cfg, cfg_path)
+        return run_dir
+    if _is_run_dir(run_dir):
+        stored = _stored_hash(cfg_path) if cfg_path.is_file() else None
         if stored != config_hash(cfg):
             raise ConfigError(
                 f"{run_dir} holds a run with a different config (hash {stored}, now {config_hash(cfg)}); "
                 "pass a new --out folder, or the same config and overrides to resume it"
             )
+        if not marker.is_file():  # a run folder made before the marker existed
+            atomic_write_json(marker, {"format": "lumen-run"})
         return run_dir
+    _check_adoptable(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(marker, {"format": "lumen-run"})
     save_config(cfg, cfg_path)
     return run_dir
 
 
 def load_run_config(run_dir: str | os.PathLike[str]) -> dict[str, object]:
     """The raw resolved config stored in a run folder."""
-    with open(Path(run_dir) / RUN_LAYOUT["config"]) as f:
-        data = yaml.safe_load(f)
+    with open(Path(run_dir) / RUN_LAYOUT["config"], encoding="utf-8") as f:
+        data = safe_load_yaml(f)
     if not isinstance(data, dict):
         raise ConfigError(f"{run_dir}/config.yaml is not a mapping")
     return data

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
+import os
+import signal
 import struct
+import subprocess
+import sys
 import tarfile
 import time
 import zlib
@@ -20,9 +25,12 @@ from pipeline.cli import main
 from pipeline.config import ConfigError, build_config, load_config
 from pipeline.data import FolderDataset, Quarantine, Sample, iter_valid
 from pipeline.data.sample import KEY_PATTERN
+from pipeline.io import LOCK_NAME, FolderLock, LockError
+from pipeline.runs import RUN_MARKER, prepare_run_dir
 from pipeline.shards import ShardSetError, ShardSetWriter, iter_samples, read_shards, verify_shard_set
 from pipeline.shards.schema import encode_sample
 
+REPO = Path(__file__).resolve().parents[1]
 CARD = {"classes": ["a", "b"], "ignore_index": None, "depth_units": "m"}
 
 
@@ -290,3 +298,124 @@ def test_yaml_errors_are_one_error_line_and_exit_2(
     assert main(["config", "show", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and message in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. --out never adopts a folder of other files
+# --------------------------------------------------------------------------------------------------
+
+
+def test_out_refuses_a_non_empty_folder_that_is_not_a_run(tmp_path: Path) -> None:
+    user = tmp_path / "home"
+    user.mkdir()
+    (user / "started_at.txt").write_text("my notes")
+    (user / "thesis.tex").write_text("precious")
+    cfg = build_config({"seed": 1})
+    with pytest.raises(ConfigError, match="not a lumen run folder"):
+        prepare_run_dir(cfg, user)
+    assert sorted(p.name for p in user.iterdir()) == ["started_at.txt", "thesis.tex"]
+    (tmp_path / "empty").mkdir()
+    run = prepare_run_dir(cfg, tmp_path / "empty")  # an empty folder is fine
+    assert (run / RUN_MARKER).is_file() and prepare_run_dir(cfg, run) == run  # and resumes
+
+
+def test_run_folders_made_before_the_marker_still_resume(tmp_path: Path) -> None:
+    cfg = build_config({"seed": 1})
+    run = prepare_run_dir(cfg, tmp_path / "run")
+    (run / RUN_MARKER).unlink()
+    (run / "shards").mkdir()
+    assert prepare_run_dir(cfg, run) == run and (run / RUN_MARKER).is_file()
+
+
+# --------------------------------------------------------------------------------------------------
+# 6. One writer per shard folder and per run folder
+# --------------------------------------------------------------------------------------------------
+
+
+def _start_writer(out: Path) -> subprocess.Popen[str]:
+    """tests/_shard_writer_proc.py: writes 4 samples into an open shard, then sleeps."""
+    cmd = [sys.executable, str(REPO / "tests" / "_shard_writer_proc.py"), str(out), "8", "6", "4"]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+    assert proc.stdout is not None and proc.stderr is not None
+    while (line := proc.stdout.readline().strip()) != "waiting":
+        if not line:
+            pytest.fail(f"writer process ended early: {proc.stderr.read()}")
+    return proc
+
+
+def test_second_shard_writer_fails_naming_the_first_and_leaves_its_shard_alone(tmp_path: Path) -> None:
+    """A second writer on a live set raises LockError with the holder's PID instead of deleting the
+    first writer's temporary shard; once the holder is killed, its stale lock is taken over."""
+    out = tmp_path / "set"
+    proc = _start_writer(out)
+    try:
+        tmp_shards = sorted(out.glob(".shard-*.tmp"))
+        assert tmp_shards
+        with pytest.raises(LockError, match=f"in use by PID {proc.pid}"):
+            ShardSetWriter(out, max_samples=6, dataset_card=CARD, config_hash="test")
+        assert sorted(out.glob(".shard-*.tmp")) == tmp_shards  # the live shard is untouched
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        (out / "manifest.json").unlink()  # the toy card differs from CARD: start a fresh set
+        with ShardSetWriter(out, max_samples=6, dataset_card=CARD, config_hash="test") as writer:
+            writer.write(tiny("k-0"), {"source_dataset": "x", "source_key": "k-0"})
+        assert not (out / LOCK_NAME).exists()
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+def test_folder_lock_waits_for_its_holder_when_asked(tmp_path: Path) -> None:
+    holder = FolderLock(tmp_path / "run", what="run folder").acquire()
+    code = (
+        "import sys, time; from pipeline.io import FolderLock, LockError\n"
+        "t = time.monotonic()\n"
+        "try:\n    FolderLock(sys.argv[1], wait_s=float(sys.argv[2])).acquire()\n"
+        "except LockError as e:\n    print('refused', e)\n"
+        "else:\n    print('got it')\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    run = [sys.executable, "-c", code, str(tmp_path / "run")]
+    fast = subprocess.run([*run, "0"], capture_output=True, text=True, env=env, timeout=60)
+    assert fast.stdout.startswith("refused") and f"PID {os.getpid()}" in fast.stdout
+    waiter = subprocess.Popen([*run, "60"], stdout=subprocess.PIPE, text=True, env=env)
+    time.sleep(1.0)
+    holder.release()
+    out, _ = waiter.communicate(timeout=60)
+    assert out.strip() == "got it"
+
+
+# --------------------------------------------------------------------------------------------------
+# 12. One error line and a distinct exit code per user-facing failure
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("error", "code", "text"),
+    [
+        (OSError(errno.ENOSPC, "No space left on device"), 4, "error: disk full"),
+        (PermissionError(errno.EACCES, "Permission denied"), 5, "error: permission denied"),
+        (LockError("run folder x is in use by PID 1"), 3, "error: run folder x is in use by PID 1"),
+    ],
+)
+def test_disk_full_permission_and_lock_errors_are_one_line(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    error: Exception,
+    code: int,
+    text: str,
+) -> None:
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    monkeypatch.setattr("pipeline.data.preview.preview_dataset", fail)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("name: x\n")
+    argv = ["data", "preview", str(cfg), "--out", str(tmp_path / "p")]
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert err.startswith(text) and err.count("\n") == 1 and "Traceback" not in err
+    assert main(["--verbose", *argv]) == code
+    assert "Traceback" in capsys.readouterr().err

@@ -40,7 +40,7 @@ from webdataset import TarWriter
 import pipeline
 from pipeline.config import ShardConfig
 from pipeline.data.sample import KEY_PATTERN, Sample, check_key
-from pipeline.io import atomic_open, atomic_write_json, sha256_file
+from pipeline.io import FolderLock, atomic_open, atomic_write_json, sha256_file
 from pipeline.shards.schema import (
     IMAGE_FIELDS,
     SCHEMA_VERSION,
@@ -167,6 +167,7 @@ class ShardSetWriter:
         image_quality: jpg/webp quality (webp at 100 is lossless).
         png_compress_level: zlib level 0-9 of ``image.png`` and ``seg.png`` (all levels are lossless).
         depth_dtype, normal_dtype: storage dtype of ``depth.npy`` and ``normal.npy``.
+        lock_wait_s: how long to wait for another process writing this folder (0: raise at once).
 
     Attributes:
         done_keys: keys already in the set (from finished shards of an earlier run, and written since).
@@ -174,6 +175,8 @@ class ShardSetWriter:
     Raises:
         ShardSetError: the folder holds a shard set written with other settings, or shards that
             disagree with its manifest.
+        LockError: another process is writing this folder (its PID is in the message); the lock is
+            ``<out_dir>/.lumen.lock``, held until :meth:`close` or :meth:`abort`.
     """
 
     def __init__(
@@ -190,6 +193,7 @@ class ShardSetWriter:
         png_compress_level: int = 3,
         depth_dtype: FloatDtype = "float32",
         normal_dtype: FloatDtype = "float32",
+        lock_wait_s: float = 0.0,
     ) -> None:
         # 1. Validate the settings.
         if max_samples < 1 or max_bytes < 1024:
@@ -225,10 +229,14 @@ class ShardSetWriter:
         self._count = 0
         self._size = 0
         self._closed = False
-        # 3. Resume whatever an earlier run left, then record the settings.
-        self.out_dir.mkdir(parents=True, exist_ok=True)
-        self._recover()
-        self._write_manifest(complete=False)
+        # 3. Lock the folder (one writer at a time), resume whatever an earlier run left, record the settings.
+        self._lock = FolderLock(self.out_dir, wait_s=lock_wait_s, what="shard set").acquire()
+        try:
+            self._recover()
+            self._write_manifest(complete=False)
+        except BaseException:
+            self._lock.release()
+            raise
 
     @classmethod
     def from_config(
@@ -239,6 +247,7 @@ class ShardSetWriter:
         dataset_card: Mapping[str, Any],
         config_hash: str,
         prefix: str = "shard",
+        lock_wait_s: float = 0.0,
     ) -> ShardSetWriter:
         """A writer with the settings of a :class:`~pipeline.config.ShardConfig`."""
         return cls(
@@ -253,6 +262,7 @@ class ShardSetWriter:
             dataset_card=dataset_card,
             config_hash=config_hash,
             prefix=prefix,
+            lock_wait_s=lock_wait_s,
         )
 
     # ----------------------------------------------------------------------------------------------
@@ -367,6 +377,7 @@ class ShardSetWriter:
                 self._finish_shard()
             self._write_manifest(complete=True)
             self._closed = True
+            self._lock.release()
             logger.info(
                 "shard set %s: %d shards, %d samples", self.out_dir, len(self.shards), self.num_samples
             )
@@ -384,6 +395,7 @@ class ShardSetWriter:
             self.done_keys.difference_update(self._open_keys)
         self._stack, self._tar, self._hasher = None, None, None
         self._closed = True
+        self._lock.release()
 
     def __enter__(self) -> ShardSetWriter:
         return self
