@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
@@ -26,6 +28,7 @@ __all__ = [
     "opened_run",
     "publish_summary",
     "publish_table",
+    "run_lock",
     "stage_logger",
 ]
 
@@ -65,12 +68,46 @@ def opened_run(
     block ends: a second flow on the same folder fails at once naming the holder's PID, or waits up
     to ``$LUMEN_LOCK_WAIT_S`` seconds for it."""
     cfg, run_dir = open_run(config, overrides, out)
+    with run_lock(run_dir):
+        yield cfg, run_dir
+
+
+def run_lock(run_dir: str | os.PathLike[str]) -> FolderLock:
+    """The lock of a run folder, waiting ``$LUMEN_LOCK_WAIT_S`` seconds (default 0) for its holder."""
     try:
         wait_s = float(os.environ.get(LOCK_WAIT_ENV) or 0)
     except ValueError:
         raise ConfigError(f"{LOCK_WAIT_ENV} must be a number of seconds") from None
-    with FolderLock(run_dir, wait_s=wait_s, what="run folder"):
-        yield cfg, run_dir
+    return FolderLock(run_dir, wait_s=wait_s, what="run folder")
+
+
+_WATCHDOG: subprocess.Popen[bytes] | None = None
+
+
+def start_server_watchdog() -> bool:
+    """Make sure an ephemeral Prefect server started by this process dies with it.
+
+    Prefect stops its ephemeral server from an exit hook, which SIGKILL skips; so when no
+    ``PREFECT_API_URL`` is set, this starts ``flows/_watchdog.py`` (once per process, Linux), a tiny
+    process that stops this process's server children as soon as this process is gone. Returns
+    whether a watchdog runs.
+    """
+    global _WATCHDOG
+    if _WATCHDOG is not None and _WATCHDOG.poll() is None:
+        return True
+    from prefect.settings import PREFECT_API_URL
+
+    if not sys.platform.startswith("linux") or PREFECT_API_URL.value():
+        return False
+    script = Path(__file__).with_name("_watchdog.py")
+    _WATCHDOG = subprocess.Popen(
+        [sys.executable, "-I", "-S", str(script), str(os.getpid())],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,  # not in the terminal's process group: it outlives us on purpose
+    )
+    return True
 
 
 def _in_prefect_run() -> bool:

@@ -13,6 +13,7 @@ with backoff cover transient failures (I/O, a busy device), never bad input.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -29,7 +30,9 @@ from flows.common import (
     opened_run,
     publish_summary,
     publish_table,
+    run_lock,
     stage_logger,
+    start_server_watchdog,
 )
 from flows.runner import build_task_runner, configure_threads, device_resources, device_slot
 from pipeline.config import LumenConfig, config_hash, load_config
@@ -501,9 +504,16 @@ def call_flow(
     name: str, config: str, overrides: Sequence[str] = (), out: str | None = None, **kwargs: Any
 ) -> Any:
     """Run flow ``name`` with the task runner of the config's ``runner`` section."""
+    from pipeline.runs import prepare_run_dir
+
     cfg = load_config(config, list(overrides))
-    fl = FLOWS[name].with_options(task_runner=build_task_runner(cfg.runner))
-    return fl(config=str(config), overrides=list(overrides), out=out, **kwargs)
+    with contextlib.ExitStack() as stack:
+        if out is not None:  # check and lock the run folder before Prefect starts: fail fast
+            prepare_run_dir(cfg, out)
+            stack.enter_context(run_lock(out))
+        start_server_watchdog()  # an ephemeral Prefect server must not outlive this process
+        fl = FLOWS[name].with_options(task_runner=build_task_runner(cfg.runner))
+        return fl(config=str(config), overrides=list(overrides), out=out, **kwargs)
 
 
 def read_summary(run_dir: Path, stage: str) -> dict[str, Any]:

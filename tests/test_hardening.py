@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import json
@@ -419,3 +420,162 @@ def test_disk_full_permission_and_lock_errors_are_one_line(
     assert err.startswith(text) and err.count("\n") == 1 and "Traceback" not in err
     assert main(["--verbose", *argv]) == code
     assert "Traceback" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------------------------------
+# 5. The ephemeral Prefect server dies with its parent
+# --------------------------------------------------------------------------------------------------
+
+SERVER_MARK = "prefect.server.api.server:create_app"
+
+
+def _server_children(pid: int) -> list[int]:
+    found = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
+            found += [int(c) for c in f.read().split()]
+    return [c for c in found if _running(c) and SERVER_MARK in _cmdline(c)]
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return ""
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
+
+
+def _gone_within(pids: list[int], seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if not any(_running(p) for p in pids):
+            return True
+        time.sleep(0.1)
+    return False
+
+
+_FAKE_PARENT = """
+import subprocess, sys, time
+server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)", "{mark}"])
+subprocess.Popen([sys.executable, "-I", "-S", "{script}", str(__import__("os").getpid())],
+                 start_new_session=True)
+print(server.pid, flush=True)
+time.sleep(300)
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the watchdog reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_watchdog_stops_the_server_children_of_a_killed_process(sig: signal.Signals) -> None:
+    """flows/_watchdog.py stops a (stand-in) server child within seconds of its parent's death."""
+    code = _FAKE_PARENT.format(mark=SERVER_MARK, script=REPO / "flows" / "_watchdog.py")
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout is not None
+        server = int(parent.stdout.readline())
+        time.sleep(1.0)  # the watchdog polls every 0.25 s
+        assert _running(server)
+        parent.send_signal(sig)
+        parent.wait(timeout=30)
+        assert _gone_within([server], 10), "server survived its parent"
+    finally:
+        parent.kill()
+        parent.wait(timeout=30)
+
+
+LUMEN = [sys.executable, "-m", "pipeline.cli"]
+TINY_RUN = [
+    "data.num_images=8", "data.num_val_images=4", "generate.variants=1", "generate.steps=2",
+    "perception.steps=2", "perception.seeds=[0]", "perception.num_test_images=4",
+]  # fmt: skip
+
+
+SLOW = pytest.mark.skipif(os.environ.get("LUMEN_SLOW") != "1", reason="a minute per lumen run; LUMEN_SLOW=1")
+
+
+def _lumen_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """Environment of a `lumen` subprocess with its own Prefect home (and so its own ephemeral server)."""
+    (tmp_path / "prefect").mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_API")}
+    env.update(PREFECT_HOME=str(tmp_path / "prefect"), OMP_NUM_THREADS="1", PREFECT_LOGGING_LEVEL="WARNING")
+    return {**env, **extra}
+
+
+@pytest.mark.slow
+@SLOW
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the watchdog reads /proc")
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+def test_killed_lumen_run_leaves_no_prefect_server(tmp_path: Path, sig: signal.Signals) -> None:
+    """SIGKILL or SIGTERM of `lumen run` during expand: its ephemeral Prefect server is gone within
+    seconds (it used to live on with PPID 1)."""
+    out = tmp_path / "run"
+    cmd = [*LUMEN, "run", str(REPO / "configs" / "demo.yaml"), *TINY_RUN, "--out", str(out)]
+    with open(tmp_path / "log.txt", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=REPO, env=_lumen_env(tmp_path), stdout=log, stderr=log)
+    try:
+        deadline, servers = time.monotonic() + 240, []
+        while time.monotonic() < deadline and proc.poll() is None:
+            servers = servers or _server_children(proc.pid)
+            if servers and (out / "work" / "expand").is_dir():
+                break
+            time.sleep(0.2)
+        assert servers and proc.poll() is None, (tmp_path / "log.txt").read_text()[-3000:]
+        proc.send_signal(sig)
+        proc.wait(timeout=60)
+        assert _gone_within(servers, 10), f"Prefect server {servers} survived `lumen run` ({sig.name})"
+    finally:
+        proc.kill()
+        proc.wait(timeout=30)
+
+
+@pytest.mark.slow
+@SLOW
+def test_two_lumen_expand_on_one_out_one_fails_fast_one_waits(tmp_path: Path) -> None:
+    """Two `lumen expand` on one --out: while the first works, a second fails at once naming its PID
+    (exit 3), and one with LUMEN_LOCK_WAIT_S waits for it, then finds the work done. Shards verify.
+    (They share a Prefect home: the second server to start finds its database ready.)"""
+    out = tmp_path / "run"
+    cmd = [*LUMEN, "expand", str(REPO / "configs" / "demo.yaml"), *TINY_RUN, "--out", str(out)]
+    logs = {name: open(tmp_path / f"{name}.log", "w") for name in ("first", "fast", "waiting")}  # noqa: SIM115
+    first = subprocess.Popen(
+        cmd, cwd=REPO, env=_lumen_env(tmp_path), stdout=logs["first"], stderr=logs["first"]
+    )
+    try:
+        deadline = time.monotonic() + 240
+        while first.poll() is None and time.monotonic() < deadline:
+            if (out / LOCK_NAME).is_file() and f"PID {first.pid}" in (out / LOCK_NAME).read_text():
+                break
+            time.sleep(0.2)
+        assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
+        second = [
+            subprocess.Popen(
+                cmd, cwd=REPO, env=_lumen_env(tmp_path, **wait), stdout=logs[name], stderr=logs[name]
+            )
+            for name, wait in (("fast", {}), ("waiting", {"LUMEN_LOCK_WAIT_S": "600"}))
+        ]
+        assert second[0].wait(timeout=300) == 3
+        assert first.poll() is None  # the second gave up while the first was still working
+        fast = (tmp_path / "fast.log").read_text()
+        assert (
+            f"error: run folder {out.resolve()} is in use by PID {first.pid}" in fast
+            and "Traceback" not in fast
+        )
+        assert first.wait(timeout=600) == 0, (tmp_path / "first.log").read_text()[-3000:]
+        assert second[1].wait(timeout=600) == 0, (tmp_path / "waiting.log").read_text()[-3000:]
+    finally:
+        for proc in (first, *locals().get("second", [])):
+            proc.kill()
+            proc.wait(timeout=30)
+        for log in logs.values():
+            log.close()
+    for kind in ("real", "synthetic"):
+        report = verify_shard_set(out / "shards" / kind)
+        assert report.ok, report.summary()
+    assert not (out / LOCK_NAME).exists()
