@@ -579,3 +579,32 @@ def test_two_lumen_expand_on_one_out_one_fails_fast_one_waits(tmp_path: Path) ->
         report = verify_shard_set(out / "shards" / kind)
         assert report.ok, report.summary()
     assert not (out / LOCK_NAME).exists()
+
+
+def test_lumen_expand_on_a_run_folder_in_use_exits_3_before_prefect_starts(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The run folder is locked before Prefect starts: a second `lumen expand` fails in seconds."""
+    out = tmp_path / "run"
+    demo = str(REPO / "configs" / "demo.yaml")
+    code = (
+        "import sys, time\n"
+        "from pipeline.config import load_config\nfrom pipeline.io import FolderLock\n"
+        "from pipeline.runs import prepare_run_dir\n"
+        "run = prepare_run_dir(load_config(sys.argv[1], sys.argv[3:]), sys.argv[2])\n"
+        "FolderLock(run, what='run folder').acquire()\nprint('locked', flush=True)\ntime.sleep(120)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, demo, str(out), *TINY_RUN], stdout=subprocess.PIPE, text=True, env=env
+    )
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "locked"
+        t0 = time.monotonic()
+        assert main(["expand", demo, *TINY_RUN, "--out", str(out)]) == 3
+        assert time.monotonic() - t0 < 30
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: run folder {out.resolve()} is in use by PID {holder.pid}")
+    finally:
+        holder.kill()
+        holder.wait(timeout=30)
