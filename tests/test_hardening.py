@@ -320,6 +320,18 @@ def test_out_refuses_a_non_empty_folder_that_is_not_a_run(tmp_path: Path) -> Non
     assert (run / RUN_MARKER).is_file() and prepare_run_dir(cfg, run) == run  # and resumes
 
 
+def test_lumen_expand_refuses_a_user_folder_as_out(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`--out` on a folder of user files is one error line and exit 2, before Prefect starts."""
+    user = tmp_path / "home"
+    user.mkdir()
+    (user / "notes.txt").write_text("mine")
+    assert main(["expand", str(REPO / "configs" / "demo.yaml"), "--out", str(user)]) == 2
+    assert "not a lumen run folder" in capsys.readouterr().err
+    assert sorted(p.name for p in user.iterdir()) == ["notes.txt"]
+
+
 def test_run_folders_made_before_the_marker_still_resume(tmp_path: Path) -> None:
     cfg = build_config({"seed": 1})
     run = prepare_run_dir(cfg, tmp_path / "run")
