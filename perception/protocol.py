@@ -217,6 +217,8 @@ def run_one(
         out_dir=run_dir,
         device=device,
     )
+    if result.steps != config.steps:  # e.g. Lightning stopped on SIGTERM: never record a short run
+        raise RuntimeError(f"{spec.name} stopped after {result.steps} of {config.steps} steps; not recorded")
     record = {
         **asdict(spec),
         "tasks": list(spec.tasks),

@@ -137,7 +137,8 @@ def plot_curves(
             metric = _CURVE_METRICS[task]
             for r in (r for r in curves if r["setting"] == setting):
                 pts = [(p["step"], p[task][metric]) for p in r["curve"] if task in p]
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"seed {r['seed']}")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], marker=".", label=f"seed {r['seed']}",
+                        color=f"C{int(r['seed']) % 10}")  # fmt: skip
             info = METRICS[metric]
             ax.set_title(f"{setting}: {task} {info.label} (val)", fontsize=9)
             ax.set_xlabel("optimizer step", fontsize=7)
