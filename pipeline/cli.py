@@ -241,9 +241,11 @@ EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 
 
-class Terminated(KeyboardInterrupt):
+class Terminated(BaseException):
     """SIGTERM (``kill``, ``timeout``, a scheduler), raised so that ``finally`` blocks and exit hooks
-    run: locks are released and Prefect stops its ephemeral server."""
+    run: locks are released and Prefect stops its ephemeral server. A ``BaseException`` like
+    ``SystemExit``: ``except Exception`` does not swallow it, and Lightning re-raises it (it turns a
+    ``KeyboardInterrupt`` into ``sys.exit(1)``)."""
 
 
 def _terminate_on_sigterm() -> Any:
@@ -320,9 +322,12 @@ def _run_command(args: argparse.Namespace) -> int:
     """Run the command; user-facing failures become one ``error: ...`` line and an exit code."""
     try:
         return int(args.func(args))
-    except KeyboardInterrupt as err:
-        print("terminated" if isinstance(err, Terminated) else "interrupted", file=sys.stderr)
-        return EXIT_TERMINATED if isinstance(err, Terminated) else EXIT_INTERRUPTED
+    except Terminated:
+        print("terminated", file=sys.stderr)
+        return EXIT_TERMINATED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except Exception as err:
         code = exit_code(err)
         if code is None:

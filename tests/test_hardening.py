@@ -542,6 +542,7 @@ def test_killed_lumen_run_leaves_no_prefect_server(tmp_path: Path, sig: signal.S
         proc.send_signal(sig)
         proc.wait(timeout=60)
         assert _gone_within(servers, 10), f"Prefect server {servers} survived `lumen run` ({sig.name})"
+        assert proc.returncode == (143 if sig == signal.SIGTERM else -signal.SIGKILL)
     finally:
         proc.kill()
         proc.wait(timeout=30)
