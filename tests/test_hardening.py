@@ -489,6 +489,7 @@ def test_watchdog_stops_the_server_children_of_a_killed_process(sig: signal.Sign
     """flows/_watchdog.py stops a (stand-in) server child within seconds of its parent's death."""
     code = _FAKE_PARENT.format(mark=SERVER_MARK, script=REPO / "flows" / "_watchdog.py")
     parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    server = 0
     try:
         assert parent.stdout is not None
         server = int(parent.stdout.readline())
@@ -500,6 +501,8 @@ def test_watchdog_stops_the_server_children_of_a_killed_process(sig: signal.Sign
     finally:
         parent.kill()
         parent.wait(timeout=30)
+        if server and _running(server):  # leave nothing behind when the test fails
+            os.kill(server, signal.SIGKILL)
 
 
 LUMEN = [sys.executable, "-m", "pipeline.cli"]
