@@ -33,6 +33,7 @@ import math
 import os
 import re
 import tarfile
+import threading
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -73,6 +74,11 @@ LABELS: dict[str, str] = {"seg": "seg", "depth": "depth", "normal": "normal"}
 
 SampleData: TypeAlias = "Sequence[Sample] | str | os.PathLike[str] | Sequence[str | os.PathLike[str]]"
 """A list of samples (or :class:`ShardSamples`), or one or more shard-set folders / ``.tar`` files."""
+
+_DECODE_LOCK = threading.Lock()
+"""Serialises shard decoding across threads (the flows' thread runner trains runs concurrently): numpy
+reads .npy headers with ``ast.literal_eval``, and concurrent ``ast`` use can fail in CPython 3.11/3.12
+with ``SystemError: AST constructor recursion depth mismatch``."""
 
 MIXING = ("additive", "replace")
 """How extra samples join the real ones: on top of a full real batch, or replacing part of it."""
@@ -172,7 +178,10 @@ class ShardSamples(Sequence[Sample]):
                     continue
                 f.seek(offset)
                 raw[field] = f.read(size)
-        return to_sample(decode_sample(raw))
+        with (
+            _DECODE_LOCK
+        ):  # np.load parses .npy headers with ast, which is not thread-safe in CPython 3.11/3.12
+            return to_sample(decode_sample(raw))
 
     def __iter__(self) -> Iterator[Sample]:
         for i in range(len(self)):
