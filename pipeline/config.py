@@ -82,6 +82,12 @@ class DataConfig(_Section):
     val_depth_dir: str | None = None
     val_normal_dir: str | None = None
     depth_scale: float = Field(1000.0, gt=0, description="PNG16 depth value per metre (1000 = millimetres)")
+    max_image_pixels: int = Field(
+        8192 * 8192, ge=1, description="width x height cap of image and label files, checked before decoding"
+    )
+    high_bit_depth: Literal["scale", "quarantine"] = Field(
+        "scale", description="16-bit greyscale images: scale to 8 bits, or quarantine them"
+    )
     # folder / camvid / webdataset
     classes: list[str] | None = None
     ignore_index: int | None = None
@@ -184,8 +190,12 @@ class BaseModelConfig(_Section):
         "tiny", description="size of the tiny-architecture model trained here (small: wider VAE and UNet)"
     )
     vae_batch_size: int = Field(16, ge=1)
-    vae_crop: int | None = Field(32, ge=8, description="random crop side for VAE training (None: full images)")
-    vae_edge_weight: float = Field(0.0, ge=0, description="weight of an image-gradient L1 term in the VAE loss")
+    vae_crop: int | None = Field(
+        32, ge=8, description="random crop side for VAE training (None: full images)"
+    )
+    vae_edge_weight: float = Field(
+        0.0, ge=0, description="weight of an image-gradient L1 term in the VAE loss"
+    )
     mixed_precision: Literal["no", "fp16", "bf16", "auto"] = Field(
         "auto", description="UNet training autocast: auto = bf16 on CUDA, none on CPU"
     )
@@ -312,7 +322,10 @@ class PerceptionConfig(_Section):
         0.5, ge=0, le=1, description="replace mixing: share of synthetic samples in each batch"
     )
     augment_strength: float = Field(
-        1.0, gt=0, le=3, description="real+augment: strength of the photometric augmentation (colour, blur, noise)"
+        1.0,
+        gt=0,
+        le=3,
+        description="real+augment: strength of the photometric augmentation (colour, blur, noise)",
     )
     oracle_variants: int = Field(2, ge=1, description="real+oracle: re-renders per labelled toy scene")
     oracle_domains: list[str] | None = Field(
@@ -326,11 +339,14 @@ class PerceptionConfig(_Section):
     )
     num_test_images: int = Field(256, ge=1, description="toy scenes: test scenes")
     test_domains: list[str] | None = Field(
-        None, description="toy scenes: domains of the val and test scenes; null = data.domains (cross-domain: "
+        None,
+        description="toy scenes: domains of the val and test scenes; null = data.domains (cross-domain: "
         "train on data.domains, test on these)",
     )
     val_every: int | None = Field(
-        None, ge=1, description="log the validation metrics every N steps (the learning curve); null = at the end"
+        None,
+        ge=1,
+        description="log the validation metrics every N steps (the learning curve); null = at the end",
     )
     low_label_fraction: float | None = Field(
         0.1, gt=0, le=1, description="labelled real share of the low-label setting; null = full setting only"

@@ -48,6 +48,8 @@ def _folder(cfg: DataConfig, split: str, cap: int | None) -> SampleSource:
         num_images=cap,
         image_size=cfg.image_size,
         depth_scale=cfg.depth_scale,
+        max_image_pixels=cfg.max_image_pixels,
+        high_bit_depth=cfg.high_bit_depth,
     )
 
 
