@@ -38,6 +38,7 @@ RAW = {
         "batch_size": 2,
         "low_label_fraction": None,
         "num_test_images": 3,
+        "arms": ["real", "real+synthetic"],
         "encoder_depth": 3,
         "decoder_channels": [16, 8, 8],
     },

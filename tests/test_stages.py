@@ -77,6 +77,7 @@ def test_expand_writes_real_and_synthetic_shards_with_the_expected_keys(tmp_path
                 "batch_size": 2,
                 "low_label_fraction": None,
                 "num_test_images": 3,
+                "arms": ["real", "real+synthetic"],
                 "encoder_depth": 3,
                 "decoder_channels": [16, 8, 8],
             },
@@ -111,7 +112,7 @@ def test_expand_writes_real_and_synthetic_shards_with_the_expected_keys(tmp_path
     report = json.loads((report_dir / "report.json").read_text())
     for task, metric in (("seg", "miou"), ("depth", "abs_rel")):
         full = report["tasks"][task]["settings"]["full"]
-        assert set(full["real"][metric]) >= {"mean", "std"} and metric in full["gain"]["real+augment"]
+        assert set(full["real"][metric]) >= {"mean", "std"} and metric in full["gain"]["real+synthetic"]
         assert full["gain"]["real+synthetic"][metric] == pytest.approx(
             full["real+synthetic"][metric]["mean"] - full["real"][metric]["mean"], abs=1e-9
         )
