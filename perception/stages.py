@@ -54,10 +54,32 @@ def _asset_card(folder: Path) -> dict[str, Any]:
     return dict(json.loads(path.read_text())) if path.is_file() else {}
 
 
+def _shard_models(run_dir: Path) -> dict[str, Any] | None:
+    """The generator models recorded in the provenance of the run's first synthetic sample, if any."""
+    import tarfile
+
+    tars = sorted((run_dir / "shards" / "synthetic").glob("*.tar"))
+    if not tars:
+        return None
+    with tarfile.open(tars[0]) as tar:
+        for member in tar:
+            handle = tar.extractfile(member) if member.name.endswith(".json") else None
+            if handle is not None:
+                models = json.loads(handle.read()).get("models")
+                return dict(models) if isinstance(models, dict) else None
+    return None
+
+
 def _models(cfg: LumenConfig, run_dir: Path) -> dict[str, Any]:
-    """The models that made the synthetic data (the run's own or the shipped ones): ``{role: {"id",
-    "sha256", "trained_on"}}`` for the report's provenance."""
+    """The models that made the synthetic data: ``{role: {"id", "sha256", "trained_on"}}`` for the
+    report's provenance. Taken from the synthetic shards' provenance when they exist (the models that
+    really made them, even if the shipped ones were replaced since), else the run's own or the shipped
+    models that the config would use."""
     from pipeline.lumen.stages import base_folder, lumen_folder
+
+    recorded = _shard_models(run_dir)
+    if recorded:
+        return recorded
 
     try:
         folder = lumen_folder(cfg, run_dir)
