@@ -137,7 +137,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> int:
 
 def _cmd_gains(args: argparse.Namespace) -> int:
     s = _flow("gains", args)
-    assert isinstance(s, dict)
+    if not isinstance(s, dict):
+        raise TypeError(f"the gains flow returned {type(s).__name__}, expected its summary dict")
     print(f"report: {s['report']} (and report.json, figures/); {s['runs']} runs in {s['seconds']:.0f} s")
     return 0
 
