@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import ConfigError, LumenConfig, config_hash, load_config
 from pipeline.io import FolderLock, atomic_write_json, atomic_write_text
+from pipeline.runs import RunPaths
 
 __all__ = [
     "LOCK_WAIT_ENV",
@@ -122,7 +123,7 @@ def _artifact_key(text: str) -> str:
 
 def publish_summary(run_dir: Path, stage: str, markdown: str, data: Mapping[str, Any]) -> None:
     """``summaries/<stage>.md`` + ``.json`` in the run folder, and a Markdown artifact in Prefect."""
-    out = run_dir / "summaries"
+    out = RunPaths(run_dir).summaries
     atomic_write_text(out / f"{stage}.md", markdown)
     atomic_write_json(out / f"{stage}.json", dict(data))
     if _in_prefect_run():
@@ -135,7 +136,7 @@ def publish_summary(run_dir: Path, stage: str, markdown: str, data: Mapping[str,
 
 def publish_table(run_dir: Path, stage: str, rows: list[dict[str, Any]], description: str) -> None:
     """A table artifact (and ``summaries/<stage>.table.json``)."""
-    atomic_write_json(run_dir / "summaries" / f"{stage}.table.json", rows)
+    atomic_write_json(RunPaths(run_dir).summary(stage, ".table.json"), rows)
     if _in_prefect_run() and rows:
         from prefect.artifacts import create_table_artifact
 

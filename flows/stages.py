@@ -37,6 +37,7 @@ from flows.common import (
 from flows.runner import build_task_runner, configure_threads, device_resources, device_slot
 from pipeline.config import LumenConfig, config_hash, load_config
 from pipeline.io import atomic_write_text
+from pipeline.runs import RunPaths
 
 __all__ = [
     "call_flow",
@@ -85,7 +86,7 @@ def validate_data(cfg: LumenConfig, run_dir: Path) -> dict[str, Any]:
     from pipeline.data import Quarantine, build_dataset
     from pipeline.data.validate import scan_dataset
 
-    quarantine = Quarantine(run_dir / "quarantine.jsonl")
+    quarantine = Quarantine(RunPaths(run_dir).quarantine)
     summary = {
         split: scan_dataset(
             build_dataset(cfg.data, split), quarantine, stage=f"validate-{split}", progress=True
@@ -101,9 +102,9 @@ def train_base_task(cfg: LumenConfig, run_dir: Path) -> str:
     """Train the tiny base model (resumes from its latest checkpoint; skipped when saved)."""
     from pipeline.lumen.stages import run_train_base
 
-    if (run_dir / "base" / "model_index.json").is_file():
-        stage_logger(__name__).info("base model already trained: %s", run_dir / "base")
-        return str(run_dir / "base")
+    if (RunPaths(run_dir).base / "model_index.json").is_file():
+        stage_logger(__name__).info("base model already trained: %s", RunPaths(run_dir).base)
+        return str(RunPaths(run_dir).base)
     configure_threads(cfg)
     with device_slot(cfg.runner):
         return str(run_train_base(cfg, run_dir))
@@ -114,9 +115,9 @@ def train_lumen_task(cfg: LumenConfig, run_dir: Path) -> str:
     """Train the LUMEN ControlNet (resumes from its latest checkpoint; skipped when saved)."""
     from pipeline.lumen.stages import run_train_lumen
 
-    if (run_dir / "lumen" / "lumen.json").is_file():
-        stage_logger(__name__).info("LUMEN ControlNet already trained: %s", run_dir / "lumen")
-        return str(run_dir / "lumen")
+    if (RunPaths(run_dir).lumen / "lumen.json").is_file():
+        stage_logger(__name__).info("LUMEN ControlNet already trained: %s", RunPaths(run_dir).lumen)
+        return str(RunPaths(run_dir).lumen)
     configure_threads(cfg)
     with device_slot(cfg.runner):
         return str(run_train_lumen(cfg, run_dir))
@@ -141,7 +142,7 @@ def perception_run_task(cfg: LumenConfig, run_dir: Path, spec: Any, inputs: Any)
     configure_threads(cfg)
     with device_slot(cfg.runner):
         return run_one(spec, inputs.real, inputs.val, inputs.synthetic, config=cfg.perception, info=inputs.info,
-                       oracle=inputs.oracle, test=inputs.test, out_dir=run_dir / "perception",
+                       oracle=inputs.oracle, test=inputs.test, out_dir=RunPaths(run_dir).perception,
                        device=str(resolve_device(cfg.device)))  # fmt: skip
 
 
@@ -165,7 +166,7 @@ def _expand(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> dict[str,
     t0 = time.time()
     chunks = prepare_expand(cfg, run_dir, progress=progress)
     ctx = expand_context(cfg, run_dir)
-    quarantine = Quarantine(run_dir / "quarantine.jsonl")
+    quarantine = Quarantine(RunPaths(run_dir).quarantine)
     real_w, syn_w = shard_writers(cfg, run_dir)
     todo = [i for i, keys in enumerate(chunks) if not chunk_written(ctx, i, keys, real_w, syn_w)]
     stage_logger(__name__).info("expand: %d chunks, %d to do", len(chunks), len(todo))
@@ -349,7 +350,7 @@ def _gains(
     results = {"protocol": protocol, "tasks": aggregate(runs, alpha=cfg.perception.alpha), "runs": runs}
     scfg, sdir, inputs = last
     report_dir = write_report(
-        cfg, sdir, results, inputs.real, inputs.synthetic, inputs.info, run_dir / "report"
+        cfg, sdir, results, inputs.real, inputs.synthetic, inputs.info, RunPaths(run_dir).report
     )
     return _publish_gains(run_dir, "gains", results, report_dir, time.time() - t0)
 
@@ -405,7 +406,7 @@ def _needs_training(cfg: LumenConfig, run_dir: Path) -> tuple[bool, bool]:
     """Whether the run has to train its base model and its ControlNet (no fitting shipped one)."""
     from pipeline.lumen.stages import lumen_folder, shipped_base
 
-    base = cfg.base.source == "tiny" and not (run_dir / "base" / "model_index.json").is_file()
+    base = cfg.base.source == "tiny" and not (RunPaths(run_dir).base / "model_index.json").is_file()
     base = base and shipped_base(cfg) is None
     try:
         lumen_folder(cfg, run_dir)
@@ -473,7 +474,7 @@ def _run(cfg: LumenConfig, run_dir: Path, progress: bool, t0: float) -> dict[str
         + markdown_table(evaluate["gains"])
     )
     publish_summary(run_dir, "run", md, summary)
-    atomic_write_text(run_dir / "summary.md", md)
+    atomic_write_text(RunPaths(run_dir).summary_md, md)
     mark_latest(run_dir, cfg)
     return summary
 
@@ -518,4 +519,4 @@ def call_flow(
 
 def read_summary(run_dir: Path, stage: str) -> dict[str, Any]:
     """A stage summary written by a flow (``summaries/<stage>.json``)."""
-    return dict(json.loads((run_dir / "summaries" / f"{stage}.json").read_text()))
+    return dict(json.loads(RunPaths(run_dir).summary(stage).read_text()))

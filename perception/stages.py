@@ -15,6 +15,7 @@ from pipeline.data.sample import DatasetInfo, Sample
 from pipeline.device import resolve_device
 from pipeline.io import sha256_file
 from pipeline.lumen.stages import collect_samples
+from pipeline.runs import RunPaths
 
 __all__ = [
     "EvalInputs",
@@ -58,7 +59,7 @@ def _shard_models(run_dir: Path) -> dict[str, Any] | None:
     """The generator models recorded in the provenance of the run's first synthetic sample, if any."""
     import tarfile
 
-    tars = sorted((run_dir / "shards" / "synthetic").glob("*.tar"))
+    tars = sorted(RunPaths(run_dir).shards("synthetic").glob("*.tar"))
     if not tars:
         return None
     with tarfile.open(tars[0]) as tar:
@@ -153,7 +154,7 @@ def evaluation_inputs(cfg: LumenConfig, run_dir: Path, progress: bool = True) ->
     """
     from perception.data import ShardSamples, catalog, dataset_info_from_shards
 
-    real_dir, syn_dir = run_dir / "shards" / "real", run_dir / "shards" / "synthetic"
+    real_dir, syn_dir = RunPaths(run_dir).shards("real"), RunPaths(run_dir).shards("synthetic")
     p = cfg.perception
     toy = cfg.data.adapter == "toyscenes"
     # 1. Real training data and the dataset card.
@@ -197,7 +198,7 @@ def evaluation_inputs(cfg: LumenConfig, run_dir: Path, progress: bool = True) ->
         if p.test_domains:
             raise ValueError("perception.test_domains is for toy scenes only")
         size = tuple(cfg.data.image_size) if cfg.data.image_size else None
-        quarantine = Quarantine(run_dir / "quarantine.jsonl")
+        quarantine = Quarantine(RunPaths(run_dir).quarantine)
         val = list(collect_samples(cfg, size, quarantine, split="val", progress=progress))  # type: ignore[arg-type]
     # 4. Oracle re-renders of the real images some run trains on.
     oracle = None
@@ -253,7 +254,7 @@ def write_report(
     from perception.data import pair_variants
     from pipeline.report import make_report
 
-    report_dir = report_dir or run_dir / "report"
+    report_dir = report_dir or RunPaths(run_dir).report
     gallery = pair_variants(real, synthetic) if synthetic is not None else None
     make_report(results, report_dir, config=config_dict(cfg), config_hash=config_hash(cfg), models=_models(cfg, run_dir),
                 dataset=info, gallery=gallery)  # fmt: skip
@@ -272,7 +273,7 @@ def run_evaluate(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Path
 
     inputs = evaluation_inputs(cfg, run_dir, progress)
     results = run_protocol(inputs.real, inputs.val, inputs.synthetic, config=cfg.perception, info=inputs.info,
-                           oracle=inputs.oracle, test=inputs.test, out_dir=run_dir / "perception",
+                           oracle=inputs.oracle, test=inputs.test, out_dir=RunPaths(run_dir).perception,
                            device=str(resolve_device(cfg.device)))  # fmt: skip
     settings = default_settings(cfg.perception)
     results["protocol"] = protocol_summary(cfg.perception, settings)

@@ -4,27 +4,114 @@ from __future__ import annotations
 
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import ConfigError, LumenConfig, config_hash, safe_load_yaml, save_config
 from pipeline.io import LOCK_NAME, atomic_write_json
 
-__all__ = ["RUN_LAYOUT", "RUN_MARKER", "prepare_run_dir"]
+__all__ = ["RUN_MARKER", "RunPaths", "load_run_config", "prepare_run_dir"]
 
 RUN_MARKER = ".lumen-run.json"
 """Marks a folder as a lumen run folder; ``--out`` never adopts a non-empty folder without it."""
 
-RUN_LAYOUT = {
-    "config": "config.yaml",
-    "quarantine": "quarantine.jsonl",
-    "pca": "pca.safetensors",
-    "base": "base",
-    "lumen": "lumen",
-    "shards_real": "shards/real",
-    "shards_synthetic": "shards/synthetic",
-    "perception": "perception",
-    "report": "report",
-}
+
+@dataclass(frozen=True)
+class RunPaths:
+    """Every file and folder of a run folder, by name: the one place that spells the run layout.
+
+    ``RunPaths(run_dir).base`` is the run's own base model, ``.shards("real")`` a shard set, and
+    ``.setting("cross-domain")`` the run folder of one setting of a gains study (same layout).
+    """
+
+    root: Path
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        object.__setattr__(self, "root", Path(root))
+
+    # the run itself
+    @property
+    def marker(self) -> Path:
+        return self.root / RUN_MARKER
+
+    @property
+    def config(self) -> Path:
+        """The resolved config (its first line records the config hash)."""
+        return self.root / "config.yaml"
+
+    @property
+    def started_at(self) -> Path:
+        """The run's start time, fixed on first use (provenance of every sample)."""
+        return self.root / "started_at.txt"
+
+    @property
+    def quarantine(self) -> Path:
+        return self.root / "quarantine.jsonl"
+
+    # models and layouts
+    @property
+    def base(self) -> Path:
+        """The run's own base model (diffusers layout), when it trained one."""
+        return self.root / "base"
+
+    @property
+    def lumen(self) -> Path:
+        """The run's own LUMEN ControlNet, when it trained one."""
+        return self.root / "lumen"
+
+    @property
+    def pca(self) -> Path:
+        """The dataset-level layout PCA fitted by this run."""
+        return self.root / "pca.safetensors"
+
+    @property
+    def layouts(self) -> Path:
+        """The layout cache (one file per sample, keyed by the layout spec)."""
+        return self.root / "layouts"
+
+    # expand
+    @property
+    def expand_work(self) -> Path:
+        """Generated chunks waiting to be sharded (dropped once the shard sets are complete)."""
+        return self.root / "work" / "expand"
+
+    def chunk_files(self, index: int) -> tuple[Path, Path]:
+        """The ``.npz`` (images) and ``.json`` (record) of generated chunk ``index``."""
+        stem = self.expand_work / f"chunk-{index:06d}"
+        return stem.with_suffix(".npz"), stem.with_suffix(".json")
+
+    def shards(self, kind: str) -> Path:
+        """A shard set: ``real`` or ``synthetic``."""
+        if kind not in ("real", "synthetic"):
+            raise ValueError(f"shard set {kind!r}: expected 'real' or 'synthetic'")
+        return self.root / "shards" / kind
+
+    # evaluate
+    @property
+    def perception(self) -> Path:
+        """One folder per perception training run (``run.json`` marks it finished)."""
+        return self.root / "perception"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def summaries(self) -> Path:
+        """Each stage's summary (``<stage>.md``, ``<stage>.json``, ``<stage>.table.json``)."""
+        return self.root / "summaries"
+
+    def summary(self, stage: str, suffix: str = ".json") -> Path:
+        return self.summaries / f"{stage}{suffix}"
+
+    @property
+    def summary_md(self) -> Path:
+        """The end-to-end run's summary."""
+        return self.root / "summary.md"
+
+    def setting(self, name: str) -> RunPaths:
+        """The run folder of one setting of a gains study."""
+        return RunPaths(self.root / name)
 
 
 def _stored_hash(config_path: Path) -> str | None:
@@ -35,7 +122,7 @@ def _stored_hash(config_path: Path) -> str | None:
 
 def _is_run_dir(run_dir: Path) -> bool:
     """A folder made by :func:`prepare_run_dir`: the marker, or (older runs) a resolved config.yaml."""
-    cfg_path = run_dir / RUN_LAYOUT["config"]
+    cfg_path = RunPaths(run_dir).config
     return (run_dir / RUN_MARKER).is_file() or (cfg_path.is_file() and _stored_hash(cfg_path) is not None)
 
 
@@ -75,7 +162,7 @@ def prepare_run_dir(cfg: LumenConfig, out: str | os.PathLike[str] | None = None)
             run_dir = base.with_name(f"{base.name}-{n}")
     else:
         run_dir = Path(out)
-    cfg_path = run_dir / RUN_LAYOUT["config"]
+    cfg_path = RunPaths(run_dir).config
     marker = run_dir / RUN_MARKER
     if marker.is_file() and not cfg_path.exists():  # made, then killed before its config was saved
         save_config(cfg, cfg_path)
@@ -99,7 +186,7 @@ def prepare_run_dir(cfg: LumenConfig, out: str | os.PathLike[str] | None = None)
 
 def load_run_config(run_dir: str | os.PathLike[str]) -> dict[str, object]:
     """The raw resolved config stored in a run folder."""
-    with open(Path(run_dir) / RUN_LAYOUT["config"], encoding="utf-8") as f:
+    with open(RunPaths(run_dir).config, encoding="utf-8") as f:
         data = safe_load_yaml(f)
     if not isinstance(data, dict):
         raise ConfigError(f"{run_dir}/config.yaml is not a mapping")

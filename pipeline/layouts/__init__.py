@@ -4,7 +4,7 @@ Typical use::
 
     backbone = build_backbone(cfg.layouts, base_model_dir, device)
     pca = fit_pca(backbone, dataset, cfg.layouts)            # once per dataset
-    pca.save(run_dir / "pca.safetensors")
+    pca.save(RunPaths(run_dir).pca)
     extractor = LayoutExtractor.from_config(cfg.layouts, backbone, pca, size=(H, W))
     layouts = extractor(images)                              # (B, N, H, W) float in [0, 1]
 

@@ -50,6 +50,7 @@ from pipeline.lumen.stages import (
     load_run_base,
     lumen_folder,
 )
+from pipeline.runs import RunPaths
 
 __all__ = [
     "ChunkResult",
@@ -66,8 +67,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-WORK_DIR = Path("work") / "expand"
 
 
 @dataclass
@@ -100,7 +99,7 @@ class ChunkResult:
 
 def _run_timestamp(run_dir: Path) -> str:
     """The run's start time, fixed on first use, so a resumed run writes the same provenance bytes."""
-    path = run_dir / "started_at.txt"
+    path = RunPaths(run_dir).started_at
     if not path.is_file():
         atomic_write_text(path, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")
     return path.read_text().strip()
@@ -287,8 +286,7 @@ def prepare_expand(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> li
 
 def chunk_files(run_dir: Path, index: int) -> tuple[Path, Path]:
     """The (npz, json) files of chunk ``index``."""
-    stem = run_dir / WORK_DIR / f"chunk-{index:06d}"
-    return stem.with_suffix(".npz"), stem.with_suffix(".json")
+    return RunPaths(run_dir).chunk_files(index)
 
 
 def _cache_key(ctx: ExpandContext, keys: Sequence[str]) -> str:
@@ -393,10 +391,14 @@ def shard_writers(cfg: LumenConfig, run_dir: Path) -> tuple[Any, Any]:
         info = info_with_ignore(info)  # masked pixels need an ignore index in the card
     card, hash_ = info.card(), config_hash(cfg)
     real = ShardSetWriter.from_config(
-        run_dir / "shards" / "real", cfg.shards, dataset_card=card, config_hash=hash_, prefix="real"
+        RunPaths(run_dir).shards("real"), cfg.shards, dataset_card=card, config_hash=hash_, prefix="real"
     )
     syn = ShardSetWriter.from_config(
-        run_dir / "shards" / "synthetic", cfg.shards, dataset_card=card, config_hash=hash_, prefix="synthetic"
+        RunPaths(run_dir).shards("synthetic"),
+        cfg.shards,
+        dataset_card=card,
+        config_hash=hash_,
+        prefix="synthetic",
     )
     return real, syn
 
@@ -463,7 +465,7 @@ def run_expand(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Expand
     t0 = time.time()
     chunks = prepare_expand(cfg, run_dir, progress=progress)
     ctx = expand_context(cfg, run_dir)
-    quarantine = Quarantine(run_dir / "quarantine.jsonl")
+    quarantine = Quarantine(RunPaths(run_dir).quarantine)
     q_before = len(quarantine)
     real_w, syn_w = shard_writers(cfg, run_dir)
     n_real = n_syn = n_filtered = reused = 0
@@ -519,8 +521,8 @@ def finish_expand(run_dir: Path) -> None:
     """Delete the chunks' images once both shard sets are complete; their small JSON records stay, so a
     rerun knows every chunk is written without generating anything."""
     for name in ("real", "synthetic"):
-        manifest = run_dir / "shards" / name / "manifest.json"
+        manifest = RunPaths(run_dir).shards(name) / "manifest.json"
         if not manifest.is_file() or not json.loads(manifest.read_text()).get("complete"):
             return
-    for npz in (run_dir / WORK_DIR).glob("chunk-*.npz"):
+    for npz in RunPaths(run_dir).expand_work.glob("chunk-*.npz"):
         npz.unlink(missing_ok=True)

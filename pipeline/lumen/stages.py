@@ -18,6 +18,7 @@ from pipeline.data.sample import Sample, SampleSource
 from pipeline.device import resolve_device
 from pipeline.io import sha256_file
 from pipeline.lumen.base import BaseComponents, load_base
+from pipeline.runs import RunPaths
 
 __all__ = [
     "base_folder",
@@ -108,7 +109,7 @@ def run_train_base(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Pa
             "train-base trains the tiny preset (base.source=tiny); a pretrained base needs no training"
         )
     b = cfg.base
-    quarantine = Quarantine(run_dir / "quarantine.jsonl")
+    quarantine = Quarantine(RunPaths(run_dir).quarantine)
     size = (b.resolution, b.resolution)
     if cfg.data.image_size is not None and cfg.data.image_size[0] == b.resolution:
         size = (b.resolution, max(b.resolution, cfg.data.image_size[1]))  # wide: random square windows
@@ -133,7 +134,7 @@ def run_train_base(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Pa
         device=str(resolve_device(cfg.device)),
         mixed_precision=b.mixed_precision,
     )
-    out = run_dir / "base"
+    out = RunPaths(run_dir).base
     train_base(images, captions, out, settings, preset=PRESETS[b.preset], progress=progress)
     log.info("base model saved to %s", out)
     return out
@@ -161,7 +162,7 @@ def load_run_base(cfg: LumenConfig, run_dir: Path) -> tuple[BaseComponents, str]
         if cfg.base.pretrained is None:  # checked by BaseModelConfig
             raise ValueError("base.pretrained is not set")
         return load_base(cfg.base.pretrained, local_files_only=cfg.base.local_files_only), cfg.base.pretrained
-    folder = run_dir / "base"
+    folder = RunPaths(run_dir).base
     if (folder / "model_index.json").is_file():  # identity by content: the run folder may move
         digest = sha256_file(folder / "unet" / "diffusion_pytorch_model.safetensors")[:16]
         return load_base(folder), f"{RUN_BASE}@{digest}"
@@ -207,12 +208,12 @@ def _lumen_asset_fits(cfg: LumenConfig, meta: dict[str, Any], base_name: str) ->
 def lumen_folder(cfg: LumenConfig, run_dir: Path) -> Path:
     """The run's trained ControlNet (``run_dir/lumen``), else a shipped one when the run uses the shipped
     base model it was trained over and its data, condition and layout settings match."""
-    folder = run_dir / "lumen"
+    folder = RunPaths(run_dir).lumen
     if (folder / "lumen.json").is_file():
         return folder
     from pipeline.assets import asset_path, available_assets
 
-    base = shipped_base(cfg) if not (run_dir / "base" / "model_index.json").is_file() else None
+    base = shipped_base(cfg) if not (RunPaths(run_dir).base / "model_index.json").is_file() else None
     if base is not None:
         for name in available_assets():
             meta = _asset_meta(name)
@@ -231,7 +232,7 @@ def base_folder(base_id: str, run_dir: Path | None = None) -> Path:
     if base_id.startswith(f"{RUN_BASE}@"):
         if run_dir is None:
             raise ValueError(f"{base_id!r} names a run's own base model: pass its run_dir")
-        return run_dir / "base"
+        return RunPaths(run_dir).base
     if base_id.startswith("lumen-assets/"):
         from pipeline.assets import ASSETS_DIR
 
@@ -280,14 +281,14 @@ def condition_maker(
 
         device = resolve_device(cfg.device)
         backbone = build_backbone(cfg.layouts, device=device, components=base, model_id=base_id)
-        pca_path = pca_path or run_dir / "pca.safetensors"
+        pca_path = pca_path or RunPaths(run_dir).pca
         if pca_path.is_file():
             pca = PCA.load(pca_path)
         else:
             pca = fit_pca(backbone, fit_data, cfg.layouts, metadata={"config_hash": config_hash(cfg)})
             pca.save(pca_path)
         extractor = LayoutExtractor.from_config(cfg.layouts, backbone, pca, size=generation_size(cfg, base))
-        cache = LayoutCache(run_dir / "layouts", extractor.spec()) if cfg.layouts.cache else None
+        cache = LayoutCache(RunPaths(run_dir).layouts, extractor.spec()) if cfg.layouts.cache else None
 
         def layouts(samples: Sequence[Sample]) -> np.ndarray:
             out = extractor.layouts_for(list(samples), cache=cache, batch_size=cfg.layouts.batch_size)
@@ -318,7 +319,7 @@ def run_train_lumen(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> P
     from pipeline.lumen.controlnet import ControlTrainSettings, LumenTrainer, build_controlnet
 
     base, base_id = load_run_base(cfg, run_dir)
-    quarantine = Quarantine(run_dir / "quarantine.jsonl")
+    quarantine = Quarantine(RunPaths(run_dir).quarantine)
     data = collect_samples(
         cfg, generation_size(cfg, base), quarantine, progress=progress, workers=cfg.data.load_workers
     )
@@ -348,6 +349,6 @@ def run_train_lumen(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> P
         "size": list(generation_size(cfg, base)),
         **cond_meta,
     }
-    out = trainer.save(run_dir / "lumen", card)
+    out = trainer.save(RunPaths(run_dir).lumen, card)
     log.info("LUMEN ControlNet saved to %s", out)
     return out

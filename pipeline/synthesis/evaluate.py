@@ -38,6 +38,7 @@ from pipeline.data.sample import DatasetInfo, Sample, SampleError
 from pipeline.device import resolve_device
 from pipeline.io import atomic_write_json, atomic_write_text, sha256_file
 from pipeline.lumen.base import BaseComponents, load_base
+from pipeline.runs import RunPaths
 from pipeline.synthesis.judges import Judge, fit_judge
 from pipeline.synthesis.metrics import (
     LatentEncoder,
@@ -199,7 +200,7 @@ def _open_run(spec: RunSpec, cfg: LumenConfig, bases: _Bases, default: tuple[Bas
     if spec.run_dir is None:
         return _Run(spec, "none", None, *default)
     run_dir = spec.run_dir
-    run_cfg = load_config(run_dir / "config.yaml")
+    run_cfg = load_config(RunPaths(run_dir).config)
     if (run_cfg.data.adapter, run_cfg.data.image_size) != (cfg.data.adapter, cfg.data.image_size):
         raise ValueError(
             f"{run_dir} was trained on {run_cfg.data.adapter} at {run_cfg.data.image_size}, the evaluation "
@@ -210,7 +211,7 @@ def _open_run(spec: RunSpec, cfg: LumenConfig, bases: _Bases, default: tuple[Bas
     base_id = str(card.get("base_model") or default[1])
     base = bases.get(base_id, run_dir, fallback=base_dir)
     # 'layout' needs the PCA it was trained with; nothing is written into the run folder.
-    pca = next((p for p in (run_dir / "pca.safetensors", lumen_dir / "pca.safetensors") if p.is_file()), None)
+    pca = next((p for p in (RunPaths(run_dir).pca, lumen_dir / "pca.safetensors") if p.is_file()), None)
     if run_cfg.lumen.condition == "layout" and pca is None:
         raise FileNotFoundError(f"{run_dir} has no pca.safetensors: the layouts cannot be reproduced")
     no_cache = run_cfg.model_copy(update={"layouts": run_cfg.layouts.model_copy(update={"cache": False})})
@@ -518,7 +519,7 @@ def evaluate_synthesis(
     if config is None:
         if first is None:
             raise ValueError("with only 'none' rows, pass the config (--config) naming the data")
-        config = load_config(first / "config.yaml")
+        config = load_config(RunPaths(first).config)
     cfg = config
     device = resolve_device(settings.device)
     bases = _Bases(device)
