@@ -88,7 +88,7 @@ def main() -> None:
     if args.threads:
         env.update(OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     lumen = shutil.which("lumen")
-    cli = [lumen] if lumen else [sys.executable, "-m", "pipeline.cli"]
+    cli = [lumen] if lumen else [sys.executable, "-m", "lumen_cli"]
     tmp = tempfile.mkdtemp(prefix="lumen-e2e-")
     run_dir = args.keep or Path(tmp) / "run"
     gnu_time = Path("/usr/bin/time")

@@ -84,7 +84,7 @@ def _verify(run: Path) -> tuple[list[str], list[str]]:
 def test_run_flow_writes_shards_report_and_summaries(template, tmp_path: Path, harness, capsys) -> None:
     from flows import call_flow
     from flows.stages import read_summary
-    from pipeline.cli import main
+    from lumen_cli.main import main
 
     cfg_path, tpl = template
     run = _copy_run(tpl, tmp_path / "run")
@@ -119,7 +119,7 @@ def test_run_flow_writes_shards_report_and_summaries(template, tmp_path: Path, h
 
 
 def _lumen(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    cmd = [sys.executable, "-c", "import sys; from pipeline.cli import main; sys.exit(main())", *args]
+    cmd = [sys.executable, "-c", "import sys; from lumen_cli.main import main; sys.exit(main())", *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
 
 
@@ -237,7 +237,7 @@ def test_two_generation_slots_make_the_same_chunks_as_one(template, tmp_path: Pa
 
 
 def test_serve_dry_run_builds_a_scheduled_deployment(template, capsys) -> None:
-    from pipeline.cli import main
+    from lumen_cli.main import main
 
     cfg_path, _ = template
     assert main(["serve", str(cfg_path), "generate.variants=3", "--cron", "0 2 * * *", "--dry-run"]) == 0

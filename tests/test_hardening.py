@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.cli import main
+from lumen_cli.main import main
 from pipeline.config import ConfigError, build_config, load_config
 from pipeline.data import FolderDataset, Quarantine, Sample, iter_valid
 from pipeline.data.sample import KEY_PATTERN
@@ -505,7 +505,7 @@ def test_watchdog_stops_the_server_children_of_a_killed_process(sig: signal.Sign
             os.kill(server, signal.SIGKILL)
 
 
-LUMEN = [sys.executable, "-m", "pipeline.cli"]
+LUMEN = [sys.executable, "-m", "lumen_cli"]
 TINY_RUN = [
     "data.num_images=8", "data.num_val_images=4", "generate.variants=1", "generate.steps=2",
     "perception.steps=2", "perception.seeds=[0]", "perception.num_test_images=4",

@@ -451,7 +451,7 @@ def test_preview_png_shows_input_and_layout(toy: ToyScenes, tmp_path: Path) -> N
 
 
 def test_cli_layouts_preview_writes_png_and_pca(tmp_path: Path) -> None:
-    from pipeline.layouts.cli import register
+    from lumen_cli.layouts import register
 
     config = tmp_path / "c.yaml"
     config.write_text(f"name: t\nruns_dir: {tmp_path / 'runs'}\ndevice: cpu\nbase: {{resolution: 32}}\n")

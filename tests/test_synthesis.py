@@ -239,7 +239,7 @@ def test_quality_filter_fit_trains_once_then_reloads(tmp_path: Path, monkeypatch
 def test_evaluate_synthesis_writes_table_json_and_figure(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline.cli import main
+    from lumen_cli.main import main
 
     base = tiny_base()
     base.save(tmp_path / "base")

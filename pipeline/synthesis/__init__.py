@@ -7,6 +7,6 @@
   per-pixel (FreeMask-style) quality filter used by ``expand``.
 - :mod:`pipeline.synthesis.evaluate`: ``lumen evaluate-synthesis``, the comparison table and figure.
 
-Nothing heavy is imported here: the CLI registers its command through :mod:`pipeline.synthesis.cli`
+Nothing heavy is imported here: the CLI registers its command through :mod:`lumen_cli.synthesis`
 at every ``lumen`` start.
 """

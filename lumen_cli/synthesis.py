@@ -92,7 +92,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point: ``python -m pipeline.synthesis.cli evaluate-synthesis ...``."""
+    """Stand-alone entry point: ``python -m lumen_cli.synthesis evaluate-synthesis ...``."""
     parser = argparse.ArgumentParser(prog="lumen")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -27,7 +27,7 @@ __all__ = ["main"]
 log = logging.getLogger("lumen")
 
 # Sub-packages that contribute command groups through a ``register(subparsers)`` function.
-_PLUGINS = ("pipeline.layouts.cli", "pipeline.shards.cli", "pipeline.synthesis.cli")
+_PLUGINS = ("lumen_cli.layouts", "lumen_cli.shards", "lumen_cli.synthesis")
 
 
 def add_config_args(p: argparse.ArgumentParser, out: bool = True) -> None:

@@ -69,7 +69,7 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry point: ``python -m pipeline.shards.cli shards verify DIR``."""
+    """Stand-alone entry point: ``python -m lumen_cli.shards shards verify DIR``."""
     parser = argparse.ArgumentParser(prog="lumen")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
