@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from perception.judges import fit_judge
 from pipeline.synthesis.evaluate import EvalSettings, RunSpec, evaluate_synthesis, parse_run
 
 
@@ -41,7 +42,9 @@ def main() -> None:
         images=args.images, variants=args.variants, steps=args.steps, guidance=args.guidance,
         train_images=args.seg_train_images, judge_steps=args.seg_steps, device="cpu",
     )  # fmt: skip
-    doc = evaluate_synthesis(runs, args.out.with_suffix(""), settings, base=args.base)
+    doc = evaluate_synthesis(
+        runs, args.out.with_suffix(""), settings, judge_factory=fit_judge, base=args.base
+    )
     results = {
         r["name"]: {k: r["metrics"][f"seg_{k}"]["mean"] for k in ("pixel_acc", "miou")} for r in doc["rows"]
     }

@@ -24,6 +24,7 @@ import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -97,22 +98,10 @@ def kid(x: np.ndarray, y: np.ndarray) -> float:
     )
 
 
-def main(argv: list[str] | None = None) -> int:
-    from diffusers import ControlNetModel
+def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+    from pipeline.assets import ASSETS_DIR
 
-    from pipeline.assets import ASSETS_DIR, verify_asset
-    from pipeline.config import PerceptionConfig, load_config
-    from pipeline.data import build_dataset
-    from pipeline.data.memory import InMemoryDataset
-    from pipeline.lumen.base import load_base
-    from pipeline.lumen.generate import LumenGenerator
-    from pipeline.lumen.stages import condition_maker, generation_size
-    from pipeline.synthesis.evaluate import _load_split
-    from pipeline.synthesis.judges import fit_judge
-    from pipeline.synthesis.metrics import seg_alignment
-    from pipeline.viz import image_grid, save_png
-
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--dataset", choices=sorted(DATASETS), default="toy")
     p.add_argument(
         "--assets", type=Path, default=ASSETS_DIR, help="folder holding the base and ControlNet assets"
@@ -132,8 +121,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="JSON path (default benchmarks/results/ceiling_<dataset>_<label>.json)",
     )
-    args = p.parse_args(argv)
-    torch.set_grad_enabled(False)
+    return p.parse_args(argv)
+
+
+def _config(args: argparse.Namespace) -> tuple[Any, Path, Path, dict[str, Any]]:
+    """The dataset's config with the layout settings the ControlNet asset was trained with, the base and
+    ControlNet asset folders (both verified), and the ControlNet's asset card."""
+    from pipeline.assets import verify_asset
+    from pipeline.config import load_config
 
     config, base_name, lumen_name, overrides = DATASETS[args.dataset]
     cfg = load_config(ROOT / config, overrides)
@@ -152,26 +147,29 @@ def main(argv: list[str] | None = None) -> int:
             )
         }
     )
-    device = torch.device("cpu")
-    started = time.perf_counter()
-    base = load_base(base_dir).to(device)
-    size = generation_size(cfg, base)
-    info = build_dataset(cfg.data, "val").info
-    train = _load_split(cfg, "train", args.train_images, size)
-    # the judge's network is pinned (PerceptionConfig defaults), not the dataset config's perception section
-    judge = fit_judge("seg", train, info, args.work / args.dataset / "judge-seg", config=PerceptionConfig(),
-                      steps=args.judge_steps, seed=0, device=device)  # fmt: skip
-    val = _load_split(cfg, "val", args.images, size)
+    return cfg, base_dir, lumen_dir, meta
+
+
+def _seg_miou(judge: Any, images: np.ndarray, labels: np.ndarray, info: Any) -> float:
+    """The judge's seg mIoU on ``images`` against ``labels`` (one label map per image)."""
+    from pipeline.synthesis.metrics import seg_alignment
+
+    return float(seg_alignment(judge.predict(images), labels, info.num_classes, info.ignore_index).miou)
+
+
+def _reference_rows(
+    args: argparse.Namespace,
+    miou: Callable[[np.ndarray], float],
+    judge: Any,
+    base: Any,
+    val: list[Any],
+    size: tuple[int, int],
+    device: torch.device,
+) -> tuple[dict[str, Any], np.ndarray]:
+    """The ``real``, ``vae`` and ``base`` rows, and the VAE reconstructions of the real images."""
+    from pipeline.lumen.generate import LumenGenerator
+
     real = np.stack([s.image for s in val])
-    labels = np.stack([s.seg for s in val])
-
-    def miou(images: np.ndarray, k: int = 1) -> float:
-        return float(
-            seg_alignment(
-                judge.predict(images), np.repeat(labels, k, 0), info.num_classes, info.ignore_index
-            ).miou
-        )
-
     rows: dict[str, Any] = {}
     real_miou = miou(real)
     rows["real"] = {"judge_miou": real_miou}
@@ -191,6 +189,26 @@ def main(argv: list[str] | None = None) -> int:
         base_kid.append(kid(judge_features(judge, imgs), real_feats))
     rows["base"] = {"kid": float(np.mean(base_kid)), "kid_std": float(np.std(base_kid, ddof=1)) if len(base_kid) > 1 else 0.0,
                     "recon_kid": kid(judge_features(judge, recon), real_feats)}  # fmt: skip
+    return rows, recon
+
+
+def _lumen_rows(
+    args: argparse.Namespace,
+    miou: Callable[[np.ndarray], float],
+    real_miou: float,
+    cfg: Any,
+    base: Any,
+    val: list[Any],
+    info: Any,
+    lumen_dir: Path,
+    device: torch.device,
+) -> tuple[dict[str, Any], list[np.ndarray]]:
+    """One ``lumen@<scale>`` row per ControlNet scale, and the first seed's first 8 variants per scale."""
+    from diffusers import ControlNetModel
+
+    from pipeline.data.memory import InMemoryDataset
+    from pipeline.lumen.generate import LumenGenerator
+    from pipeline.lumen.stages import condition_maker
 
     card = json.loads((lumen_dir / "lumen.json").read_text())
     make, _ = condition_maker(
@@ -204,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     conds = make(val).astype(np.float32)
     controlnet = ControlNetModel.from_pretrained(lumen_dir).to(device).eval()
     gen = LumenGenerator(base, controlnet, device=device)
+    rows: dict[str, Any] = {}
     grid_rows = []
     for scale in args.scales:
         scores = []
@@ -215,18 +234,11 @@ def main(argv: list[str] | None = None) -> int:
                 grid_rows.append(imgs[:8])
         rows[f"lumen@{scale:g}"] = {"judge_miou": float(np.mean(scores)), "judge_miou_std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
                                     "share_of_real": float(np.mean(scores)) / real_miou, "seeds": scores}  # fmt: skip
-    out = args.out or ROOT / "benchmarks" / "results" / f"ceiling_{args.dataset}_{args.label}.json"
-    doc = {
-        "benchmark": "ceiling", "dataset": args.dataset, "label": args.label, "assets": {"base": str(base_dir), "lumen": str(lumen_dir)},
-        "base_training": verify_asset(base_dir).get("training"), "lumen_training": meta.get("training"),
-        "images": len(val), "seeds": args.seeds, "steps": args.steps, "guidance": args.guidance,
-        "judge": {"train_images": args.train_images, "steps": args.judge_steps}, "rows": rows,
-        "seconds": round(time.perf_counter() - started, 1),
-    }  # fmt: skip
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(doc, indent=2) + "\n")
-    grid = [list(real[:8]), list(recon[:8]), *[list(r) for r in grid_rows]]
-    save_png(out.with_suffix(".png"), image_grid(grid))
+    return rows, grid_rows
+
+
+def _print_table(args: argparse.Namespace, rows: dict[str, Any], out: Path) -> None:
+    real_miou = rows["real"]["judge_miou"]
     print(f"| {args.dataset} / {args.label} | judge mIoU | share of real | other |")
     print("|---|---:|---:|---|")
     print(f"| real | {real_miou:.3f} | 100% | |")
@@ -242,6 +254,55 @@ def main(argv: list[str] | None = None) -> int:
             f"| layout variants, scale {scale:g} | {r['judge_miou']:.3f} ± {r['judge_miou_std']:.3f} | {r['share_of_real']:.0%} | |"
         )
     print(f"wrote {out} and {out.with_suffix('.png')} (rows: real, reconstructions, variants per scale)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from perception.judges import fit_judge
+    from pipeline.assets import verify_asset
+    from pipeline.config import PerceptionConfig
+    from pipeline.data import build_dataset
+    from pipeline.lumen.base import load_base
+    from pipeline.lumen.stages import generation_size
+    from pipeline.synthesis.inputs import load_split
+    from pipeline.viz import image_grid, save_png
+
+    args = _parse_args(argv)
+    torch.set_grad_enabled(False)
+    cfg, base_dir, lumen_dir, meta = _config(args)
+    device = torch.device("cpu")
+    started = time.perf_counter()
+    base = load_base(base_dir).to(device)
+    size = generation_size(cfg, base)
+    info = build_dataset(cfg.data, "val").info
+    train = load_split(cfg, "train", args.train_images, size)
+    # the judge's network is pinned (PerceptionConfig defaults), not the dataset config's perception section
+    judge = fit_judge("seg", train, info, args.work / args.dataset / "judge-seg", config=PerceptionConfig(),
+                      steps=args.judge_steps, seed=0, device=device)  # fmt: skip
+    val = load_split(cfg, "val", args.images, size)
+    labels = np.stack([np.asarray(s.seg) for s in val])
+
+    def miou(images: np.ndarray) -> float:
+        return _seg_miou(judge, images, labels, info)
+
+    rows, recon = _reference_rows(args, miou, judge, base, val, size, device)
+    lumen_rows, grid_rows = _lumen_rows(
+        args, miou, rows["real"]["judge_miou"], cfg, base, val, info, lumen_dir, device
+    )
+    rows |= lumen_rows
+    out = args.out or ROOT / "benchmarks" / "results" / f"ceiling_{args.dataset}_{args.label}.json"
+    doc = {
+        "benchmark": "ceiling", "dataset": args.dataset, "label": args.label, "assets": {"base": str(base_dir), "lumen": str(lumen_dir)},
+        "base_training": verify_asset(base_dir).get("training"), "lumen_training": meta.get("training"),
+        "images": len(val), "seeds": args.seeds, "steps": args.steps, "guidance": args.guidance,
+        "judge": {"train_images": args.train_images, "steps": args.judge_steps}, "rows": rows,
+        "seconds": round(time.perf_counter() - started, 1),
+    }  # fmt: skip
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=2) + "\n")
+    real = np.stack([s.image for s in val])
+    grid = [list(real[:8]), list(recon[:8]), *[list(r) for r in grid_rows]]
+    save_png(out.with_suffix(".png"), image_grid(grid))
+    _print_table(args, rows, out)
     return 0
 
 

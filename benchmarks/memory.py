@@ -46,8 +46,8 @@ def child(config: str, overrides: list[str], out: str, threads: int) -> None:
     record = {
         "peak_rss_mb": peak_kib / 1024,
         "seconds": time.perf_counter() - t0,
-        "real": summary.total_real,
-        "synthetic": summary.total_synthetic,
+        "real": summary.real_samples,
+        "synthetic": summary.synthetic_samples,
         "chunks": summary.chunks,
     }
     print(json.dumps(record))

@@ -170,20 +170,3 @@ class Progress:
 
     def close(self) -> None:
         self.bar.close()
-
-
-def markdown_table(rows: Sequence[Mapping[str, Any]]) -> str:
-    """A Markdown table of dict rows (columns of the first row)."""
-    if not rows:
-        return "(none)\n"
-    cols = list(rows[0])
-    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        lines.append("| " + " | ".join(_fmt(r.get(c)) for c in cols) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def _fmt(v: Any) -> str:
-    if isinstance(v, float):
-        return f"{v:.4g}"
-    return "" if v is None else str(v)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,7 +25,6 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.common import (
     Progress,
-    markdown_table,
     opened_run,
     publish_summary,
     publish_table,
@@ -37,7 +35,9 @@ from flows.common import (
 from flows.runner import build_task_runner, configure_threads, device_resources, device_slot
 from pipeline.config import LumenConfig, config_hash, load_config
 from pipeline.io import atomic_write_text
-from pipeline.runs import RunPaths
+from pipeline.lumen.plan import models_to_train
+from pipeline.report.tables import markdown_table
+from pipeline.runs import RunPaths, mark_latest
 
 __all__ = [
     "call_flow",
@@ -102,7 +102,7 @@ def train_base_task(cfg: LumenConfig, run_dir: Path) -> str:
     """Train the tiny base model (resumes from its latest checkpoint; skipped when saved)."""
     from pipeline.lumen.stages import run_train_base
 
-    if (RunPaths(run_dir).base / "model_index.json").is_file():
+    if RunPaths(run_dir).has_base():
         stage_logger(__name__).info("base model already trained: %s", RunPaths(run_dir).base)
         return str(RunPaths(run_dir).base)
     configure_threads(cfg)
@@ -115,7 +115,7 @@ def train_lumen_task(cfg: LumenConfig, run_dir: Path) -> str:
     """Train the LUMEN ControlNet (resumes from its latest checkpoint; skipped when saved)."""
     from pipeline.lumen.stages import run_train_lumen
 
-    if (RunPaths(run_dir).lumen / "lumen.json").is_file():
+    if RunPaths(run_dir).has_lumen():
         stage_logger(__name__).info("LUMEN ControlNet already trained: %s", RunPaths(run_dir).lumen)
         return str(RunPaths(run_dir).lumen)
     configure_threads(cfg)
@@ -126,24 +126,22 @@ def train_lumen_task(cfg: LumenConfig, run_dir: Path) -> str:
 @_task("generate-chunk")
 def generate_chunk_task(cfg: LumenConfig, run_dir: Path, index: int, keys: list[str]) -> Any:
     """Generate (or reuse) the variants of one chunk of source images."""
+    from perception.judges import fit_judge
     from pipeline.lumen.expand import expand_slots, generate_chunk
 
     configure_threads(cfg, concurrent=expand_slots(cfg))  # cores shared by the chunks generated at once
     with device_slot(cfg.runner):
-        return generate_chunk(cfg, run_dir, index, keys)
+        return generate_chunk(cfg, run_dir, index, keys, judge_factory=fit_judge)
 
 
 @_task("perception-run")
 def perception_run_task(cfg: LumenConfig, run_dir: Path, spec: Any, inputs: Any) -> dict[str, Any]:
     """Train and evaluate one perception model of the protocol (or reuse its finished run.json)."""
-    from perception.protocol import run_one
-    from pipeline.device import resolve_device
+    from perception.stages import train_one
 
     configure_threads(cfg)
     with device_slot(cfg.runner):
-        return run_one(spec, inputs.real, inputs.val, inputs.synthetic, config=cfg.perception, info=inputs.info,
-                       oracle=inputs.oracle, test=inputs.test, out_dir=RunPaths(run_dir).perception,
-                       device=str(resolve_device(cfg.device)))  # fmt: skip
+        return train_one(cfg, run_dir, spec, inputs)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -151,165 +149,44 @@ def perception_run_task(cfg: LumenConfig, run_dir: Path, spec: Any, inputs: Any)
 # --------------------------------------------------------------------------------------------------
 
 
-def _expand(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> dict[str, Any]:
-    from pipeline.data import Quarantine
-    from pipeline.lumen.expand import (
-        chunk_written,
-        expand_context,
-        finish_expand,
-        prepare_expand,
-        quality_summary,
-        shard_writers,
-        write_chunk,
-    )
+def _tracker(progress: bool) -> Callable[[int, str, str], Progress]:
+    return lambda total, desc, unit: Progress(total, desc, unit=unit, enabled=progress)
 
-    t0 = time.time()
-    chunks = prepare_expand(cfg, run_dir, progress=progress)
-    ctx = expand_context(cfg, run_dir)
-    quarantine = Quarantine(RunPaths(run_dir).quarantine)
-    real_w, syn_w = shard_writers(cfg, run_dir)
-    todo = [i for i, keys in enumerate(chunks) if not chunk_written(ctx, i, keys, real_w, syn_w)]
-    stage_logger(__name__).info("expand: %d chunks, %d to do", len(chunks), len(todo))
+
+def _submit_chunk(cfg: LumenConfig, run_dir: Path, index: int, keys: list[str]) -> Any:
     with device_resources(cfg.runner):
-        futures = {i: generate_chunk_task.submit(cfg, run_dir, i, chunks[i]) for i in todo}
-    written = {"real": 0, "synthetic": 0, "filtered": 0}
-    generated = reused = 0
-    gen_seconds = 0.0
-    bar = Progress(sum(map(len, chunks)), "expand", unit="img", enabled=progress)
-    with real_w, syn_w:  # chunks are written in order, on this thread: the same bytes on any runner
-        for i, keys in enumerate(chunks):
-            if i in futures:
-                result = futures[i].result()
-                reused += result.reused
-                generated += not result.reused
-                gen_seconds += result.seconds
-                r, s, f = write_chunk(ctx, result, real_w, syn_w, quarantine)
-                written["real"] += r
-                written["synthetic"] += s
-                written["filtered"] += f
-            else:
-                reused += 1
-            bar.update(len(keys))
-    bar.close()
-    finish_expand(run_dir)
-    seconds = time.time() - t0
-    planned = real_w.num_samples * cfg.generate.variants
-    summary = {
-        "stage": "expand",
-        "source_images": sum(map(len, chunks)),
-        "real_samples": real_w.num_samples,
-        "synthetic_samples": syn_w.num_samples,
-        "variants_planned": planned,
-        "written_this_run": written,
-        "quarantined": len(quarantine),
-        "quarantine_reasons": quarantine.counts(),
-        "chunks": len(chunks),
-        "chunks_generated": generated,
-        "chunks_reused": reused,
-        "seconds": round(seconds, 1),
-        "generation_images_per_s": round(written["synthetic"] / gen_seconds, 2) if gen_seconds else None,
-        "shards": {"real": str(real_w.out_dir), "synthetic": str(syn_w.out_dir)},
-        "quality_filter": quality_summary(run_dir, len(chunks)),
-    }
-    md = (
-        f"# Expand: {run_dir.name}\n\n"
-        f"- source images: {summary['source_images']} ({summary['quarantined']} quarantined)\n"
-        f"- real samples: {summary['real_samples']}, synthetic samples: {summary['synthetic_samples']} "
-        f"({cfg.generate.variants} variants per image; {written['filtered']} dropped by the quality filter)\n"
-        f"- chunks: {len(chunks)} ({generated} generated now, {reused} already done)\n"
-        f"- time: {seconds:.0f} s\n"
-        f"- shards: `{real_w.out_dir}` and `{syn_w.out_dir}`\n"
-    )
-    if (q := summary["quality_filter"]) is not None:
-        md += (
-            f"- quality filter ({cfg.generate.quality_mode} mode): {q['scored']} variants scored, "
-            f"{q['dropped']} dropped; mean agreement {q['mean_agreement']}, "
-            f"mean share of pixels set to ignore {q['mean_ignored_share']}\n"
-        )
-    publish_summary(run_dir, "expand", md, summary)
+        return generate_chunk_task.submit(cfg, run_dir, index, keys)
+
+
+def _submit_run(cfg: LumenConfig, run_dir: Path, spec: Any, inputs: Any) -> Any:
+    with device_resources(cfg.runner):
+        return perception_run_task.submit(cfg, run_dir, spec, inputs)
+
+
+def _expand(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> dict[str, Any]:
+    from perception.judges import fit_judge
+    from pipeline.lumen.expand import run_expand
+
+    result = run_expand(cfg, run_dir, progress, submit=_submit_chunk, tracker=_tracker(progress),
+                        judge_factory=fit_judge)  # fmt: skip
+    summary = result.as_dict()
+    publish_summary(run_dir, "expand", result.markdown(run_dir.name, cfg), summary)
     return summary
 
 
-def _perception_runs(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> tuple[Any, dict[str, Any]]:
-    """Every perception run of a run folder's protocol (one task each): the inputs and the results."""
-    from perception.protocol import default_settings, plan_runs, protocol_summary
-    from perception.stages import _models, evaluation_inputs, setting_facts
-    from pipeline.report.gains import aggregate
-
-    inputs = evaluation_inputs(cfg, run_dir, progress=progress)
-    settings = default_settings(cfg.perception)
-    specs = plan_runs(cfg.perception, settings)
-    with device_resources(cfg.runner):
-        futures = [perception_run_task.submit(cfg, run_dir, spec, inputs) for spec in specs]
-    bar = Progress(len(specs), "evaluate", unit="run", enabled=progress)
-    runs = []
-    for fut in futures:
-        runs.append(fut.result())
-        bar.update()
-    bar.close()
-    protocol = protocol_summary(cfg.perception, settings)
-    protocol["settings"] = setting_facts(cfg, inputs, _models(cfg, run_dir), settings)
-    results = {"protocol": protocol, "tasks": aggregate(runs, alpha=cfg.perception.alpha), "runs": runs}
-    return inputs, results
+def _publish_gains(run_dir: Path, result: Any) -> dict[str, Any]:
+    publish_table(run_dir, "gains", result.gains,
+                  "perception metrics: gain of each arm over real, mean ± std over seeds")  # fmt: skip
+    summary = dict(result.as_dict())
+    publish_summary(run_dir, result.stage, result.markdown(run_dir.name), summary)
+    return summary
 
 
 def _evaluate(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> dict[str, Any]:
-    from perception.stages import write_report
+    from perception.stages import run_evaluate
 
-    t0 = time.time()
-    inputs, results = _perception_runs(cfg, run_dir, progress)
-    report_dir = write_report(cfg, run_dir, results, inputs.real, inputs.synthetic, inputs.info)
-    return _publish_gains(run_dir, "evaluate", results, report_dir, time.time() - t0)
-
-
-def _publish_gains(
-    run_dir: Path, stage: str, results: dict[str, Any], report_dir: Path, seconds: float
-) -> dict[str, Any]:
-    rows = gains_rows(dict(results["tasks"]))
-    publish_table(
-        run_dir, "gains", rows, "perception metrics: gain of each arm over real, mean ± std over seeds"
-    )
-    runs = results["runs"]
-    summary = {
-        "stage": stage,
-        "runs": len(runs),
-        "seconds": round(seconds, 1),
-        "report": str(report_dir / "report.md"),
-        "gains": rows,
-    }
-    md = f"# {stage.capitalize()}: {run_dir.name}\n\n{len(runs)} training runs, {seconds:.0f} s. Report: `{report_dir / 'report.md'}`\n\n"
-    publish_summary(run_dir, stage, md + markdown_table(rows), summary)
-    return summary
-
-
-def gains_rows(tasks: dict[str, Any]) -> list[dict[str, Any]]:
-    """One row per (task, setting, arm, metric): real and the arm as mean ± std, the gain, its CI, p,
-    the verdict and the share of the oracle gain."""
-    rows = []
-    for task_name, t in tasks.items():
-        for setting, e in t["settings"].items():
-            for arm, gains in (e.get("gain") or {}).items():
-                for metric, gain in gains.items():
-                    sig = e.get("significance", {}).get(arm, {}).get(metric, {})
-                    real, other = e["real"][metric], e[arm][metric]
-                    share = (e.get("oracle_share") or {}).get(arm, {}).get(metric)
-                    ci = sig.get("ci")
-                    rows.append(
-                        {
-                            "task": task_name,
-                            "setting": setting,
-                            "metric": metric,
-                            "arm": arm,
-                            "real": f"{real['mean']:.4f} ± {real['std']:.4f}",
-                            "arm_value": f"{other['mean']:.4f} ± {other['std']:.4f}",
-                            "gain": None if gain is None else round(float(gain), 4),
-                            "ci95": None if not ci else f"[{ci[0]:+.4f}, {ci[1]:+.4f}]",
-                            "p": None if sig.get("p_value") is None else round(float(sig["p_value"]), 3),
-                            "verdict": sig.get("verdict", ""),
-                            "oracle_share": None if share is None else round(float(share), 2),
-                        }
-                    )
-    return rows
+    result = run_evaluate(cfg, run_dir, progress, submit=_submit_run, tracker=_tracker(progress))
+    return _publish_gains(run_dir, result)
 
 
 def _study_settings(cfg: LumenConfig) -> dict[str, list[str]]:
@@ -320,39 +197,14 @@ def _study_settings(cfg: LumenConfig) -> dict[str, list[str]]:
 def _gains(
     config: str, overrides: Sequence[str], cfg: LumenConfig, run_dir: Path, progress: bool
 ) -> dict[str, Any]:
-    """The study: per setting, expand (when real+synthetic is an arm) and the perception runs in
-    ``run_dir/<setting>``; then one report over every setting in ``run_dir/report``."""
-    from perception.stages import write_report
-    from pipeline.report.gains import aggregate
-    from pipeline.runs import prepare_run_dir
+    """The gains study (:func:`perception.stages.run_gains`) with Prefect tasks, and its summary."""
+    from perception.stages import run_gains
 
-    t0 = time.time()
-    runs: list[dict[str, Any]] = []
-    protocol: dict[str, Any] = {}
-    last: tuple[LumenConfig, Path, Any] | None = None
-    for name, extra in _study_settings(cfg).items():
-        scfg = load_config(config, [*overrides, *extra, "gains.settings={}"])
-        sdir = prepare_run_dir(scfg, run_dir / name)
-        stage_logger(__name__).info("gains setting %s: %s", name, sdir)
-        if "real+synthetic" in scfg.perception.arms:
-            _expand(scfg, sdir, progress)
-        inputs, results = _perception_runs(scfg, sdir, progress)
-        write_report(scfg, sdir, results, inputs.real, inputs.synthetic, inputs.info)
-        single = len(results["protocol"]["settings"]) == 1
-        for run in results["runs"]:
-            runs.append({**run, "setting": name if single else f"{name}/{run['setting']}"})
-        protocol = protocol or dict(results["protocol"], settings={})
-        for sub, facts in results["protocol"]["settings"].items():
-            protocol["settings"][name if single else f"{name}/{sub}"] = facts
-        last = (scfg, sdir, inputs)
-    if last is None:
-        raise ValueError("gains.settings is empty")
-    results = {"protocol": protocol, "tasks": aggregate(runs, alpha=cfg.perception.alpha), "runs": runs}
-    scfg, sdir, inputs = last
-    report_dir = write_report(
-        cfg, sdir, results, inputs.real, inputs.synthetic, inputs.info, RunPaths(run_dir).report
-    )
-    return _publish_gains(run_dir, "gains", results, report_dir, time.time() - t0)
+    settings = {name: load_config(config, [*overrides, *extra, "gains.settings={}"])
+                for name, extra in _study_settings(cfg).items()}  # fmt: skip
+    result = run_gains(settings, cfg, run_dir, progress, submit_chunk=_submit_chunk,
+                       submit=_submit_run, tracker=_tracker(progress))  # fmt: skip
+    return _publish_gains(run_dir, result)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -402,20 +254,6 @@ def evaluate_flow(
         return _evaluate(cfg, run_dir, progress)
 
 
-def _needs_training(cfg: LumenConfig, run_dir: Path) -> tuple[bool, bool]:
-    """Whether the run has to train its base model and its ControlNet (no fitting shipped one)."""
-    from pipeline.lumen.stages import lumen_folder, shipped_base
-
-    base = cfg.base.source == "tiny" and not (RunPaths(run_dir).base / "model_index.json").is_file()
-    base = base and shipped_base(cfg) is None
-    try:
-        lumen_folder(cfg, run_dir)
-        lumen = base  # a newly trained base model needs its own ControlNet
-    except FileNotFoundError:
-        lumen = True
-    return base, lumen
-
-
 @flow(name="lumen-run")
 def run_flow(
     config: str, overrides: Sequence[str] = (), out: str | None = None, progress: bool = True
@@ -441,7 +279,7 @@ def _run(cfg: LumenConfig, run_dir: Path, progress: bool, t0: float) -> dict[str
         return value
 
     data = timed("validate", lambda: validate_data(cfg, run_dir))
-    train_base, train_lumen = _needs_training(cfg, run_dir)
+    train_base, train_lumen = models_to_train(cfg, run_dir)
     if train_base:
         timed("train_base", lambda: train_base_task(cfg, run_dir))
     if train_lumen:
@@ -475,20 +313,8 @@ def _run(cfg: LumenConfig, run_dir: Path, progress: bool, t0: float) -> dict[str
     )
     publish_summary(run_dir, "run", md, summary)
     atomic_write_text(RunPaths(run_dir).summary_md, md)
-    mark_latest(run_dir, cfg)
+    mark_latest(run_dir, Path(cfg.runs_dir), cfg.name)
     return summary
-
-
-def mark_latest(run_dir: Path, cfg: LumenConfig) -> Path:
-    """Point ``<runs_dir>/<name>-latest`` at a finished run (an atomic symlink swap; older runs stay)."""
-    link = Path(cfg.runs_dir) / f"{cfg.name}-latest"
-    if not run_dir.resolve().is_relative_to(Path(cfg.runs_dir).resolve()):
-        return link  # runs written elsewhere (--out) are not the scheduled series
-    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
-    tmp.unlink(missing_ok=True)
-    tmp.symlink_to(run_dir.resolve().name)
-    os.replace(tmp, link)
-    return link
 
 
 FLOWS: dict[str, Any] = {

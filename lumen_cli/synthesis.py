@@ -20,8 +20,9 @@ __all__ = ["main", "register"]
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    from perception.judges import fit_judge
     from pipeline.config import load_config
-    from pipeline.synthesis.evaluate import EvalSettings, evaluate_synthesis, parse_run
+    from pipeline.synthesis.evaluate import EvalSettings, evaluate_synthesis, parse_run, render_table
 
     try:
         runs = [parse_run(r) for r in args.run]
@@ -38,9 +39,15 @@ def _evaluate(args: argparse.Namespace) -> int:
         print("error: key=value overrides need --config", file=sys.stderr)
         return 2
     config = load_config(args.config, args.overrides) if args.config is not None else None
-    doc = evaluate_synthesis(runs, args.out, settings, config=config, base=args.base, downstream=downstream)
-    from pipeline.synthesis.evaluate import render_table
-
+    doc = evaluate_synthesis(
+        runs,
+        args.out,
+        settings,
+        judge_factory=fit_judge,
+        config=config,
+        base=args.base,
+        downstream=downstream,
+    )
     print(render_table(doc))
     print(f"wrote {args.out / 'table.md'}, table.json and tradeoff.png")
     return 0

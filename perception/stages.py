@@ -4,25 +4,35 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
-from dataclasses import dataclass
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from perception.protocol import RunSpec
 from pipeline.config import LumenConfig, config_dict, config_hash
 from pipeline.data import Quarantine
 from pipeline.data.sample import DatasetInfo, Sample
 from pipeline.device import resolve_device
+from pipeline.execution import Deferred, Future, TrackerFactory, tqdm_tracker
 from pipeline.io import sha256_file
+from pipeline.lumen.expand import SubmitChunk
 from pipeline.lumen.stages import collect_samples
+from pipeline.report.tables import gains_rows, markdown_table
 from pipeline.runs import RunPaths
 
 __all__ = [
     "EvalInputs",
+    "EvaluateResult",
+    "SubmitRun",
     "evaluation_inputs",
     "oracle_samples",
+    "perception_runs",
     "run_evaluate",
+    "run_gains",
     "setting_facts",
+    "train_one",
     "write_report",
 ]
 
@@ -262,20 +272,130 @@ def write_report(
     return report_dir
 
 
-def run_evaluate(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Path:
+SubmitRun = Callable[[LumenConfig, Path, RunSpec, EvalInputs], Future[dict[str, Any]]]
+"""Submits :func:`train_one` with these arguments (config, run folder, run spec, inputs), e.g. as a
+Prefect task; returns its future."""
+
+
+@dataclass
+class EvaluateResult:
+    """What the evaluate stage (or the gains study) did: ``summaries/<stage>.json`` is :meth:`as_dict`."""
+
+    stage: str
+    runs: int
+    seconds: float
+    report: str
+    gains: list[dict[str, Any]]
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def markdown(self, run_name: str) -> str:
+        return (
+            f"# {self.stage.capitalize()}: {run_name}\n\n{self.runs} training runs, {self.seconds:.0f} s. "
+            f"Report: `{self.report}`\n\n" + markdown_table(self.gains)
+        )
+
+
+def train_one(cfg: LumenConfig, run_dir: Path, spec: RunSpec, inputs: EvalInputs) -> dict[str, Any]:
+    """Train and evaluate one perception run of the protocol (or reuse its finished ``run.json``)."""
+    from perception.protocol import run_one
+
+    return run_one(spec, inputs.real, inputs.val, inputs.synthetic, config=cfg.perception, info=inputs.info,
+                   oracle=inputs.oracle, test=inputs.test, out_dir=RunPaths(run_dir).perception,
+                   device=str(resolve_device(cfg.device)))  # fmt: skip
+
+
+def perception_runs(
+    cfg: LumenConfig,
+    run_dir: Path,
+    progress: bool = True,
+    submit: SubmitRun | None = None,
+    tracker: TrackerFactory | None = None,
+) -> tuple[EvalInputs, dict[str, Any]]:
+    """Every perception run of a run folder's protocol: its inputs and ``{"protocol", "tasks", "runs"}``.
+
+    Runs are made by ``submit`` (default: serially, in this process) and collected in plan order.
+    """
+    from perception.protocol import default_settings, plan_runs, protocol_summary
+    from pipeline.report.gains import aggregate
+
+    inputs = evaluation_inputs(cfg, run_dir, progress=progress)
+    settings = default_settings(cfg.perception)
+    specs = plan_runs(cfg.perception, settings)
+    submit = submit or (lambda *args: Deferred(lambda: train_one(*args)))
+    futures = [submit(cfg, run_dir, spec, inputs) for spec in specs]
+    bar = (tracker or tqdm_tracker(progress))(len(specs), "evaluate", "run")
+    runs = []
+    for fut in futures:
+        runs.append(fut.result())
+        bar.update()
+    bar.close()
+    protocol = protocol_summary(cfg.perception, settings)
+    protocol["settings"] = setting_facts(cfg, inputs, _models(cfg, run_dir), settings)
+    return inputs, {"protocol": protocol, "tasks": aggregate(runs, alpha=cfg.perception.alpha), "runs": runs}
+
+
+def _result(stage: str, results: dict[str, Any], report_dir: Path, t0: float) -> EvaluateResult:
+    return EvaluateResult(stage, len(results["runs"]), round(time.time() - t0, 1), str(report_dir / "report.md"),
+                          gains_rows(dict(results["tasks"])))  # fmt: skip
+
+
+def run_evaluate(
+    cfg: LumenConfig,
+    run_dir: Path,
+    progress: bool = True,
+    submit: SubmitRun | None = None,
+    tracker: TrackerFactory | None = None,
+) -> EvaluateResult:
     """Train ``perception.tasks`` models of every arm over the seeds and settings of the protocol,
     evaluate on the real test (or validation) split, and write ``run_dir/report``.
 
     Per-run logs and results go to ``run_dir/perception`` (an interrupted evaluation resumes there).
-    ``flows/stages.py`` does the same with one Prefect task per training run.
     """
-    from perception.protocol import default_settings, protocol_summary, run_protocol
+    t0 = time.time()
+    inputs, results = perception_runs(cfg, run_dir, progress, submit, tracker)
+    report_dir = write_report(cfg, run_dir, results, inputs.real, inputs.synthetic, inputs.info)
+    return _result("evaluate", results, report_dir, t0)
 
-    inputs = evaluation_inputs(cfg, run_dir, progress)
-    results = run_protocol(inputs.real, inputs.val, inputs.synthetic, config=cfg.perception, info=inputs.info,
-                           oracle=inputs.oracle, test=inputs.test, out_dir=RunPaths(run_dir).perception,
-                           device=str(resolve_device(cfg.device)))  # fmt: skip
-    settings = default_settings(cfg.perception)
-    results["protocol"] = protocol_summary(cfg.perception, settings)
-    results["protocol"]["settings"] = setting_facts(cfg, inputs, _models(cfg, run_dir), settings)
-    return write_report(cfg, run_dir, results, inputs.real, inputs.synthetic, inputs.info)
+
+def run_gains(
+    settings: Mapping[str, LumenConfig],
+    cfg: LumenConfig,
+    run_dir: Path,
+    progress: bool = True,
+    submit_chunk: SubmitChunk | None = None,
+    submit: SubmitRun | None = None,
+    tracker: TrackerFactory | None = None,
+) -> EvaluateResult:
+    """The gains study: per setting (``{name: its resolved config}``), expand when real+synthetic is an
+    arm and run the perception arms in ``run_dir/<name>``; then one report over every setting in
+    ``run_dir/report``."""
+    from perception.judges import fit_judge
+    from pipeline.lumen.expand import run_expand
+    from pipeline.report.gains import aggregate
+    from pipeline.runs import prepare_run_dir
+
+    if not settings:
+        raise ValueError("gains.settings is empty")
+    t0 = time.time()
+    runs: list[dict[str, Any]] = []
+    protocol: dict[str, Any] = {}
+    for name, scfg in settings.items():
+        sdir = prepare_run_dir(scfg, RunPaths(run_dir).setting(name).root)
+        log.info("gains setting %s: %s", name, sdir)
+        if "real+synthetic" in scfg.perception.arms:
+            run_expand(scfg, sdir, progress, submit=submit_chunk, tracker=tracker, judge_factory=fit_judge)
+        inputs, results = perception_runs(scfg, sdir, progress, submit, tracker)
+        write_report(scfg, sdir, results, inputs.real, inputs.synthetic, inputs.info)
+        single = len(results["protocol"]["settings"]) == 1
+        for run in results["runs"]:
+            runs.append({**run, "setting": name if single else f"{name}/{run['setting']}"})
+        protocol = protocol or dict(results["protocol"], settings={})
+        for sub, facts in results["protocol"]["settings"].items():
+            protocol["settings"][name if single else f"{name}/{sub}"] = facts
+    results = {"protocol": protocol, "tasks": aggregate(runs, alpha=cfg.perception.alpha), "runs": runs}
+    report_dir = write_report(
+        cfg, sdir, results, inputs.real, inputs.synthetic, inputs.info, RunPaths(run_dir).report
+    )
+    return _result("gains", results, report_dir, t0)

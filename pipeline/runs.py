@@ -10,7 +10,7 @@ from pathlib import Path
 from pipeline.config import ConfigError, LumenConfig, config_hash, safe_load_yaml, save_config
 from pipeline.io import LOCK_NAME, atomic_write_json
 
-__all__ = ["RUN_MARKER", "RunPaths", "load_run_config", "prepare_run_dir"]
+__all__ = ["RUN_MARKER", "RunPaths", "load_run_config", "mark_latest", "prepare_run_dir"]
 
 RUN_MARKER = ".lumen-run.json"
 """Marks a folder as a lumen run folder; ``--out`` never adopts a non-empty folder without it."""
@@ -109,6 +109,14 @@ class RunPaths:
         """The end-to-end run's summary."""
         return self.root / "summary.md"
 
+    def has_base(self) -> bool:
+        """Whether the run trained (and saved) its own base model."""
+        return (self.base / "model_index.json").is_file()
+
+    def has_lumen(self) -> bool:
+        """Whether the run trained (and saved) its own LUMEN ControlNet."""
+        return (self.lumen / "lumen.json").is_file()
+
     def setting(self, name: str) -> RunPaths:
         """The run folder of one setting of a gains study."""
         return RunPaths(self.root / name)
@@ -191,3 +199,18 @@ def load_run_config(run_dir: str | os.PathLike[str]) -> dict[str, object]:
     if not isinstance(data, dict):
         raise ConfigError(f"{run_dir}/config.yaml is not a mapping")
     return data
+
+
+def mark_latest(run_dir: Path, runs_dir: Path, name: str) -> Path:
+    """Point ``<runs_dir>/<name>-latest`` at a finished run (an atomic symlink swap; older runs stay).
+
+    Runs written elsewhere (``--out`` outside ``runs_dir``) are not the scheduled series: left alone.
+    """
+    link = runs_dir / f"{name}-latest"
+    if not run_dir.resolve().is_relative_to(runs_dir.resolve()):
+        return link
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(run_dir.resolve().name)
+    os.replace(tmp, link)
+    return link

@@ -108,7 +108,7 @@ def test_expand_writes_real_and_synthetic_shards_with_the_expected_keys(tmp_path
 
     from perception.stages import run_evaluate
 
-    report_dir = run_evaluate(cfg, tmp_path, progress=False)
+    report_dir = Path(run_evaluate(cfg, tmp_path, progress=False).report).parent
     report = json.loads((report_dir / "report.json").read_text())
     for task, metric in (("seg", "miou"), ("depth", "abs_rel")):
         full = report["tasks"][task]["settings"]["full"]
@@ -141,7 +141,9 @@ def test_expand_quality_filter_drops_or_masks_and_records_scores(tmp_path: Path,
         tmp_path / "base"
     )
     run_train_lumen(cfg, tmp_path, progress=False)
-    summary = run_expand(cfg, tmp_path, progress=False)
+    from perception.judges import fit_judge
+
+    summary = run_expand(cfg, tmp_path, progress=False, judge_factory=fit_judge)
     assert (tmp_path / "quality_filter").is_dir()  # the real-trained segmenter, reused on rerun
     syn = verify_shard_set(tmp_path / "shards" / "synthetic")
     assert syn.ok, syn.problems

@@ -12,6 +12,7 @@ import pytest
 import torch
 import yaml
 
+from perception.judges import fit_judge
 from pipeline.config import build_config, config_dict
 from pipeline.data import ToyScenes
 from pipeline.data.sample import DatasetInfo
@@ -211,7 +212,7 @@ def test_quality_filter_fit_trains_once_then_reloads(tmp_path: Path, monkeypatch
     samples = [ds.load(k) for k in ds.keys()]
     cfg = build_config({"device": "cpu", "perception": TINY_PERCEPTION,
                         "generate": {"quality_filter": True, "quality_mode": "pixel"}})  # fmt: skip
-    qf = QualityFilter.fit(cfg, tmp_path, samples, ds.info, progress=False)
+    qf = QualityFilter.fit(cfg, tmp_path, samples, ds.info, progress=False, judge_factory=fit_judge)
     folder = tmp_path / FILTER_DIR
     assert (folder / "model.safetensors").is_file() and (folder / "judge.json").is_file()
     stored = json.loads((folder / "filter.json").read_text())
@@ -224,11 +225,18 @@ def test_quality_filter_fit_trains_once_then_reloads(tmp_path: Path, monkeypatch
     def no_training(*args: object, **kwargs: object) -> None:
         raise AssertionError("the filter was retrained instead of reloaded")
 
-    monkeypatch.setattr(importlib.import_module("perception.train"), "train", no_training)
-    again = QualityFilter.fit(cfg, tmp_path, samples, ds.info, progress=False)
+    monkeypatch.setattr(importlib.import_module("perception.judges"), "train", no_training)
+    again = QualityFilter.fit(cfg, tmp_path, samples, ds.info, progress=False, judge_factory=fit_judge)
     assert again.meta["model_sha256"] == qf.meta["model_sha256"]
     np.testing.assert_array_equal(again.class_medians, qf.class_medians)
     assert [r.agreement for r in again.score(images, segs)] == [r.agreement for r in first]
+
+
+def test_quality_filter_fit_without_a_judge_factory_says_what_to_pass(tmp_path: Path) -> None:
+    ds = ToyScenes(num_images=2, image_size=(RES, RES))
+    cfg = build_config({"device": "cpu", "perception": TINY_PERCEPTION})
+    with pytest.raises(ValueError, match=r"perception\.judges\.fit_judge"):
+        QualityFilter.fit(cfg, tmp_path, [ds.load(k) for k in ds.keys()], ds.info, progress=False)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -281,7 +289,9 @@ def test_evaluate_synthesis_writes_table_json_and_figure(
     def no_generation(*args: object, **kwargs: object) -> None:
         raise AssertionError("variants were generated again instead of read from out/scores")
 
-    monkeypatch.setattr(importlib.import_module("pipeline.synthesis.evaluate"), "_generate", no_generation)
+    monkeypatch.setattr(
+        importlib.import_module("pipeline.synthesis.scoring"), "generate_variants", no_generation
+    )
     assert main(argv) == 0
     assert json.loads((out / "table.json").read_text())["rows"] == doc["rows"][:1] + [
         {**r, "seconds": pytest.approx(0, abs=1)} for r in doc["rows"][1:]

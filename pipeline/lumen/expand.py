@@ -13,8 +13,8 @@ The work is split into **chunks** of ``generate.chunk_size`` source images, in k
    partial shard is discarded and redone.
 
 A run killed at any point and started again therefore ends with exactly the expected keys and the
-same bytes as an uninterrupted run, whichever task runner made the chunks. :func:`run_expand` does
-the three steps in one process; ``flows/expand.py`` does them as Prefect tasks.
+same bytes as an uninterrupted run, whichever task runner made the chunks. :func:`run_expand` is the
+stage's one loop; the flow passes it a ``submit`` hook that makes each chunk a Prefect task.
 """
 
 from __future__ import annotations
@@ -27,17 +27,17 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from pipeline.config import LumenConfig, config_dict, config_hash
 from pipeline.data import Quarantine, build_dataset, iter_valid, resize_sample
 from pipeline.data.sample import Sample, SampleSource
 from pipeline.device import resolve_device
+from pipeline.execution import Deferred, Future, TrackerFactory, tqdm_tracker
 from pipeline.faults import kill_point
 from pipeline.io import atomic_open, atomic_write_json, atomic_write_text, sha256_file
 from pipeline.lumen.generate import LumenGenerator, plan_variants
@@ -51,10 +51,12 @@ from pipeline.lumen.stages import (
     lumen_folder,
 )
 from pipeline.runs import RunPaths
+from pipeline.synthesis.judging import JudgeFactory
 
 __all__ = [
     "ChunkResult",
-    "ExpandSummary",
+    "ExpandResult",
+    "SubmitChunk",
     "chunk_files",
     "chunk_written",
     "expand_context",
@@ -70,20 +72,63 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class ExpandSummary:
-    """What an expand run produced (counts are of samples written by this call; totals of the sets)."""
+class ExpandResult:
+    """What the expand stage did (the ``summaries/expand.json`` of a run is :meth:`as_dict`).
 
-    real: int
-    synthetic: int
+    Totals are of the shard sets (this call's and earlier ones'); ``written_this_run`` counts what this
+    call appended (``real``, ``synthetic`` and ``filtered``, the variants the quality filter dropped).
+    """
+
+    source_images: int
+    real_samples: int
+    synthetic_samples: int
+    variants_planned: int
+    written_this_run: dict[str, int]
     quarantined: int
+    quarantine_reasons: dict[str, int]
+    chunks: int
+    chunks_generated: int
+    chunks_reused: int
     seconds: float
-    real_dir: Path
-    synthetic_dir: Path
-    filtered: int = 0
-    chunks: int = 0
-    chunks_reused: int = 0
-    total_real: int = 0
-    total_synthetic: int = 0
+    generation_images_per_s: float | None
+    shards: dict[str, str]
+    quality_filter: dict[str, Any] | None
+
+    @property
+    def real(self) -> int:
+        """Real samples written by this call."""
+        return self.written_this_run["real"]
+
+    @property
+    def synthetic(self) -> int:
+        """Synthetic samples written by this call."""
+        return self.written_this_run["synthetic"]
+
+    @property
+    def filtered(self) -> int:
+        """Variants the quality filter dropped in this call."""
+        return self.written_this_run["filtered"]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"stage": "expand", **asdict(self)}
+
+    def markdown(self, run_name: str, cfg: LumenConfig) -> str:
+        md = (
+            f"# Expand: {run_name}\n\n"
+            f"- source images: {self.source_images} ({self.quarantined} quarantined)\n"
+            f"- real samples: {self.real_samples}, synthetic samples: {self.synthetic_samples} "
+            f"({cfg.generate.variants} variants per image; {self.filtered} dropped by the quality filter)\n"
+            f"- chunks: {self.chunks} ({self.chunks_generated} generated now, {self.chunks_reused} already done)\n"
+            f"- time: {self.seconds:.0f} s\n"
+            f"- shards: `{self.shards['real']}` and `{self.shards['synthetic']}`\n"
+        )
+        if (q := self.quality_filter) is not None:
+            md += (
+                f"- quality filter ({cfg.generate.quality_mode} mode): {q['scored']} variants scored, "
+                f"{q['dropped']} dropped; mean agreement {q['mean_agreement']}, "
+                f"mean share of pixels set to ignore {q['mean_ignored_share']}\n"
+            )
+        return md
 
 
 @dataclass
@@ -207,18 +252,26 @@ _CONTEXTS: dict[tuple[str, str], ExpandContext] = {}
 _CONTEXTS_LOCK = threading.Lock()
 
 
-def expand_context(cfg: LumenConfig, run_dir: Path, progress: bool = False) -> ExpandContext:
-    """The models, condition function and generator of a run; cached per process (threads share it)."""
+def expand_context(
+    cfg: LumenConfig, run_dir: Path, progress: bool = False, judge_factory: JudgeFactory | None = None
+) -> ExpandContext:
+    """The models, condition function and generator of a run; cached per process (threads share it).
+
+    ``judge_factory`` trains the quality filter's segmenter (``generate.quality_filter``; e.g.
+    :func:`perception.judges.fit_judge`); the core cannot train one itself.
+    """
     key = (config_hash(cfg), str(Path(run_dir).resolve()))
     with _CONTEXTS_LOCK:
         if key in _CONTEXTS:
             return _CONTEXTS[key]
-        ctx = _build_context(cfg, Path(run_dir), progress)
+        ctx = _build_context(cfg, Path(run_dir), progress, judge_factory)
         _CONTEXTS[key] = ctx
         return ctx
 
 
-def _build_context(cfg: LumenConfig, run_dir: Path, progress: bool) -> ExpandContext:
+def _build_context(
+    cfg: LumenConfig, run_dir: Path, progress: bool, judge_factory: JudgeFactory | None
+) -> ExpandContext:
     device = resolve_device(cfg.device)
     base, base_id = load_run_base(cfg, run_dir)
     base.to(device)
@@ -258,7 +311,9 @@ def _build_context(cfg: LumenConfig, run_dir: Path, progress: bool) -> ExpandCon
         from pipeline.synthesis.filter import QualityFilter
 
         train = collect_samples(cfg, generation_size(cfg, base), Quarantine(None), progress=progress)
-        quality = QualityFilter.fit(cfg, run_dir, list(train), train.info, progress=progress)
+        quality = QualityFilter.fit(
+            cfg, run_dir, list(train), train.info, progress=progress, judge_factory=judge_factory
+        )
     return ExpandContext(
         cfg=cfg,
         run_dir=run_dir,
@@ -275,9 +330,11 @@ def _build_context(cfg: LumenConfig, run_dir: Path, progress: bool) -> ExpandCon
     )
 
 
-def prepare_expand(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> list[list[str]]:
+def prepare_expand(
+    cfg: LumenConfig, run_dir: Path, progress: bool = True, judge_factory: JudgeFactory | None = None
+) -> list[list[str]]:
     """Load the models (fitting the layout PCA if the run has none) and split the keys into chunks."""
-    ctx = expand_context(cfg, run_dir, progress=progress)
+    ctx = expand_context(cfg, run_dir, progress=progress, judge_factory=judge_factory)
     _run_timestamp(run_dir)
     keys = ctx.source.keys()
     size = cfg.generate.chunk_size
@@ -323,11 +380,17 @@ def chunk_written(ctx: ExpandContext, index: int, keys: Sequence[str], real_w: A
     return set(record["valid"]) <= real_w.done_keys and set(kept) <= syn_w.done_keys
 
 
-def generate_chunk(cfg: LumenConfig, run_dir: Path, index: int, keys: Sequence[str]) -> ChunkResult:
+def generate_chunk(
+    cfg: LumenConfig,
+    run_dir: Path,
+    index: int,
+    keys: Sequence[str],
+    judge_factory: JudgeFactory | None = None,
+) -> ChunkResult:
     """Make the variants of one chunk of source keys (or reuse the chunk's finished files)."""
     t0 = time.time()
     run_dir = Path(run_dir)
-    ctx = expand_context(cfg, run_dir)
+    ctx = expand_context(cfg, run_dir, judge_factory=judge_factory)
     npz, meta = chunk_files(run_dir, index)
     cache_key = _cache_key(ctx, keys)
     if (record := _finished_chunk(npz, meta, cache_key)) is not None:
@@ -456,42 +519,71 @@ def write_chunk(
     return n_real, n_syn, n_filtered
 
 
-def run_expand(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> ExpandSummary:
-    """Shard the real training samples and ``generate.variants`` synthetic variants of each, in one process.
+SubmitChunk = Callable[[LumenConfig, Path, int, list[str]], Future[ChunkResult]]
+"""Submits :func:`generate_chunk` with these arguments (config, run folder, chunk index, its keys), e.g.
+as a Prefect task; returns its future."""
 
-    Writes ``run_dir/shards/real`` and ``run_dir/shards/synthetic`` (each with ``manifest.json``);
-    bad inputs go to ``run_dir/quarantine.jsonl``. The chunk files are deleted once both sets are complete.
+
+def run_expand(
+    cfg: LumenConfig,
+    run_dir: Path,
+    progress: bool = True,
+    submit: SubmitChunk | None = None,
+    tracker: TrackerFactory | None = None,
+    judge_factory: JudgeFactory | None = None,
+) -> ExpandResult:
+    """Shard the real training samples and ``generate.variants`` synthetic variants of each.
+
+    Writes ``run_dir/shards/real`` and ``run_dir/shards/synthetic`` (each with ``manifest.json``); bad
+    inputs go to ``run_dir/quarantine.jsonl``; the chunk images are deleted once both sets are complete.
+    Chunks are generated by ``submit`` (default: serially, in this process, when their turn comes) and
+    written in chunk order on this thread, so every executor gives the same bytes. ``judge_factory``
+    trains the quality filter's segmenter when ``generate.quality_filter`` is on (a ``submit`` hook
+    passes its own to :func:`generate_chunk`).
     """
     t0 = time.time()
-    chunks = prepare_expand(cfg, run_dir, progress=progress)
-    ctx = expand_context(cfg, run_dir)
+    chunks = prepare_expand(cfg, run_dir, progress=progress, judge_factory=judge_factory)
+    ctx = expand_context(cfg, run_dir, judge_factory=judge_factory)
     quarantine = Quarantine(RunPaths(run_dir).quarantine)
-    q_before = len(quarantine)
     real_w, syn_w = shard_writers(cfg, run_dir)
-    n_real = n_syn = n_filtered = reused = 0
-    bar = tqdm(total=sum(map(len, chunks)), desc="expand", unit="img", disable=not progress)
+    if submit is None:
+
+        def submit(c: LumenConfig, r: Path, i: int, k: list[str]) -> Future[ChunkResult]:
+            return Deferred(lambda: generate_chunk(c, r, i, k, judge_factory=judge_factory))
+
+    todo = [i for i, keys in enumerate(chunks) if not chunk_written(ctx, i, keys, real_w, syn_w)]
+    log.info("expand: %d chunks, %d to do", len(chunks), len(todo))
+    futures = {i: submit(cfg, run_dir, i, chunks[i]) for i in todo}
+    written = {"real": 0, "synthetic": 0, "filtered": 0}
+    generated = reused = 0
+    gen_seconds = 0.0
+    bar = (tracker or tqdm_tracker(progress))(sum(map(len, chunks)), "expand", "img")
     with real_w, syn_w:
         for i, keys in enumerate(chunks):
-            if chunk_written(ctx, i, keys, real_w, syn_w):
+            if i in futures:
+                chunk = futures.pop(i).result()
+                reused += chunk.reused
+                generated += not chunk.reused
+                gen_seconds += chunk.seconds
+                for name, n in zip(written, write_chunk(ctx, chunk, real_w, syn_w, quarantine), strict=True):
+                    written[name] += n
+            else:
                 reused += 1
-                bar.update(len(keys))
-                continue
-            result = generate_chunk(cfg, run_dir, i, keys)
-            reused += result.reused
-            r, s, f = write_chunk(ctx, result, real_w, syn_w, quarantine)
-            n_real, n_syn, n_filtered = n_real + r, n_syn + s, n_filtered + f
             bar.update(len(keys))
     bar.close()
     finish_expand(run_dir)
-    summary = ExpandSummary(
-        n_real, n_syn, len(quarantine) - q_before, time.time() - t0, real_w.out_dir, syn_w.out_dir,
-        filtered=n_filtered, chunks=len(chunks), chunks_reused=reused,
-        total_real=real_w.num_samples, total_synthetic=syn_w.num_samples,
+    out = ExpandResult(
+        source_images=sum(map(len, chunks)), real_samples=real_w.num_samples, synthetic_samples=syn_w.num_samples,
+        variants_planned=real_w.num_samples * cfg.generate.variants, written_this_run=written,
+        quarantined=len(quarantine), quarantine_reasons=quarantine.counts(), chunks=len(chunks),
+        chunks_generated=generated, chunks_reused=reused, seconds=round(time.time() - t0, 1),
+        generation_images_per_s=round(written["synthetic"] / gen_seconds, 2) if gen_seconds else None,
+        shards={"real": str(real_w.out_dir), "synthetic": str(syn_w.out_dir)},
+        quality_filter=quality_summary(run_dir, len(chunks)),
     )  # fmt: skip
-    log.info(
-        "expand: %d real, %d synthetic samples written this run (%.0f s)", n_real, n_syn, summary.seconds
-    )
-    return summary
+    log.info("expand: %d real, %d synthetic samples written this run (%.0f s)", out.real, out.synthetic,
+             out.seconds)  # fmt: skip
+    return out
 
 
 def quality_summary(run_dir: Path, num_chunks: int) -> dict[str, Any] | None:

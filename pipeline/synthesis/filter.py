@@ -14,9 +14,10 @@ pixels; the shards and the perception stage must then be told about it, see
 :func:`info_with_ignore`. The score of each variant goes into its provenance
 (:meth:`QualityResult.provenance` -> ``Provenance.quality``).
 
-::
+The segmenter is a seg judge made by the :class:`~pipeline.synthesis.judging.JudgeFactory` the caller
+passes (the core trains no perception model; :func:`perception.judges.fit_judge` is the concrete one)::
 
-    qf = QualityFilter.fit(cfg, run_dir, train_samples, info)        # trains or reloads run_dir/quality_filter/
+    qf = QualityFilter.fit(cfg, run_dir, train_samples, info, judge_factory=fit_judge)  # run_dir/quality_filter/
     results = qf.score(images, segs)                                 # (B, H, W, 3) uint8, (B, H, W) source labels
     for r, seg in zip(results, segs):
         if r.keep:
@@ -44,7 +45,7 @@ from pipeline.config import LumenConfig
 from pipeline.data.sample import DatasetInfo, Sample
 from pipeline.device import resolve_device
 from pipeline.io import atomic_write_json
-from pipeline.synthesis.judges import fit_judge
+from pipeline.synthesis.judging import JudgeFactory
 from pipeline.synthesis.metrics import confusion_scores, seg_confusion
 
 __all__ = [
@@ -234,7 +235,7 @@ def summarize(results: Sequence[QualityResult]) -> dict[str, float]:
 
 
 class Segmenter(Protocol):
-    """What the filter needs from a segmentation model (:class:`pipeline.synthesis.judges.Judge`)."""
+    """What the filter needs from a segmentation model (a seg :class:`pipeline.synthesis.judging.Judge`)."""
 
     def raw(self, images: np.ndarray) -> torch.Tensor:
         """(B, H, W, 3) uint8 -> (B, C, H, W) logits."""
@@ -301,19 +302,25 @@ class QualityFilter:
         progress: bool = True,
         *,
         steps: int | None = None,
+        judge_factory: JudgeFactory | None = None,
     ) -> QualityFilter:
         """Train the segmenter on the real labelled samples (or reload it from ``run_dir/quality_filter``).
 
-        The segmenter is :func:`perception.train.train` with ``cfg.perception``'s network and
-        optimisation settings for ``steps`` (default ``cfg.perception.steps``) steps, seed ``cfg.seed``.
-        The class medians of its per-pixel loss on ``train_samples`` are computed once and saved with
-        it (``filter.json``). Mode, threshold and factor come from ``cfg.generate`` and can change
-        without retraining.
+        The segmenter is the seg judge of ``judge_factory`` (:func:`perception.judges.fit_judge`:
+        :func:`perception.train.train`) with ``cfg.perception``'s network and optimisation settings for
+        ``steps`` (default ``cfg.perception.steps``) steps, seed ``cfg.seed``. The class medians of its
+        per-pixel loss on ``train_samples`` are computed once and saved with it (``filter.json``). Mode,
+        threshold and factor come from ``cfg.generate`` and can change without retraining.
         """
+        if judge_factory is None:
+            raise ValueError(
+                "QualityFilter.fit needs judge_factory=, the function that trains its segmenter (e.g. "
+                "perception.judges.fit_judge): the library core does not import perception"
+            )
         folder = Path(run_dir) / FILTER_DIR
         device = resolve_device(cfg.device)
         labelled = [s for s in train_samples if s.seg is not None]
-        judge = fit_judge(
+        judge = judge_factory(
             "seg", labelled, info, folder, config=cfg.perception, steps=steps or cfg.perception.steps,
             seed=cfg.seed, device=device,
         )  # fmt: skip

@@ -2,7 +2,8 @@
 
 Alignment compares what a model trained on *real* data predicts on a synthetic variant with the labels
 of the variant's *source* image (the labels the variant inherits). The definitions are the perception
-metrics' (:mod:`perception.metrics`), pooled over the valid pixels of all images:
+metrics' (:mod:`pipeline.metrics`, which :mod:`perception.metrics` accumulates), pooled over the valid
+pixels of all images:
 
 =========================  =======================================================================
 metric                     definition
@@ -41,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from perception.metrics import depth_scores, normal_scores, seg_scores
+from pipeline.metrics import depth_scores, normal_scores, seg_scores
 
 __all__ = [
     "LatentEncoder",
@@ -88,7 +89,7 @@ def seg_confusion(
 
 
 def confusion_scores(confusion: np.ndarray) -> dict[str, float]:
-    """``miou`` and ``pixel_acc`` of a (C, C) confusion matrix (:func:`perception.metrics.seg_scores`)."""
+    """``miou`` and ``pixel_acc`` of a (C, C) confusion matrix (:func:`pipeline.metrics.seg_scores`)."""
     return seg_scores(torch.from_numpy(np.asarray(confusion)))
 
 

@@ -1,5 +1,7 @@
 """Judges: perception models trained on *real* labelled images that look at synthetic ones.
 
+:func:`fit_judge` is the concrete :class:`pipeline.synthesis.judging.JudgeFactory` that callers above the
+core (``lumen evaluate-synthesis``, ``benchmarks/ceiling.py``) hand to :mod:`pipeline.synthesis`.
 A judge is one :class:`perception.models.PerceptionModule` (task ``seg``, ``depth`` or ``normal``)
 trained with :func:`perception.train.train` for a fixed number of steps and a fixed seed. It is saved
 in a folder as ``model.safetensors`` plus ``judge.json``, whose ``key`` hashes everything that defines
@@ -21,12 +23,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
+from perception.models import PerceptionModule
+from perception.train import state_dict_sha256, train
+from perception.transforms import to_tensors
 from pipeline.config import PerceptionConfig, config_dict
 from pipeline.data.sample import DatasetInfo, Sample
 from pipeline.io import atomic_write_json
 
-__all__ = ["JUDGE_VERSION", "Judge", "fit_judge", "judge_key"]
+__all__ = ["JUDGE_VERSION", "PerceptionJudge", "fit_judge", "judge_key"]
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +65,8 @@ def judge_key(
 
 
 @dataclass
-class Judge:
-    """A trained perception model for one task, in eval mode.
+class PerceptionJudge:
+    """A trained perception model for one task, in eval mode (a :class:`pipeline.synthesis.judging.Judge`).
 
     Attributes:
         task: ``seg``, ``depth`` or ``normal``.
@@ -86,8 +92,6 @@ class Judge:
     @torch.no_grad()
     def raw(self, images: np.ndarray) -> torch.Tensor:
         """Raw outputs of the task head. images: (B, H, W, 3) uint8 -> (B, channels, H, W) float32, CPU."""
-        from perception.transforms import to_tensors
-
         images = np.asarray(images)
         h, w = images.shape[1:3]
         out = []
@@ -109,20 +113,16 @@ class Judge:
         return pred.permute(0, 2, 3, 1).numpy().astype(np.float32)
 
 
-def _build_module(task: str, config: PerceptionConfig, info: DatasetInfo) -> Any:
-    from perception.models import PerceptionModule
-
+def _build_module(task: str, config: PerceptionConfig, info: DatasetInfo) -> PerceptionModule:
     return PerceptionModule.from_config(
         config, [task], num_classes=info.num_classes if task == "seg" else None
     )
 
 
-def _load(folder: Path, task: str, config: PerceptionConfig, info: DatasetInfo, key: str) -> Any | None:
+def _load(
+    folder: Path, task: str, config: PerceptionConfig, info: DatasetInfo, key: str
+) -> PerceptionModule | None:
     """The saved module if ``folder`` holds a judge with this key and intact weights, else None."""
-    from safetensors.torch import load_file
-
-    from perception.train import state_dict_sha256
-
     meta_path, weights = folder / "judge.json", folder / "model.safetensors"
     if not (meta_path.is_file() and weights.is_file()):
         return None
@@ -149,7 +149,7 @@ def fit_judge(
     seed: int = 0,
     device: torch.device | str = "cpu",
     val_samples: int = 16,
-) -> Judge:
+) -> PerceptionJudge:
     """Train a judge on real labelled samples, or reload it from ``folder`` when the key matches.
 
     Args:
@@ -164,8 +164,6 @@ def fit_judge(
         val_samples: the first few training samples are re-scored after training (``fit_metrics`` in
             ``judge.json``, a sanity number, not a held-out score).
     """
-    from perception.train import train
-
     out = Path(folder)
     labelled = [s for s in samples if getattr(s, task) is not None]
     if not labelled:
@@ -174,7 +172,7 @@ def fit_judge(
     dev = torch.device(device)
     module = _load(out, task, config, info, key)
     if module is not None:
-        return Judge(task, module, dev, meta=json.loads((out / "judge.json").read_text()))
+        return PerceptionJudge(task, module, dev, meta=json.loads((out / "judge.json").read_text()))
 
     log.info("training a %s judge on %d real images for %d steps", task, len(labelled), steps)
     cfg = config.model_copy(update={"tasks": [task], "steps": int(steps)})
@@ -198,4 +196,4 @@ def fit_judge(
     module = _load(out, task, config, info, key)
     if module is None:  # pragma: no cover - just written
         raise RuntimeError(f"the judge just saved in {out} could not be reloaded")
-    return Judge(task, module, dev, meta=meta)
+    return PerceptionJudge(task, module, dev, meta=meta)
