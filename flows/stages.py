@@ -33,8 +33,11 @@ from flows.common import (
     start_server_watchdog,
 )
 from flows.runner import build_task_runner, configure_threads, device_resources, device_slot
+from perception.protocol import RunSpec
+from perception.stages import EvalInputs
 from pipeline.config import LumenConfig, config_hash, load_config
 from pipeline.io import atomic_write_text
+from pipeline.lumen.expand import ChunkResult
 from pipeline.lumen.plan import models_to_train
 from pipeline.report.tables import markdown_table
 from pipeline.runs import RunPaths, mark_latest
@@ -124,7 +127,7 @@ def train_lumen_task(cfg: LumenConfig, run_dir: Path) -> str:
 
 
 @_task("generate-chunk")
-def generate_chunk_task(cfg: LumenConfig, run_dir: Path, index: int, keys: list[str]) -> Any:
+def generate_chunk_task(cfg: LumenConfig, run_dir: Path, index: int, keys: list[str]) -> ChunkResult:
     """Generate (or reuse) the variants of one chunk of source images."""
     from perception.judges import fit_judge
     from pipeline.lumen.expand import expand_slots, generate_chunk
@@ -135,7 +138,7 @@ def generate_chunk_task(cfg: LumenConfig, run_dir: Path, index: int, keys: list[
 
 
 @_task("perception-run")
-def perception_run_task(cfg: LumenConfig, run_dir: Path, spec: Any, inputs: Any) -> dict[str, Any]:
+def perception_run_task(cfg: LumenConfig, run_dir: Path, spec: RunSpec, inputs: EvalInputs) -> dict[str, Any]:
     """Train and evaluate one perception model of the protocol (or reuse its finished run.json)."""
     from perception.stages import train_one
 
@@ -158,7 +161,7 @@ def _submit_chunk(cfg: LumenConfig, run_dir: Path, index: int, keys: list[str]) 
         return generate_chunk_task.submit(cfg, run_dir, index, keys)
 
 
-def _submit_run(cfg: LumenConfig, run_dir: Path, spec: Any, inputs: Any) -> Any:
+def _submit_run(cfg: LumenConfig, run_dir: Path, spec: RunSpec, inputs: EvalInputs) -> Any:
     with device_resources(cfg.runner):
         return perception_run_task.submit(cfg, run_dir, spec, inputs)
 

@@ -50,6 +50,7 @@ def build_layout_extractor(cfg: LumenConfig, out: Path | None = None) -> tuple[A
     """Build backbone, fit the PCA on the training data (saved to ``out/pca.safetensors`` when given)
     and return ``(LayoutExtractor, dataset)``."""
     from pipeline.layouts.backbones import SDModel, build_backbone
+    from pipeline.layouts.pca import PCA_FILE
     from pipeline.layouts.project import LayoutExtractor, fit_pca
 
     source = build_dataset(cfg.data)
@@ -73,7 +74,7 @@ def build_layout_extractor(cfg: LumenConfig, out: Path | None = None) -> tuple[A
         backbone, source, cfg.layouts, metadata={"config_hash": config_hash(cfg), "model": described}
     )
     if out is not None:
-        pca.save(out / "pca.safetensors")
+        pca.save(out / PCA_FILE)
     return LayoutExtractor.from_config(cfg.layouts, backbone, pca), source
 
 

@@ -60,9 +60,19 @@ class RunPaths:
         return self.root / "lumen"
 
     @property
+    def lumen_train(self) -> Path:
+        """The ControlNet's training state (checkpoints, validation grids, loss log) while it trains."""
+        return self.root / "lumen_train"
+
+    @property
+    def quality_filter(self) -> Path:
+        """The quality filter's real-trained segmenter (reused on a rerun)."""
+        return self.root / "quality_filter"
+
+    @property
     def pca(self) -> Path:
         """The dataset-level layout PCA fitted by this run."""
-        return self.root / "pca.safetensors"
+        return self.root / "pca.safetensors"  # pipeline.layouts.pca.PCA_FILE
 
     @property
     def layouts(self) -> Path:

@@ -1,10 +1,13 @@
 """Neural layouts: backbone features (sd, dinov2, dino, clip) reduced by a dataset-level PCA to N channels.
 
+Modules: ``backbones/`` (registry by name; ``sd.py``, ``vit.py``, ``base.py``), ``pca.py`` (streaming PCA),
+``project.py`` (projection, ``fit_pca``, layout spec), ``fit.py`` (a run's PCA: fit once, then load),
+``cache.py``, ``preview.py``, ``tiny_sd.py``.
+
 Typical use::
 
     backbone = build_backbone(cfg.layouts, base_model_dir, device)
-    pca = fit_pca(backbone, dataset, cfg.layouts)            # once per dataset
-    pca.save(RunPaths(run_dir).pca)
+    pca = fit_or_load_pca(RunPaths(run_dir).pca, backbone, dataset, cfg.layouts)  # fitted once per run
     extractor = LayoutExtractor.from_config(cfg.layouts, backbone, pca, size=(H, W))
     layouts = extractor(images)                              # (B, N, H, W) float in [0, 1]
 
@@ -22,6 +25,7 @@ from pipeline.layouts.backbones import (
     resolve_device,
 )
 from pipeline.layouts.cache import LayoutCache
+from pipeline.layouts.fit import fit_or_load_pca
 from pipeline.layouts.pca import PCA, PCAFitter
 from pipeline.layouts.preview import layout_to_rgb, preview_grid, save_preview
 from pipeline.layouts.project import LayoutExtractor, fit_pca, images_to_tensor, layout_spec, layout_spec_hash
@@ -38,6 +42,7 @@ __all__ = [
     "SDModel",
     "ViTBackbone",
     "build_backbone",
+    "fit_or_load_pca",
     "fit_pca",
     "images_to_tensor",
     "layout_spec",

@@ -24,7 +24,14 @@ from safetensors.torch import save as st_save
 
 from pipeline.io import atomic_write_bytes
 
-__all__ = ["PCA", "PCAFitter"]
+__all__ = [
+    "PCA",
+    "PCA_FILE",
+    "PCAFitter",
+]
+
+PCA_FILE = "pca.safetensors"
+"""The file name of a fitted PCA, in a run folder or beside the ControlNet trained on its layouts."""
 
 log = logging.getLogger(__name__)
 

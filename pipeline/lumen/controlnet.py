@@ -217,6 +217,7 @@ class LumenTrainer:
             progress: progress bar.
             stop_after: stop after this many steps of this call (tests simulate a crash with it).
         """
+        # 1. Check inputs, cache the frozen parts' outputs, resume, set up mixed precision.
         if conditions.shape[0] != images.shape[0] or conditions.shape[2:] != images.shape[1:3]:
             raise ValueError(f"conditions {conditions.shape} do not match images {images.shape}")
         self._prepare(images, captions)
@@ -230,49 +231,61 @@ class LumenTrainer:
         log_path = self.out / "train_log.csv"
         new_log = not log_path.exists()
         t0 = time.time()
+        # 2. Step until done (or ``stop_after``), logging each step; checkpoint and validate when due.
         with open(log_path, "a", newline="") as f:
             writer = csv.writer(f)
             if new_log:
                 writer.writerow(["step", "loss", "lr", "seconds"])
             bar = tqdm(total=self.s.steps, initial=self.step, desc="train ControlNet", disable=not progress)
-            done_here = 0
-            while self.step < self.s.steps and (stop_after is None or done_here < stop_after):
+            while self.step < self.s.steps and (stop_after is None or len(losses) < stop_after):
                 lr = self._lr(self.step)
                 set_lr(self.opt, lr)
-                total = 0.0
-                for _ in range(self.s.grad_accum):
-                    idx = torch.randint(0, len(images), (self.s.batch_size,), generator=self.gen)
-                    flip = (torch.rand(len(idx), generator=self.gen) < 0.5) & self.s.flip
-                    drop = torch.rand(len(idx), generator=self.gen) < self.s.empty_prompt_prob
-                    with ctx:
-                        loss = self.loss_on(idx, conds[idx], flip, drop) / self.s.grad_accum
-                    (self.scaler.scale(loss) if self.scaler else loss).backward()
-                    total += loss.item()
-                if self.scaler:
-                    self.scaler.unscale_(self.opt)
-                torch.nn.utils.clip_grad_norm_(self.controlnet.parameters(), 1.0)
-                if self.scaler:
-                    self.scaler.step(self.opt)
-                    self.scaler.update()
-                else:
-                    self.opt.step()
-                self.opt.zero_grad(set_to_none=True)
+                total = self._accumulate_gradients(len(images), conds, ctx)
+                self._optimizer_step()
                 self.step += 1
-                done_here += 1
                 losses.append(total)
                 writer.writerow([self.step, f"{total:.6f}", f"{lr:.3g}", f"{time.time() - t0:.1f}"])
                 bar.update(1)
                 bar.set_postfix(loss=f"{total:.4f}")
-                if self.step % self.s.checkpoint_every == 0 or self.step == self.s.steps:
+                if self._due(self.s.checkpoint_every):
                     f.flush()
                     self.checkpoint()
-                if validation is not None and (
-                    self.step % self.s.validate_every == 0 or self.step == self.s.steps
-                ):
+                if validation is not None and self._due(self.s.validate_every):
                     self.validate(*validation)
             bar.close()
         self.controlnet.eval()
         return losses
+
+    def _accumulate_gradients(self, num_images: int, conds: torch.Tensor, ctx: Any) -> float:
+        """Forward and backward ``grad_accum`` random batches (draws: indices, flips, caption drops, in
+        that order); returns the step's loss (the sum of the accumulated, scaled-down losses)."""
+        total = 0.0
+        for _ in range(self.s.grad_accum):
+            idx = torch.randint(0, num_images, (self.s.batch_size,), generator=self.gen)
+            flip = (torch.rand(len(idx), generator=self.gen) < 0.5) & self.s.flip
+            drop = torch.rand(len(idx), generator=self.gen) < self.s.empty_prompt_prob
+            with ctx:
+                loss = self.loss_on(idx, conds[idx], flip, drop) / self.s.grad_accum
+            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            total += loss.item()
+        return total
+
+    def _optimizer_step(self) -> None:
+        """Clip the gradient norm to 1, step (through the fp16 grad scaler when there is one), zero grads."""
+        if self.scaler:
+            self.scaler.unscale_(self.opt)
+        torch.nn.utils.clip_grad_norm_(self.controlnet.parameters(), 1.0)
+        if self.scaler:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+
+    def _due(self, every: int) -> bool:
+        """Whether a periodic action (checkpoint, validation) runs after the current step: every
+        ``every`` steps and after the last one."""
+        return self.step % every == 0 or self.step == self.s.steps
 
     @torch.no_grad()
     def validate(self, conditions: np.ndarray, prompts: list[str], seeds: Sequence[int] = (0, 1)) -> Path:

@@ -40,6 +40,7 @@ from pipeline.device import resolve_device
 from pipeline.execution import Deferred, Future, TrackerFactory, tqdm_tracker
 from pipeline.faults import kill_point
 from pipeline.io import atomic_open, atomic_write_json, atomic_write_text, sha256_file
+from pipeline.layouts.pca import PCA_FILE
 from pipeline.lumen.generate import LumenGenerator, plan_variants
 from pipeline.lumen.stages import (
     ConditionFn,
@@ -51,6 +52,7 @@ from pipeline.lumen.stages import (
     lumen_folder,
 )
 from pipeline.runs import RunPaths
+from pipeline.shards.writer import ShardSetWriter
 from pipeline.synthesis.judging import JudgeFactory
 
 __all__ = [
@@ -278,7 +280,7 @@ def _build_context(
     cn_folder = lumen_folder(cfg, run_dir)
     controlnet, card = _load_controlnet(cn_folder, device)
     source = build_dataset(cfg.data, "train")
-    shipped_pca = cn_folder / "pca.safetensors"
+    shipped_pca = cn_folder / PCA_FILE
     make_conditions, cond_meta = condition_maker(
         cfg, base, base_id, source, run_dir, pca_path=shipped_pca if shipped_pca.is_file() else None
     )
@@ -364,7 +366,9 @@ def _finished_chunk(npz: Path, meta: Path, cache_key: str) -> dict[str, Any] | N
     return record
 
 
-def chunk_written(ctx: ExpandContext, index: int, keys: Sequence[str], real_w: Any, syn_w: Any) -> bool:
+def chunk_written(
+    ctx: ExpandContext, index: int, keys: Sequence[str], real_w: ShardSetWriter, syn_w: ShardSetWriter
+) -> bool:
     """Whether chunk ``index`` was made from these inputs and all its samples are in finished or open
     shards of the writers (then it needs neither generating nor writing)."""
     _, meta = chunk_files(ctx.run_dir, index)
@@ -443,10 +447,8 @@ def generate_chunk(
     return ChunkResult(index, meta, reused=False, seconds=time.time() - t0, record=record)
 
 
-def shard_writers(cfg: LumenConfig, run_dir: Path) -> tuple[Any, Any]:
+def shard_writers(cfg: LumenConfig, run_dir: Path) -> tuple[ShardSetWriter, ShardSetWriter]:
     """The (real, synthetic) shard writers of a run; an existing set is resumed."""
-    from pipeline.shards.writer import ShardSetWriter
-
     info = build_dataset(cfg.data, "train").info
     if cfg.generate.quality_filter and cfg.generate.quality_mode == "pixel":
         from pipeline.synthesis.filter import info_with_ignore
@@ -467,7 +469,11 @@ def shard_writers(cfg: LumenConfig, run_dir: Path) -> tuple[Any, Any]:
 
 
 def write_chunk(
-    ctx: ExpandContext, result: ChunkResult, real_w: Any, syn_w: Any, quarantine: Quarantine
+    ctx: ExpandContext,
+    result: ChunkResult,
+    real_w: ShardSetWriter,
+    syn_w: ShardSetWriter,
+    quarantine: Quarantine,
 ) -> tuple[int, int, int]:
     """Append one generated chunk to the shard writers; returns (real, synthetic, filtered) written."""
     g = ctx.cfg.generate

@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from pipeline.config import LumenConfig, config_hash
 from pipeline.data import Quarantine, build_dataset, iter_valid, resize_sample
 from pipeline.data.memory import InMemoryDataset
-from pipeline.data.sample import Sample, SampleSource
+from pipeline.data.sample import DatasetInfo, Sample, SampleSource
 from pipeline.device import resolve_device
 from pipeline.io import sha256_file
 from pipeline.lumen.base import BaseComponents, load_base
@@ -163,7 +163,7 @@ def load_run_base(cfg: LumenConfig, run_dir: Path) -> tuple[BaseComponents, str]
             raise ValueError("base.pretrained is not set")
         return load_base(cfg.base.pretrained, local_files_only=cfg.base.local_files_only), cfg.base.pretrained
     folder = RunPaths(run_dir).base
-    if (folder / "model_index.json").is_file():  # identity by content: the run folder may move
+    if RunPaths(run_dir).has_base():  # identity by content: the run folder may move
         digest = sha256_file(folder / "unet" / "diffusion_pytorch_model.safetensors")[:16]
         return load_base(folder), f"{RUN_BASE}@{digest}"
     shipped = shipped_base(cfg)
@@ -213,7 +213,7 @@ def lumen_folder(cfg: LumenConfig, run_dir: Path) -> Path:
         return folder
     from pipeline.assets import asset_path, available_assets
 
-    base = shipped_base(cfg) if not (RunPaths(run_dir).base / "model_index.json").is_file() else None
+    base = shipped_base(cfg) if not RunPaths(run_dir).has_base() else None
     if base is not None:
         for name in available_assets():
             meta = _asset_meta(name)
@@ -269,37 +269,56 @@ def condition_maker(
     """A function from samples to their (B, C, H, W) float16 conditions, and what defines them.
 
     ``layout``: the backbone is the base model's UNet (or ``layouts.backbone``); the PCA is read from
-    ``pca_path`` (default ``run_dir/pca.safetensors``) or fitted on ``fit_data`` and saved there; layouts are cached on disk
-    under their spec hash. Comparison conditions are computed from the labels; the random masks of
-    ``seg_sparse`` are seeded per sample key, so they do not depend on how work is chunked.
+    ``pca_path`` (default ``RunPaths(run_dir).pca``) or fitted on ``fit_data`` and saved there; layouts are
+    cached on disk under their spec hash (``RunPaths(run_dir).layouts``). Comparison conditions are computed
+    from the labels; the random masks of ``seg_sparse`` are seeded per sample key, so they do not depend on
+    how work is chunked.
     """
     from pipeline.conditions import CONDITIONS
 
     name = cfg.lumen.condition
     if name == "layout":
-        from pipeline.layouts import PCA, LayoutCache, LayoutExtractor, build_backbone, fit_pca
-
-        device = resolve_device(cfg.device)
-        backbone = build_backbone(cfg.layouts, device=device, components=base, model_id=base_id)
-        pca_path = pca_path or RunPaths(run_dir).pca
-        if pca_path.is_file():
-            pca = PCA.load(pca_path)
-        else:
-            pca = fit_pca(backbone, fit_data, cfg.layouts, metadata={"config_hash": config_hash(cfg)})
-            pca.save(pca_path)
-        extractor = LayoutExtractor.from_config(cfg.layouts, backbone, pca, size=generation_size(cfg, base))
-        cache = LayoutCache(RunPaths(run_dir).layouts, extractor.spec()) if cfg.layouts.cache else None
-
-        def layouts(samples: Sequence[Sample]) -> np.ndarray:
-            out = extractor.layouts_for(list(samples), cache=cache, batch_size=cfg.layouts.batch_size)
-            return np.stack(out).astype(np.float16)
-
-        return layouts, {"layout": extractor.spec(), "pca_sha256": sha256_file(pca_path)}
+        return _layout_maker(cfg, base, base_id, fit_data, run_dir, pca_path)
     if name not in CONDITIONS:
         raise ValueError(
             f"lumen.condition={name!r} has no ControlNet (valid: layout, {', '.join(CONDITIONS)})"
         )
-    fn, info = CONDITIONS[name], fit_data.info
+    return _label_maker(cfg, fit_data.info)
+
+
+def _layout_maker(
+    cfg: LumenConfig,
+    base: BaseComponents,
+    base_id: str,
+    fit_data: SampleSource,
+    run_dir: Path,
+    pca_path: Path | None,
+) -> tuple[ConditionFn, dict[str, Any]]:
+    """:func:`condition_maker` for ``layout``: backbone, the run's PCA (fitted once), extractor, cache."""
+    from pipeline.layouts import LayoutCache, LayoutExtractor, build_backbone, fit_or_load_pca
+
+    device = resolve_device(cfg.device)
+    backbone = build_backbone(cfg.layouts, device=device, components=base, model_id=base_id)
+    pca_path = pca_path or RunPaths(run_dir).pca
+    pca = fit_or_load_pca(
+        pca_path, backbone, fit_data, cfg.layouts, metadata={"config_hash": config_hash(cfg)}
+    )
+    extractor = LayoutExtractor.from_config(cfg.layouts, backbone, pca, size=generation_size(cfg, base))
+    cache = LayoutCache(RunPaths(run_dir).layouts, extractor.spec()) if cfg.layouts.cache else None
+
+    def layouts(samples: Sequence[Sample]) -> np.ndarray:
+        out = extractor.layouts_for(list(samples), cache=cache, batch_size=cfg.layouts.batch_size)
+        return np.stack(out).astype(np.float16)
+
+    return layouts, {"layout": extractor.spec(), "pca_sha256": sha256_file(pca_path)}
+
+
+def _label_maker(cfg: LumenConfig, info: DatasetInfo) -> tuple[ConditionFn, dict[str, Any]]:
+    """:func:`condition_maker` for a comparison condition computed from the labels (seg, edges, ...)."""
+    from pipeline.conditions import CONDITIONS
+
+    name = cfg.lumen.condition
+    fn = CONDITIONS[name]
     kw = {"min_share": cfg.lumen.sparse_min_share, "max_share": cfg.lumen.sparse_max_share}
 
     def labels(samples: Sequence[Sample]) -> np.ndarray:
@@ -334,7 +353,7 @@ def run_train_lumen(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> P
         checkpoint_every=lc.checkpoint_every, validate_every=lc.validate_every, seed=cfg.seed,
     )  # fmt: skip
     trainer = LumenTrainer(
-        base, build_controlnet(base, conds.shape[1], seed=cfg.seed), run_dir / "lumen_train", settings,
+        base, build_controlnet(base, conds.shape[1], seed=cfg.seed), RunPaths(run_dir).lumen_train, settings,
         device=resolve_device(cfg.device),
     )  # fmt: skip
     trainer.fit(

@@ -45,6 +45,7 @@ from pipeline.config import LumenConfig
 from pipeline.data.sample import DatasetInfo, Sample
 from pipeline.device import resolve_device
 from pipeline.io import atomic_write_json
+from pipeline.runs import RunPaths
 from pipeline.synthesis.judging import JudgeFactory
 from pipeline.synthesis.metrics import confusion_scores, seg_confusion
 
@@ -64,7 +65,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-FILTER_DIR = "quality_filter"
+FILTER_DIR = RunPaths(".").quality_filter.name
 """Sub-folder of a run folder holding the filter's segmenter and class medians."""
 
 DEFAULT_IGNORE = 255
@@ -317,7 +318,7 @@ class QualityFilter:
                 "QualityFilter.fit needs judge_factory=, the function that trains its segmenter (e.g. "
                 "perception.judges.fit_judge): the library core does not import perception"
             )
-        folder = Path(run_dir) / FILTER_DIR
+        folder = RunPaths(run_dir).quality_filter
         device = resolve_device(cfg.device)
         labelled = [s for s in train_samples if s.seg is not None]
         judge = judge_factory(

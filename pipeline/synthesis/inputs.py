@@ -18,6 +18,7 @@ from pipeline.data import build_dataset, resize_sample
 from pipeline.data.memory import InMemoryDataset
 from pipeline.data.sample import Sample, SampleError
 from pipeline.io import sha256_file
+from pipeline.layouts.pca import PCA_FILE
 from pipeline.lumen.base import BaseComponents, load_base
 from pipeline.runs import RunPaths
 
@@ -210,7 +211,7 @@ def open_run(spec: RunSpec, cfg: LumenConfig, bases: BaseModels, default: tuple[
     base_id = str(card.get("base_model") or default[1])
     base = bases.get(base_id, run_dir, fallback=base_dir)
     # 'layout' needs the PCA it was trained with; nothing is written into the run folder.
-    pca = next((p for p in (RunPaths(run_dir).pca, lumen_dir / "pca.safetensors") if p.is_file()), None)
+    pca = next((p for p in (RunPaths(run_dir).pca, lumen_dir / PCA_FILE) if p.is_file()), None)
     if run_cfg.lumen.condition == "layout" and pca is None:
         raise FileNotFoundError(f"{run_dir} has no pca.safetensors: the layouts cannot be reproduced")
     no_cache = run_cfg.model_copy(update={"layouts": run_cfg.layouts.model_copy(update={"cache": False})})
