@@ -160,6 +160,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# A flat table of commands and their arguments: splitting it would scatter the CLI's one overview.
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lumen",

@@ -162,61 +162,68 @@ def evaluation_inputs(cfg: LumenConfig, run_dir: Path, progress: bool = True) ->
     run before any expansion. Toy scenes get val and test from their own streams, in
     ``perception.test_domains`` when set (cross-domain).
     """
-    from perception.data import ShardSamples, catalog, dataset_info_from_shards
+    from perception.data import ShardSamples, catalog
 
-    real_dir, syn_dir = RunPaths(run_dir).shards("real"), RunPaths(run_dir).shards("synthetic")
     p = cfg.perception
-    toy = cfg.data.adapter == "toyscenes"
-    # 1. Real training data and the dataset card.
-    real: Any
-    if (real_dir / "manifest.json").is_file():
-        real, info = ShardSamples(real_dir), dataset_info_from_shards(real_dir)
-    elif toy:
-        real = _toy_split(cfg, "train", cfg.data.num_images or 256, cfg.data.domains)
-        from pipeline.data.toyscenes import ToyScenes
-
-        info = ToyScenes().info
-    else:
-        raise FileNotFoundError(f"no shard set in {real_dir}; run `lumen expand` with this config first")
+    real, info = _real_data(cfg, run_dir)
     missing = [t for t in p.tasks if t not in info.labels]
     if missing:
         raise ValueError(
             f"perception.tasks {missing} need labels the dataset lacks (it has {list(info.labels)})"
         )
-    # 2. Synthetic variants (only when the arm is asked for).
+    # Synthetic variants (only when the arm is asked for).
     synthetic = None
     if "real+synthetic" in p.arms:
+        syn_dir = RunPaths(run_dir).shards("synthetic")
         if not (syn_dir / "manifest.json").is_file():
             raise FileNotFoundError(
                 f"no synthetic shard set in {syn_dir}: run `lumen expand` with this config first, "
                 "or remove real+synthetic from perception.arms"
             )
         synthetic = ShardSamples(syn_dir)
-    # 3. Validation and test data.
-    test: list[Sample] | None = None
-    if toy:
-        domains = p.test_domains or cfg.data.domains
-        val = _toy_split(cfg, "val", cfg.data.num_val_images or 64, domains)
-        if p.report_split == "test":
-            test = _toy_split(cfg, "test", p.num_test_images, domains)
-    else:
-        if p.report_split == "test":
-            raise ValueError(
-                f"the {cfg.data.adapter} adapter has no test split here: set perception.report_split=val "
-                "(and fix the schedule without looking at the reported numbers)"
-            )
-        if p.test_domains:
-            raise ValueError("perception.test_domains is for toy scenes only")
-        size = tuple(cfg.data.image_size) if cfg.data.image_size else None
-        quarantine = Quarantine(RunPaths(run_dir).quarantine)
-        val = list(collect_samples(cfg, size, quarantine, split="val", progress=progress))  # type: ignore[arg-type]
-    # 4. Oracle re-renders of the real images some run trains on.
+    val, test = _eval_splits(cfg, run_dir, progress)
+    # Oracle re-renders of the real images some run trains on.
     oracle = None
     if "real+oracle" in p.arms:
         keys, labels, _ = catalog(real)
         labelled = [k for k, have in zip(keys, labels, strict=True) if set(p.tasks) <= set(have)]
         oracle = oracle_samples(cfg, _selected_keys(cfg, labelled))
     return EvalInputs(real, list(val), test, synthetic, oracle, info)
+
+
+def _real_data(cfg: LumenConfig, run_dir: Path) -> tuple[Any, DatasetInfo]:
+    """The real training data and its dataset card: the run's real shards, or toy scenes rendered
+    directly (same keys, same pixels) when there are none yet."""
+    from perception.data import ShardSamples, dataset_info_from_shards
+
+    real_dir = RunPaths(run_dir).shards("real")
+    if (real_dir / "manifest.json").is_file():
+        return ShardSamples(real_dir), dataset_info_from_shards(real_dir)
+    if cfg.data.adapter == "toyscenes":
+        from pipeline.data.toyscenes import ToyScenes
+
+        return _toy_split(cfg, "train", cfg.data.num_images or 256, cfg.data.domains), ToyScenes().info
+    raise FileNotFoundError(f"no shard set in {real_dir}; run `lumen expand` with this config first")
+
+
+def _eval_splits(cfg: LumenConfig, run_dir: Path, progress: bool) -> tuple[list[Sample], list[Sample] | None]:
+    """Validation data and the test data reported on (None: report on validation)."""
+    p = cfg.perception
+    if cfg.data.adapter == "toyscenes":
+        domains = p.test_domains or cfg.data.domains
+        val = _toy_split(cfg, "val", cfg.data.num_val_images or 64, domains)
+        test = _toy_split(cfg, "test", p.num_test_images, domains) if p.report_split == "test" else None
+        return list(val), test
+    if p.report_split == "test":
+        raise ValueError(
+            f"the {cfg.data.adapter} adapter has no test split here: set perception.report_split=val "
+            "(and fix the schedule without looking at the reported numbers)"
+        )
+    if p.test_domains:
+        raise ValueError("perception.test_domains is for toy scenes only")
+    size = tuple(cfg.data.image_size) if cfg.data.image_size else None
+    quarantine = Quarantine(RunPaths(run_dir).quarantine)
+    return list(collect_samples(cfg, size, quarantine, split="val", progress=progress)), None  # type: ignore[arg-type]
 
 
 def setting_facts(

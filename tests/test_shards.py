@@ -23,6 +23,7 @@ import pytest
 import torch
 import webdataset as wds
 
+import lumen_cli.shards as shards_cli
 from pipeline.config import ShardConfig
 from pipeline.data import Sample
 from pipeline.data.toyscenes import ToyScenes
@@ -39,7 +40,6 @@ from pipeline.shards import (
     verify_shard_set,
     wds_decoder,
 )
-from pipeline.shards import cli as shards_cli
 from pipeline.shards.schema import encode_sample
 
 REPO = Path(__file__).resolve().parents[1]

@@ -203,6 +203,22 @@ def resize_sample(sample: Sample, size: tuple[int, int]) -> Sample:
     return out
 
 
+def _index_images(image_dir: Path, name: str, num_images: int | None) -> dict[str, Path]:
+    """Sample key -> image file, in file-name order (the first ``num_images``)."""
+    files = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+    if not files:
+        raise FileNotFoundError(f"data.image_dir: no images ({', '.join(IMAGE_EXTS)}) in {image_dir}")
+    out: dict[str, Path] = {}
+    for path in files:
+        key = f"{name}-{_sanitise(path.stem)}"
+        if key in out:
+            raise ValueError(f"two images map to the same sample key {key!r}: {out[key]} and {path}")
+        out[key] = path
+        if num_images is not None and len(out) >= num_images:
+            break
+    return out
+
+
 class FolderDataset:
     """Images plus optional label folders matched by file stem.
 
@@ -272,21 +288,7 @@ class FolderDataset:
         self.depth_scale = depth_scale
         self.caption = caption
         self.name = name
-        files = sorted(p for p in self.image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
-        if not files:
-            raise FileNotFoundError(
-                f"data.image_dir: no images ({', '.join(IMAGE_EXTS)}) in {self.image_dir}"
-            )
-        self._files: dict[str, Path] = {}
-        for path in files:
-            key = f"{name}-{_sanitise(path.stem)}"
-            if key in self._files:
-                raise ValueError(
-                    f"two images map to the same sample key {key!r}: {self._files[key]} and {path}"
-                )
-            self._files[key] = path
-            if num_images is not None and len(self._files) >= num_images:
-                break
+        self._files = _index_images(self.image_dir, name, num_images)
         self.info = DatasetInfo(
             name=name,
             classes=tuple(classes or ()),

@@ -256,6 +256,33 @@ def _shade_of(c: RGB, rng: np.random.Generator) -> RGB:
     return (c[0] * k, c[1] * k, c[2] * k)
 
 
+def _apart(a: Obj, b: Obj) -> bool:
+    """Whether two objects' footprints on the floor keep a 10 cm gap."""
+    return math.hypot(a.center[0] - b.center[0], a.center[2] - b.center[2]) > a.footprint + b.footprint + 0.1
+
+
+def _draw_object(rng: np.random.Generator, dom: Domain, camera: Camera, names: list[str]) -> Obj:
+    """One random object in front of the camera (shape, size, place, colour from the domain's palette)."""
+    shape = str(rng.choice(list(_SHAPES)))
+    if shape == "sphere":
+        r = float(rng.uniform(0.3, 0.7))
+        size = (r, r, r)
+    elif shape == "box":
+        size = (float(rng.uniform(0.25, 0.6)), float(rng.uniform(0.25, 0.75)), float(rng.uniform(0.25, 0.6)))
+    else:
+        size = (float(rng.uniform(0.2, 0.5)), float(rng.uniform(0.5, 1.8)), 0.0)
+        size = (size[0], size[1], size[0])
+    z = float(rng.uniform(2.6, 7.0))
+    x = camera.position[0] + z * math.tan(camera.yaw) + float(rng.uniform(-0.42, 0.42)) * z
+    y = size[0] if shape == "sphere" else 0.0
+    name = names[int(rng.integers(len(names)))]
+    color = dom.palette[name]
+    texture = str(rng.choice(list(_OBJECT_TEXTURES), p=[0.5, 0.15, 0.2, 0.15]))
+    mat = _material(rng, texture, color, _shade_of(color, rng), (0.08, 0.2))
+    mat.shininess = float(rng.choice([0.0, 0.0, 0.35]))
+    return Obj(shape, (x, y, z), size, float(rng.uniform(0, math.pi)), mat, name)
+
+
 def sample_scene(
     rng: np.random.Generator, domain: str = "day", min_objects: int = 2, max_objects: int = 5
 ) -> Scene:
@@ -290,33 +317,8 @@ def sample_scene(
     n_obj = int(rng.integers(min_objects, max_objects + 1))
     for _ in range(n_obj):
         for _attempt in range(30):
-            shape = str(rng.choice(list(_SHAPES)))
-            if shape == "sphere":
-                r = float(rng.uniform(0.3, 0.7))
-                size = (r, r, r)
-            elif shape == "box":
-                size = (
-                    float(rng.uniform(0.25, 0.6)),
-                    float(rng.uniform(0.25, 0.75)),
-                    float(rng.uniform(0.25, 0.6)),
-                )
-            else:
-                size = (float(rng.uniform(0.2, 0.5)), float(rng.uniform(0.5, 1.8)), 0.0)
-                size = (size[0], size[1], size[0])
-            z = float(rng.uniform(2.6, 7.0))
-            x = camera.position[0] + z * math.tan(camera.yaw) + float(rng.uniform(-0.42, 0.42)) * z
-            y = size[0] if shape == "sphere" else 0.0
-            name = names[int(rng.integers(len(names)))]
-            color = dom.palette[name]
-            texture = str(rng.choice(list(_OBJECT_TEXTURES), p=[0.5, 0.15, 0.2, 0.15]))
-            mat = _material(rng, texture, color, _shade_of(color, rng), (0.08, 0.2))
-            mat.shininess = float(rng.choice([0.0, 0.0, 0.35]))
-            cand = Obj(shape, (x, y, z), size, float(rng.uniform(0, math.pi)), mat, name)
-            ok = all(
-                math.hypot(x - o.center[0], z - o.center[2]) > cand.footprint + o.footprint + 0.1
-                for o in objects
-            )
-            if ok:
+            cand = _draw_object(rng, dom, camera, names)
+            if all(_apart(cand, o) for o in objects):
                 objects.append(cand)
                 break
 
@@ -551,6 +553,10 @@ def _texture(mat: Material, uv: np.ndarray) -> np.ndarray:
     return ca + (cb - ca) * m[:, None].astype(np.float32)
 
 
+_WALL_AXES = {"back": (2, 1.0), "left": (0, 1.0), "right": (0, -1.0)}
+"""Wall name -> (world axis of its normal, sign of its plane offset)."""
+
+
 def render_scene(scene: Scene, height: int, width: int) -> dict[str, np.ndarray]:
     """Ray-cast a scene: returns ``image`` (H,W,3) uint8, ``seg`` (H,W) uint8, ``depth`` (H,W) float32
     z-depth in metres (0 = sky), ``normal`` (H,W,3) float32 camera-frame unit normals (0 = sky) and
@@ -563,21 +569,41 @@ def render_scene(scene: Scene, height: int, width: int) -> dict[str, np.ndarray]
     # Ray directions with unit camera-z component: the ray parameter t *is* the z-depth.
     d = (xc[:, None] * r + yc[:, None] * dn + f).astype(np.float32)
     o = np.broadcast_to(np.asarray(cam.position, dtype=np.float32), d.shape)
-    n_pix = d.shape[0]
+    prim, depth, classes = _intersect(scene, o, d, (r, dn, f), height, width)
+    sky = prim == -1
+    points = o + depth[:, None] * d
+    normal_w, albedo, shininess, seg = _surfaces(scene, prim, points, classes)
+    color = _shade(scene, d, points, depth, sky, normal_w, albedo, shininess)
+    image = _GAMMA_LUT[(np.clip(color, 0, 1) * (len(_GAMMA_LUT) - 1) + 0.5).astype(np.intp)]
+    normal_c = np.stack([normal_w @ r, normal_w @ dn, normal_w @ f], axis=1)
+    norm = np.linalg.norm(normal_c, axis=1, keepdims=True)
+    normal_c = np.divide(normal_c, norm, out=np.zeros_like(normal_c), where=norm > 0)
+    return {
+        "image": image.reshape(height, width, 3),
+        "seg": seg.reshape(height, width),
+        "depth": depth.reshape(height, width).astype(np.float32),
+        "normal": normal_c.reshape(height, width, 3).astype(np.float32),
+        "instance": prim.reshape(height, width).astype(np.int16),
+    }
 
-    # 1. Intersect every primitive: floor, walls (below their height), objects.
+
+def _intersect(
+    scene: Scene, o: np.ndarray, d: np.ndarray, axes: tuple[np.ndarray, ...], height: int, width: int
+) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The nearest primitive of every ray (floor, walls below their height, objects): its index (-1 for
+    sky), its depth (0 for sky) and the class of each primitive."""
+    n_pix = d.shape[0]
     hits: list[np.ndarray] = [_hit_plane(o, d, 1, 0.0)]
     classes: list[int] = [FLOOR]
-    wall_axes = {"back": (2, 1.0), "left": (0, 1.0), "right": (0, -1.0)}
     for name, dist in scene.walls.items():
-        axis, sign = wall_axes[name]
+        axis, sign = _WALL_AXES[name]
         t = _hit_plane(o, d, axis, sign * dist)
         y = o[:, 1] + np.where(np.isfinite(t), t, 0) * d[:, 1]
         hits.append(np.where(y <= scene.wall_height, t, np.inf))
         classes.append(WALL)
     for obj in scene.objects:
         t_obj = np.full(n_pix, np.inf)
-        rows, cols = _screen_rect(obj, cam, (r, dn, f), height, width)
+        rows, cols = _screen_rect(obj, scene.camera, axes, height, width)
         if rows.start < rows.stop and cols.start < cols.stop:
             idx = (np.arange(height)[rows, None] * width + np.arange(width)[None, cols]).ravel()
             t_obj[idx] = _HIT[obj.shape](o[idx], d[idx], obj)
@@ -588,12 +614,15 @@ def render_scene(scene: Scene, height: int, width: int) -> dict[str, np.ndarray]
     depth = t_all[prim, np.arange(n_pix)]
     sky = ~np.isfinite(depth)
     prim[sky] = -1
-    depth = np.where(sky, 0.0, depth)
-    points = o + depth[:, None] * d
+    return prim, np.where(sky, 0.0, depth), classes
 
-    # 2. Per-primitive normals and albedo.
-    normal_w = np.zeros((n_pix, 3))
-    albedo = np.zeros((n_pix, 3))
+
+def _surfaces(
+    scene: Scene, prim: np.ndarray, points: np.ndarray, classes: list[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """World normals, albedo, shininess and class of every pixel from the primitive it hit."""
+    n_pix = len(prim)
+    normal_w, albedo = np.zeros((n_pix, 3)), np.zeros((n_pix, 3))
     shininess = np.zeros(n_pix)
     seg = np.full(n_pix, SKY, dtype=np.uint8)
     wall_names = list(scene.walls)
@@ -607,7 +636,7 @@ def render_scene(scene: Scene, height: int, width: int) -> dict[str, np.ndarray]
             normal_w[m] = (0.0, 1.0, 0.0)
             albedo[m] = _texture(scene.floor, pts[:, [0, 2]])
         elif p_idx <= len(wall_names):
-            axis, sign = wall_axes[wall_names[p_idx - 1]]
+            axis, sign = _WALL_AXES[wall_names[p_idx - 1]]
             nrm = np.zeros(3)
             nrm[axis] = -sign
             normal_w[m] = nrm
@@ -619,24 +648,27 @@ def render_scene(scene: Scene, height: int, width: int) -> dict[str, np.ndarray]
             normal_w[m] = nrm
             albedo[m] = _texture(obj.material, uv)
             shininess[m] = obj.material.shininess
+    return normal_w, albedo, shininess, seg
 
-    # 3. Shading: ambient + directional light with cast shadows from objects, a touch of specular.
+
+def _shade(
+    scene: Scene,
+    d: np.ndarray,
+    points: np.ndarray,
+    depth: np.ndarray,
+    sky: np.ndarray,
+    normal_w: np.ndarray,
+    albedo: np.ndarray,
+    shininess: np.ndarray,
+) -> np.ndarray:
+    """Linear colour: ambient + directional light with cast shadows from objects, a touch of specular,
+    a sky gradient and a distance haze."""
     light = np.asarray(scene.light_dir)
     lambert = np.clip(normal_w @ light, 0.0, None)
     lit = (~sky) & (lambert > 0)
     if scene.objects and lit.any():
         lit_idx = np.flatnonzero(lit)
-        so = points[lit_idx] + normal_w[lit_idx] * 1e-3
-        in_shadow = np.zeros(len(lit_idx), dtype=bool)
-        for ob in scene.objects:
-            centre, radius = _bounding_sphere(ob)
-            v = centre - so
-            proj = v @ light
-            cand = np.flatnonzero((proj > -radius) & (np.einsum("ij,ij->i", v, v) - proj**2 < radius**2))
-            if cand.size:
-                t = _HIT[ob.shape](so[cand], np.broadcast_to(light, (cand.size, 3)), ob)
-                in_shadow[cand] |= np.isfinite(t)
-        lambert[lit_idx[in_shadow]] = 0.0
+        lambert[lit_idx[_in_shadow(scene, points[lit_idx] + normal_w[lit_idx] * 1e-3, light)]] = 0.0
     color = albedo * (np.asarray(scene.ambient) + lambert[:, None] * np.asarray(scene.light_rgb))
     shiny = np.flatnonzero((shininess > 0) & (lambert > 0))
     if shiny.size:  # Blinn-Phong highlight on glossy objects
@@ -644,29 +676,29 @@ def render_scene(scene: Scene, height: int, width: int) -> dict[str, np.ndarray]
         half /= np.linalg.norm(half, axis=1, keepdims=True)
         cos_h = np.clip(np.einsum("ij,ij->i", normal_w[shiny], half), 0, None)
         color[shiny] += (shininess[shiny] * cos_h**40)[:, None]
-
-    # Sky: vertical gradient from horizon to zenith.
-    if sky.any():
+    if sky.any():  # vertical gradient from horizon to zenith
         elev = np.clip(d[sky, 1] / np.linalg.norm(d[sky], axis=1), 0, 1) ** 0.6
         color[sky] = (
             np.asarray(scene.sky_horizon) * (1 - elev[:, None]) + np.asarray(scene.sky_zenith) * elev[:, None]
         )
-
     # Gentle distance haze towards the horizon colour keeps far surfaces readable.
     haze = (1 - np.exp(-depth / 40.0))[:, None]
     color += (np.asarray(scene.sky_horizon) - color) * haze  # sky pixels have depth 0: no haze
-    image = _GAMMA_LUT[(np.clip(color, 0, 1) * (len(_GAMMA_LUT) - 1) + 0.5).astype(np.intp)]
+    return color  # type: ignore[no-any-return]
 
-    normal_c = np.stack([normal_w @ r, normal_w @ dn, normal_w @ f], axis=1)
-    norm = np.linalg.norm(normal_c, axis=1, keepdims=True)
-    normal_c = np.divide(normal_c, norm, out=np.zeros_like(normal_c), where=norm > 0)
-    return {
-        "image": image.reshape(height, width, 3),
-        "seg": seg.reshape(height, width),
-        "depth": depth.reshape(height, width).astype(np.float32),
-        "normal": normal_c.reshape(height, width, 3).astype(np.float32),
-        "instance": prim.reshape(height, width).astype(np.int16),
-    }
+
+def _in_shadow(scene: Scene, so: np.ndarray, light: np.ndarray) -> np.ndarray:
+    """Whether a ray from each surface point ``so`` towards the light hits an object."""
+    in_shadow = np.zeros(len(so), dtype=bool)
+    for ob in scene.objects:
+        centre, radius = _bounding_sphere(ob)
+        v = centre - so
+        proj = v @ light
+        cand = np.flatnonzero((proj > -radius) & (np.einsum("ij,ij->i", v, v) - proj**2 < radius**2))
+        if cand.size:
+            t = _HIT[ob.shape](so[cand], np.broadcast_to(light, (cand.size, 3)), ob)
+            in_shadow[cand] |= np.isfinite(t)
+    return in_shadow
 
 
 # --------------------------------------------------------------------------------------------------

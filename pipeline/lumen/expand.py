@@ -418,14 +418,9 @@ def generate_chunk(
     ]
     arrays: dict[str, np.ndarray] = {"images": images}
     if ctx.quality is not None and specs:
-        by_key = {s.key: s for s in samples}
-        segs = np.stack([np.asarray(by_key[sp.key].seg) for sp in specs])
-        masks: list[np.ndarray] = []
-        for v, res in zip(variants, ctx.quality.score(images, segs), strict=True):
-            v["quality"], v["keep"] = res.provenance(), bool(res.keep)
-            masks.append(res.mask if res.mask is not None else np.zeros(segs.shape[1:], bool))
+        masks = _score_quality(ctx, samples, specs, images, variants)
         if cfg.generate.quality_mode == "pixel":
-            arrays["ignore_masks"] = np.stack(masks)
+            arrays["ignore_masks"] = masks
     npz.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(npz, "wb") as f:
         np.savez(f, allow_pickle=False, **arrays)
@@ -445,6 +440,25 @@ def generate_chunk(
     }
     atomic_write_json(meta, record)
     return ChunkResult(index, meta, reused=False, seconds=time.time() - t0, record=record)
+
+
+def _score_quality(
+    ctx: ExpandContext,
+    samples: list[Sample],
+    specs: Sequence[Any],
+    images: np.ndarray,
+    variants: list[dict[str, Any]],
+) -> np.ndarray:
+    """Score each variant with the quality filter: its verdict goes into ``variants`` (provenance and
+    ``keep``); returns the (V, H, W) pixel masks to ignore (all False where a verdict has none)."""
+    assert ctx.quality is not None
+    by_key = {s.key: s for s in samples}
+    segs = np.stack([np.asarray(by_key[sp.key].seg) for sp in specs])
+    masks: list[np.ndarray] = []
+    for v, res in zip(variants, ctx.quality.score(images, segs), strict=True):
+        v["quality"], v["keep"] = res.provenance(), bool(res.keep)
+        masks.append(res.mask if res.mask is not None else np.zeros(segs.shape[1:], bool))
+    return np.stack(masks)
 
 
 def shard_writers(cfg: LumenConfig, run_dir: Path) -> tuple[ShardSetWriter, ShardSetWriter]:

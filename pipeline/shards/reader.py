@@ -298,6 +298,7 @@ def _source_stages(
     return stages
 
 
+# 64 lines, 25 of them the docstring of this public API; the code is 36 lines.
 def read_shards(
     sources: Source | Sequence[Source],
     weights: Sequence[float] | None = None,

@@ -244,23 +244,20 @@ def encode_sample(
         normal = _check_float(key, "normal", np.asarray(sample.normal), (*hw, 3), normal_dtype)
         fields["normal.npy"] = _npy_bytes(normal)
     if layout is not None:
-        layout = np.asarray(layout)
-        if layout.ndim != 3 or layout.dtype not in (np.float16, np.float32) or not np.isfinite(layout).all():
-            raise ShardFormatError(
-                f"{key}: layout must be finite (N, h, w) float16/float32, got {layout.shape} {layout.dtype}"
-            )
-        fields["layout.npy"] = _npy_bytes(layout)
+        fields["layout.npy"] = _npy_bytes(_check_layout(key, np.asarray(layout)))
     record = build_record(sample, provenance, config_hash)
-    text = json.dumps(
-        record,
-        sort_keys=True,
-        separators=(",", ":"),
-        ensure_ascii=False,
-        allow_nan=False,
-        default=_json_default,
-    )
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False,
+                      default=_json_default)  # fmt: skip
     fields["json"] = text.encode("utf-8")
     return fields
+
+
+def _check_layout(key: str, layout: np.ndarray) -> np.ndarray:
+    if layout.ndim != 3 or layout.dtype not in (np.float16, np.float32) or not np.isfinite(layout).all():
+        raise ShardFormatError(
+            f"{key}: layout must be finite (N, h, w) float16/float32, got {layout.shape} {layout.dtype}"
+        )
+    return layout
 
 
 # --------------------------------------------------------------------------------------------------
