@@ -588,7 +588,12 @@ def render_scene(scene: Scene, height: int, width: int) -> dict[str, np.ndarray]
 
 
 def _intersect(
-    scene: Scene, o: np.ndarray, d: np.ndarray, axes: tuple[np.ndarray, ...], height: int, width: int
+    scene: Scene,
+    o: np.ndarray,
+    d: np.ndarray,
+    axes: tuple[np.ndarray, np.ndarray, np.ndarray],
+    height: int,
+    width: int,
 ) -> tuple[np.ndarray, np.ndarray, list[int]]:
     """The nearest primitive of every ray (floor, walls below their height, objects): its index (-1 for
     sky), its depth (0 for sky) and the class of each primitive."""
@@ -684,7 +689,7 @@ def _shade(
     # Gentle distance haze towards the horizon colour keeps far surfaces readable.
     haze = (1 - np.exp(-depth / 40.0))[:, None]
     color += (np.asarray(scene.sky_horizon) - color) * haze  # sky pixels have depth 0: no haze
-    return color  # type: ignore[no-any-return]
+    return color
 
 
 def _in_shadow(scene: Scene, so: np.ndarray, light: np.ndarray) -> np.ndarray:

@@ -23,34 +23,22 @@ import hashlib
 import json
 import logging
 import math
-import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.config import LumenConfig, config_dict, config_hash
+from pipeline.config import LumenConfig, config_hash
 from pipeline.data import Quarantine, build_dataset, iter_valid, resize_sample
-from pipeline.data.sample import Sample, SampleSource
-from pipeline.device import resolve_device
+from pipeline.data.sample import Sample
 from pipeline.execution import Deferred, Future, TrackerFactory, tqdm_tracker
 from pipeline.faults import kill_point
 from pipeline.io import atomic_open, atomic_write_json, atomic_write_text, sha256_file
-from pipeline.layouts.pca import PCA_FILE
-from pipeline.lumen.generate import LumenGenerator, plan_variants
-from pipeline.lumen.stages import (
-    ConditionFn,
-    base_folder,
-    collect_samples,
-    condition_maker,
-    generation_size,
-    load_run_base,
-    lumen_folder,
-)
+from pipeline.lumen.expand_context import ExpandContext, expand_context, expand_slots, stage_hash
+from pipeline.lumen.generate import plan_variants
 from pipeline.runs import RunPaths
 from pipeline.shards.writer import ShardSetWriter
 from pipeline.synthesis.judging import JudgeFactory
@@ -62,11 +50,13 @@ __all__ = [
     "chunk_files",
     "chunk_written",
     "expand_context",
+    "expand_slots",
     "finish_expand",
     "generate_chunk",
     "prepare_expand",
     "run_expand",
     "shard_writers",
+    "stage_hash",
     "write_chunk",
 ]
 
@@ -150,186 +140,6 @@ def _run_timestamp(run_dir: Path) -> str:
     if not path.is_file():
         atomic_write_text(path, time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()) + "\n")
     return path.read_text().strip()
-
-
-def _weights_sha(folder: Path, sub: str = "") -> str | None:
-    files = sorted((folder / sub).glob("*.safetensors")) if (folder / sub).is_dir() else []
-    return sha256_file(files[0]) if files else None
-
-
-def _load_controlnet(folder: Path, device: Any) -> tuple[Any, dict[str, Any]]:
-    import torch
-    from diffusers import ControlNetModel
-
-    card = json.loads((folder / "lumen.json").read_text())
-    model = ControlNetModel.from_pretrained(folder, torch_dtype=torch.float32)  # shipped weights are fp16
-    return model.to(device).eval(), card
-
-
-def _controlnet_id(folder: Path, run_dir: Path) -> str:
-    """``run/lumen`` for the run's own ControlNet, ``lumen-assets/<name>`` for a shipped one, else the
-    path: provenance must not change when a run folder moves."""
-    from pipeline.assets import ASSETS_DIR
-
-    folder = folder.resolve()
-    if folder.is_relative_to(run_dir.resolve()):
-        return f"run/{folder.relative_to(run_dir.resolve()).as_posix()}"
-    if folder.is_relative_to(ASSETS_DIR.resolve()):
-        return f"lumen-assets/{folder.relative_to(ASSETS_DIR.resolve()).as_posix()}"
-    return str(folder)
-
-
-def stage_hash(cfg: LumenConfig) -> str:
-    """Hash of what determines the synthetic images: seed, data, layouts, condition, generation, base."""
-    d = config_dict(cfg)
-    keep = {k: d[k] for k in ("seed", "data", "layouts", "base", "generate")}
-    keep["condition"] = d["lumen"]["condition"]
-    return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
-
-
-@dataclass
-class ExpandContext:
-    """Everything a chunk needs, built once per process by :func:`expand_context`."""
-
-    cfg: LumenConfig
-    run_dir: Path
-    source: SampleSource
-    size: tuple[int, int]
-    models: dict[str, Any]
-    layout_meta: dict[str, Any]
-    stage_hash: str
-    quality: Any = None  # a pipeline.synthesis.filter.QualityFilter when generate.quality_filter is on
-    slots: int = 1
-    build_worker: Callable[[], GenerationWorker] | None = None
-    _idle: list[GenerationWorker] = field(default_factory=list)
-    _built: int = 0
-    _cond: threading.Condition = field(default_factory=threading.Condition)
-
-    @contextmanager
-    def worker(self) -> Iterator[GenerationWorker]:
-        """Borrow a generation worker; up to ``slots`` exist, built on first need, then reused.
-
-        Each worker loads its own models: the layout extractor hooks its UNet and the fast generator
-        swaps a ControlNet submodule during a call, so two threads never share either.
-        """
-        with self._cond:
-            while not self._idle and self._built >= self.slots:
-                self._cond.wait()
-            got = self._idle.pop() if self._idle else None
-            if got is None:
-                self._built += 1
-        if got is None:
-            try:
-                if self.build_worker is None:
-                    raise RuntimeError("this ExpandContext cannot build generation workers")
-                got = self.build_worker()
-            except BaseException:
-                with self._cond:
-                    self._built -= 1
-                    self._cond.notify()
-                raise
-        try:
-            yield got
-        finally:
-            with self._cond:
-                self._idle.append(got)
-                self._cond.notify()
-
-
-@dataclass
-class GenerationWorker:
-    """A condition function and a generator over one private copy of the models."""
-
-    make_conditions: ConditionFn
-    generator: LumenGenerator
-
-
-def expand_slots(cfg: LumenConfig) -> int:
-    """Chunks one process generates at once: ``runner.gpu_concurrency`` under the thread runner (each
-    Dask worker process holds one device slot, so 1 there)."""
-    return cfg.runner.gpu_concurrency if cfg.runner.kind == "thread" else 1
-
-
-_CONTEXTS: dict[tuple[str, str], ExpandContext] = {}
-_CONTEXTS_LOCK = threading.Lock()
-
-
-def expand_context(
-    cfg: LumenConfig, run_dir: Path, progress: bool = False, judge_factory: JudgeFactory | None = None
-) -> ExpandContext:
-    """The models, condition function and generator of a run; cached per process (threads share it).
-
-    ``judge_factory`` trains the quality filter's segmenter (``generate.quality_filter``; e.g.
-    :func:`perception.judges.fit_judge`); the core cannot train one itself.
-    """
-    key = (config_hash(cfg), str(Path(run_dir).resolve()))
-    with _CONTEXTS_LOCK:
-        if key in _CONTEXTS:
-            return _CONTEXTS[key]
-        ctx = _build_context(cfg, Path(run_dir), progress, judge_factory)
-        _CONTEXTS[key] = ctx
-        return ctx
-
-
-def _build_context(
-    cfg: LumenConfig, run_dir: Path, progress: bool, judge_factory: JudgeFactory | None
-) -> ExpandContext:
-    device = resolve_device(cfg.device)
-    base, base_id = load_run_base(cfg, run_dir)
-    base.to(device)
-    cn_folder = lumen_folder(cfg, run_dir)
-    controlnet, card = _load_controlnet(cn_folder, device)
-    source = build_dataset(cfg.data, "train")
-    shipped_pca = cn_folder / PCA_FILE
-    make_conditions, cond_meta = condition_maker(
-        cfg, base, base_id, source, run_dir, pca_path=shipped_pca if shipped_pca.is_file() else None
-    )
-    if card.get("condition") == "layout" and card.get("layout") != cond_meta.get("layout"):
-        raise ValueError(
-            "the layouts this run would make differ from those the ControlNet was trained on "
-            f"({cn_folder / 'lumen.json'}); retrain it or restore the run's pca.safetensors"
-        )
-    models = {
-        "base": {"id": base_id, "sha256": _weights_sha(base_folder(base_id, run_dir), "unet")},
-        "controlnet": {"id": _controlnet_id(cn_folder, run_dir), "sha256": _weights_sha(cn_folder)},
-    }
-    first = GenerationWorker(
-        make_conditions, LumenGenerator(base, controlnet, scheduler=cfg.generate.scheduler, device=device)
-    )
-
-    def build_worker() -> GenerationWorker:
-        # From the files, not a copy of the first worker's modules: a copy taken while that worker
-        # generates would catch its ControlNet with the condition stand-in in place.
-        own_base, _ = load_run_base(cfg, run_dir)
-        own_base.to(device)
-        own_cn, _ = _load_controlnet(cn_folder, device)
-        pca = shipped_pca if shipped_pca.is_file() else None
-        make, _ = condition_maker(cfg, own_base, base_id, source, run_dir, pca_path=pca)
-        gen = LumenGenerator(own_base, own_cn, scheduler=cfg.generate.scheduler, device=device)
-        return GenerationWorker(make, gen)
-
-    quality = None
-    if cfg.generate.quality_filter:
-        from pipeline.synthesis.filter import QualityFilter
-
-        train = collect_samples(cfg, generation_size(cfg, base), Quarantine(None), progress=progress)
-        quality = QualityFilter.fit(
-            cfg, run_dir, list(train), train.info, progress=progress, judge_factory=judge_factory
-        )
-    return ExpandContext(
-        cfg=cfg,
-        run_dir=run_dir,
-        source=source,
-        size=generation_size(cfg, base),
-        models=models,
-        layout_meta={"condition": card.get("condition"), **cond_meta},
-        stage_hash=stage_hash(cfg),
-        quality=quality,
-        slots=expand_slots(cfg),
-        build_worker=build_worker,
-        _idle=[first],
-        _built=1,
-    )
 
 
 def prepare_expand(
