@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from perception.data import SampleData, as_samples, catalog, dataset_info_from_shards
-from perception.train import train
+from perception.train import TrainResult, train
 from pipeline.config import PerceptionConfig
 from pipeline.data.sample import DatasetInfo, Sample
 from pipeline.io import atomic_write_json
@@ -155,6 +155,46 @@ def _extra_data(
     return data, 0.0
 
 
+def _finished_record(spec: RunSpec, run_dir: Path | None, ident: Mapping[str, str]) -> dict[str, Any] | None:
+    """The record in ``run_dir/run.json`` when the run finished there with the same config and data."""
+    if run_dir is None or not (run_dir / "run.json").is_file():
+        return None
+    record = json.loads((run_dir / "run.json").read_text())
+    if not all(record.get(k) == v for k, v in ident.items()):
+        return None
+    logger.info("reusing finished run %s", spec.name)
+    return dict(record)
+
+
+def _record_run(
+    spec: RunSpec,
+    config: PerceptionConfig,
+    result: TrainResult,
+    ident: Mapping[str, str],
+    *,
+    has_extra: bool,
+    ratio: float,
+    has_test: bool,
+    run_dir: Path | None,
+) -> dict[str, Any]:
+    """The run's record, written to ``run_dir/run.json`` when given; a short run is never recorded."""
+    if result.steps != config.steps:  # e.g. Lightning stopped on SIGTERM
+        raise RuntimeError(f"{spec.name} stopped after {result.steps} of {config.steps} steps; not recorded")
+    record = {
+        **asdict(spec),
+        "tasks": list(spec.tasks),
+        "mixing": config.mixing,
+        "extra_ratio": config.extra_ratio if has_extra and config.mixing == "additive" else 0.0,
+        "synthetic_ratio": ratio,
+        "eval_split": "test" if has_test else "val",
+        **result.to_dict(),
+        **ident,
+    }
+    if run_dir is not None:
+        atomic_write_json(run_dir / "run.json", record)
+    return record
+
+
 def run_one(
     spec: RunSpec,
     real: SampleData,
@@ -188,17 +228,12 @@ def run_one(
         "config_hash", "data_id"}``.
     """
     real_s, val_s = as_samples(real), as_samples(val)
-    test_s = as_samples(test) if test is not None else None
-    syn_s = as_samples(synthetic) if synthetic is not None else None
-    oracle_s = as_samples(oracle) if oracle is not None else None
+    test_s, syn_s, oracle_s = (as_samples(d) if d is not None else None for d in (test, synthetic, oracle))
     extra, photometric = _extra_data(spec, real_s, syn_s, oracle_s, config)
     ident = {"config_hash": run_identity(config), "data_id": _data_id(real_s, val_s, extra, test_s)}
     run_dir = Path(out_dir) / spec.name if out_dir is not None else None
-    if run_dir is not None and (run_dir / "run.json").is_file():
-        record = json.loads((run_dir / "run.json").read_text())
-        if all(record.get(k) == v for k, v in ident.items()):
-            logger.info("reusing finished run %s", spec.name)
-            return dict(record)
+    if (finished := _finished_record(spec, run_dir, ident)) is not None:
+        return finished
     ratio = config.synthetic_ratio if extra is not None and config.mixing == "replace" else 0.0
     result = train(
         list(spec.tasks),
@@ -217,21 +252,8 @@ def run_one(
         out_dir=run_dir,
         device=device,
     )
-    if result.steps != config.steps:  # e.g. Lightning stopped on SIGTERM: never record a short run
-        raise RuntimeError(f"{spec.name} stopped after {result.steps} of {config.steps} steps; not recorded")
-    record = {
-        **asdict(spec),
-        "tasks": list(spec.tasks),
-        "mixing": config.mixing,
-        "extra_ratio": config.extra_ratio if extra is not None and config.mixing == "additive" else 0.0,
-        "synthetic_ratio": ratio,
-        "eval_split": "test" if test_s is not None else "val",
-        **result.to_dict(),
-        **ident,
-    }
-    if run_dir is not None:
-        atomic_write_json(run_dir / "run.json", record)
-    return record
+    return _record_run(spec, config, result, ident, has_extra=extra is not None, ratio=ratio,
+                       has_test=test_s is not None, run_dir=run_dir)  # fmt: skip
 
 
 def protocol_summary(

@@ -14,10 +14,11 @@ import os
 import threading
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import pytorch_lightning as pl
 import torch
@@ -118,6 +119,157 @@ def _resolve_info(info: DatasetInfo | None, real: SampleData) -> DatasetInfo | N
     return None
 
 
+def _checked_info(info: DatasetInfo | None, real: SampleData, tasks: list[str]) -> DatasetInfo | None:
+    """The dataset (:func:`_resolve_info`); the seg task needs its classes."""
+    info = _resolve_info(info, real)
+    if "seg" in tasks and (info is None or info.num_classes < 2):
+        raise ValueError("the seg task needs info=DatasetInfo(classes=..., ignore_index=...) with 2+ classes")
+    return info
+
+
+def _seeded_data_and_model(
+    config: PerceptionConfig,
+    tasks: list[str],
+    info: DatasetInfo | None,
+    seed: int,
+    label_seed: int | None,
+    real: SampleData,
+    val: SampleData,
+    synthetic: SampleData | None,
+    **data_options: Any,
+) -> tuple[PerceptionDataModule, PerceptionModule]:
+    """Data and model, both from the seed (the low-label choice from ``label_seed``, default ``seed``;
+    ``data_options`` go to :meth:`PerceptionDataModule.from_config`).
+
+    The initial weights come from torch's process-wide generator, so runs on concurrent threads (the
+    flows' runner) seed and draw it one at a time.
+    """
+    with _SEED_LOCK:
+        pl.seed_everything(seed, workers=True, verbose=False)
+        data = PerceptionDataModule.from_config(
+            config,
+            real,
+            val,
+            synthetic,
+            tasks=tasks,
+            label_seed=seed if label_seed is None else label_seed,
+            seed=seed,
+            ignore_index=info.ignore_index if info is not None else None,
+            **data_options,
+        )
+        data.setup("fit")
+        model = PerceptionModule.from_config(config, tasks, num_classes=info.num_classes if info else None)
+    return data, model
+
+
+@contextmanager
+def _quiet_lightning() -> Iterator[None]:
+    """Silence Lightning's warnings that do not apply to these short, worker-less runs."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
+        warnings.filterwarnings(
+            "ignore", message=".*defined a `validation_step` but have no `val_dataloader`.*"
+        )
+        warnings.filterwarnings(
+            "ignore", message=".*isinstance\\(treespec, LeafSpec\\).*"
+        )  # Lightning internal
+        yield
+
+
+class _Fit(NamedTuple):
+    """What fitting and validating produced (the metrics themselves stay on the model)."""
+
+    steps: int
+    val_metrics: dict[str, dict[str, float]]
+    curve: list[dict[str, Any]] | None
+
+
+def _fit_and_validate(
+    model: PerceptionModule,
+    data: PerceptionDataModule,
+    test: SampleData | None,
+    steps: int,
+    val_every: int | None,
+    device: str,
+    out: Path | None,
+) -> _Fit:
+    """Fit for exactly ``steps`` optimizer steps, then validate on the real validation data (and on
+    ``test``, which leaves the test metrics in ``model.val_results``)."""
+    accelerator, devices = trainer_device(device)
+    csv = CSVLogger(str(out), name="", version="logs") if out is not None else False
+    common: dict[str, Any] = {
+        "accelerator": accelerator,
+        "devices": devices,
+        "logger": csv,
+        "enable_checkpointing": False,
+        "enable_progress_bar": False,
+        "enable_model_summary": False,
+        "default_root_dir": str(out) if out is not None else None,
+    }
+    loader = data.train_dataloader()
+    curve = _Curve()
+    trainer = pl.Trainer(
+        max_steps=steps,
+        max_epochs=-1,
+        limit_val_batches=1.0 if val_every else 0,
+        val_check_interval=val_every,
+        check_val_every_n_epoch=None if val_every else 1,
+        num_sanity_val_steps=0,
+        log_every_n_steps=max(1, min(50, len(loader))),
+        callbacks=[curve],
+        **common,
+    )
+    with _quiet_lightning():
+        trainer.fit(
+            model, train_dataloaders=loader, val_dataloaders=data.val_dataloader() if val_every else None
+        )
+        evaluator = pl.Trainer(**common)
+        evaluator.validate(model, dataloaders=data.val_dataloader(), verbose=False)
+        val_metrics = model.val_results
+        if test is not None:
+            evaluator.validate(model, dataloaders=data.eval_dataloader(test), verbose=False)
+    return _Fit(int(trainer.global_step), val_metrics, curve.points if val_every else None)
+
+
+def _train_result(
+    tasks: list[str],
+    seed: int,
+    model: PerceptionModule,
+    data: PerceptionDataModule,
+    fit: _Fit,
+    test: SampleData | None,
+    started: float,
+) -> TrainResult:
+    """The :class:`TrainResult` of a fitted and validated model (``seconds`` since ``started``)."""
+    return TrainResult(
+        tasks=tasks,
+        seed=seed,
+        steps=fit.steps,
+        metrics=model.val_results,
+        model_sha256=state_dict_sha256(model.net),
+        num_real=len(data.real_train),
+        num_synthetic=len(data.synthetic_train),
+        num_val=len(data.val_samples),
+        seconds=time.perf_counter() - started,
+        val_metrics=fit.val_metrics if test is not None else None,
+        num_test=len(as_samples(test)) if test is not None else None,
+        curve=fit.curve,
+    )
+
+
+def _write_outputs(out: Path | None, result: TrainResult, model: PerceptionModule, save_model: bool) -> None:
+    """``result.json`` (and ``model.safetensors`` with ``save_model``) in ``out``; nothing when None."""
+    if out is None:
+        return
+    atomic_write_json(out / "result.json", result.to_dict())
+    if save_model:
+        from safetensors.torch import save
+
+        state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
+        atomic_write_bytes(out / "model.safetensors", save(state))
+
+
 def train(
     tasks: str | Sequence[str],
     real: SampleData,
@@ -164,102 +316,17 @@ def train(
     Returns:
         A :class:`TrainResult` whose ``metrics`` are ``{task: {metric: value}}``.
     """
-    # 1. Settings.
     config = config or PerceptionConfig()
     task_list = [tasks] if isinstance(tasks, str) else list(tasks)
     steps = int(steps or config.steps)
-    info = _resolve_info(info, real)
-    if "seg" in task_list and (info is None or info.num_classes < 2):
-        raise ValueError("the seg task needs info=DatasetInfo(classes=..., ignore_index=...) with 2+ classes")
+    info = _checked_info(info, real, task_list)
     out = Path(out_dir) if out_dir is not None else None
     started = time.perf_counter()
-
-    # 2. Data and model, both from the seed. The initial weights come from torch's process-wide
-    #    generator, so runs on concurrent threads (the flows' runner) seed and draw it one at a time.
-    with _SEED_LOCK:
-        pl.seed_everything(seed, workers=True, verbose=False)
-        data = PerceptionDataModule.from_config(
-            config,
-            real,
-            val,
-            synthetic,
-            tasks=task_list,
-            synthetic_ratio=synthetic_ratio,
-            extra_photometric=extra_photometric,
-            low_label_fraction=low_label_fraction,
-            label_seed=seed if label_seed is None else label_seed,
-            seed=seed,
-            ignore_index=info.ignore_index if info is not None else None,
-        )
-        data.setup("fit")
-        model = PerceptionModule.from_config(
-            config, task_list, num_classes=info.num_classes if info else None
-        )
-
-    # 3. Fit for exactly `steps` optimizer steps, then validate on the real validation data.
-    accelerator, devices = trainer_device(device)
-    csv = CSVLogger(str(out), name="", version="logs") if out is not None else False
-    common: dict[str, Any] = {
-        "accelerator": accelerator,
-        "devices": devices,
-        "logger": csv,
-        "enable_checkpointing": False,
-        "enable_progress_bar": False,
-        "enable_model_summary": False,
-        "default_root_dir": str(out) if out is not None else None,
-    }
-    loader = data.train_dataloader()
-    curve = _Curve()
-    trainer = pl.Trainer(
-        max_steps=steps,
-        max_epochs=-1,
-        limit_val_batches=1.0 if val_every else 0,
-        val_check_interval=val_every,
-        check_val_every_n_epoch=None if val_every else 1,
-        num_sanity_val_steps=0,
-        log_every_n_steps=max(1, min(50, len(loader))),
-        callbacks=[curve],
-        **common,
-    )
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
-        warnings.filterwarnings("ignore", message=".*smaller than the logging interval.*")
-        warnings.filterwarnings(
-            "ignore", message=".*defined a `validation_step` but have no `val_dataloader`.*"
-        )
-        warnings.filterwarnings(
-            "ignore", message=".*isinstance\\(treespec, LeafSpec\\).*"
-        )  # Lightning internal
-        trainer.fit(
-            model, train_dataloaders=loader, val_dataloaders=data.val_dataloader() if val_every else None
-        )
-        evaluator = pl.Trainer(**common)
-        evaluator.validate(model, dataloaders=data.val_dataloader(), verbose=False)
-        val_metrics = model.val_results
-        if test is not None:
-            evaluator.validate(model, dataloaders=data.eval_dataloader(test), verbose=False)
-
-    # 4. Result (and files, when asked).
-    result = TrainResult(
-        tasks=task_list,
-        seed=seed,
-        steps=int(trainer.global_step),
-        metrics=model.val_results,
-        model_sha256=state_dict_sha256(model.net),
-        num_real=len(data.real_train),
-        num_synthetic=len(data.synthetic_train),
-        num_val=len(data.val_samples),
-        seconds=time.perf_counter() - started,
-        val_metrics=val_metrics if test is not None else None,
-        num_test=len(as_samples(test)) if test is not None else None,
-        curve=curve.points if val_every else None,
-    )
-    if out is not None:
-        atomic_write_json(out / "result.json", result.to_dict())
-        if save_model:
-            from safetensors.torch import save
-
-            state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
-            atomic_write_bytes(out / "model.safetensors", save(state))
+    data, model = _seeded_data_and_model(config, task_list, info, seed, label_seed, real, val, synthetic,
+        synthetic_ratio=synthetic_ratio, extra_photometric=extra_photometric,
+        low_label_fraction=low_label_fraction)  # fmt: skip
+    fit = _fit_and_validate(model, data, test, steps, val_every, device, out)
+    result = _train_result(task_list, seed, model, data, fit, test, started)
+    _write_outputs(out, result, model, save_model)
     logger.info("trained %s, seed %d, %d steps: %s", "+".join(task_list), seed, result.steps, result.metrics)
     return result

@@ -183,6 +183,76 @@ def _encode_latents(vae: Any, x: torch.Tensor, batch: int = 64) -> tuple[torch.T
     return torch.cat(means), torch.cat(stds)
 
 
+def _unet_optimisation(
+    unet: Any, text: Any, s: BaseTrainSettings, ckpt_root: Path
+) -> tuple[list[torch.nn.Parameter], torch.optim.Optimizer, Any, torch.Generator, int]:
+    """Parameters, optimizer, EMA, draw generator and first step of the UNet phase (resumed from the
+    latest checkpoint under ``ckpt_root`` when there is one)."""
+    from diffusers.training_utils import EMAModel
+
+    params = [*unet.parameters(), *text.parameters()]
+    opt = torch.optim.AdamW(params, lr=s.unet_lr, weight_decay=1e-2)
+    ema = EMAModel(params, decay=s.ema_decay)
+    gen = torch.Generator().manual_seed(s.seed + 1)
+    start = 0
+    if (ckpt := latest_checkpoint(ckpt_root)) is not None:
+        state = load_checkpoint(ckpt, {"unet": unet, "text_encoder": text}, {"opt": opt})
+        ema.load_state_dict(torch.load(ckpt / "ema.pt", weights_only=True))
+        gen.set_state(torch.load(ckpt / "gen.pt", weights_only=True))
+        start = int(state["step"])
+        log.info("resumed UNet training at step %d from %s", start, ckpt)
+    return params, opt, ema, gen, start
+
+
+def _unet_batch(
+    means: torch.Tensor,
+    stds: torch.Tensor,
+    token_ids: torch.Tensor,
+    empty_ids: torch.Tensor,
+    side: int,
+    s: BaseTrainSettings,
+    gen: torch.Generator,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of unscaled latents drawn from the posteriors (a random ``side`` window of wide ones) and
+    their caption tokens, a share of them replaced by the empty caption."""
+    dev = means.device
+    idx = torch.randint(0, len(means), (s.batch_size,), generator=gen).to(dev)
+    m, sd = means[idx], stds[idx]
+    if m.shape[-1] > side or m.shape[-2] > side:  # wide images: a random square window per batch
+        top = int(torch.randint(0, m.shape[-2] - side + 1, (1,), generator=gen))
+        left = int(torch.randint(0, m.shape[-1] - side + 1, (1,), generator=gen))
+        m, sd = (v[..., top : top + side, left : left + side] for v in (m, sd))
+    z = m + sd * torch.randn(m.shape, generator=gen).to(dev)
+    ids = token_ids[idx % len(token_ids)].clone()
+    drop = (torch.rand(len(idx), generator=gen) < s.empty_prompt_prob).to(dev)
+    ids[drop] = empty_ids
+    return z, ids
+
+
+def _unet_loss(
+    comps: BaseComponents,
+    z: torch.Tensor,
+    ids: torch.Tensor,
+    alphas: torch.Tensor,
+    s: BaseTrainSettings,
+    gen: torch.Generator,
+    amp: Any,
+) -> torch.Tensor:
+    """The min-SNR weighted epsilon loss of the latents ``z`` noised at random timesteps."""
+    from diffusers.training_utils import compute_snr
+
+    sched, dev = comps.scheduler, z.device
+    noise = torch.randn(z.shape, generator=gen).to(dev)
+    t = torch.randint(0, sched.config.num_train_timesteps, (len(z),), generator=gen).to(dev)
+    a = alphas[t][:, None, None, None]
+    noisy = a.sqrt() * z + (1 - a).sqrt() * noise
+    with amp:
+        pred = comps.unet(noisy, t, comps.text_encoder(ids)[0]).sample
+    snr = compute_snr(sched, t.cpu()).to(dev)
+    weight = torch.clamp(snr, max=s.snr_gamma) / snr
+    return (F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+
+
 def _train_unet(
     comps: BaseComponents,
     means: torch.Tensor,
@@ -193,33 +263,19 @@ def _train_unet(
     logger: _CsvLog,
     progress: bool,
 ) -> Any:
-    from diffusers.training_utils import EMAModel, compute_snr
-
     unet, text = comps.unet, comps.text_encoder
-    params = [*unet.parameters(), *text.parameters()]
-    opt = torch.optim.AdamW(params, lr=s.unet_lr, weight_decay=1e-2)
-    ema = EMAModel(params, decay=s.ema_decay)
-    gen = torch.Generator().manual_seed(s.seed + 1)
+    params, opt, ema, gen, start = _unet_optimisation(unet, text, s, ckpt_root)
     scale = float(comps.vae.config.scaling_factor)
     empty_ids = comps.tokenizer(
         [""], padding="max_length", max_length=comps.tokenizer.model_max_length, return_tensors="pt"
     ).input_ids
-    start = 0
-    if (ckpt := latest_checkpoint(ckpt_root)) is not None:
-        state = load_checkpoint(ckpt, {"unet": unet, "text_encoder": text}, {"opt": opt})
-        ema.load_state_dict(torch.load(ckpt / "ema.pt", weights_only=True))
-        gen.set_state(torch.load(ckpt / "gen.pt", weights_only=True))
-        start = int(state["step"])
-        log.info("resumed UNet training at step %d from %s", start, ckpt)
-    sched = comps.scheduler
-    n_images = len(token_ids)
     side = s.resolution // comps.vae_scale
     dev = torch.device(s.device)
     unet.to(dev)
     text.to(dev)
     ema.to(dev)
     means, stds, token_ids, empty_ids = means.to(dev), stds.to(dev), token_ids.to(dev), empty_ids.to(dev)
-    alphas = sched.alphas_cumprod.to(dev)
+    alphas = comps.scheduler.alphas_cumprod.to(dev)
     amp = _autocast(dev, s.mixed_precision)
     unet.train()
     text.train()
@@ -229,25 +285,8 @@ def _train_unet(
     for step in bar:
         lr = _lr_at(step, s.unet_steps, s.unet_lr, s.warmup_steps)
         set_lr(opt, lr)
-        idx = torch.randint(0, len(means), (s.batch_size,), generator=gen).to(dev)
-        m, sd = means[idx], stds[idx]
-        if m.shape[-1] > side or m.shape[-2] > side:  # wide images: a random square window per batch
-            top = int(torch.randint(0, m.shape[-2] - side + 1, (1,), generator=gen))
-            left = int(torch.randint(0, m.shape[-1] - side + 1, (1,), generator=gen))
-            m, sd = (v[..., top : top + side, left : left + side] for v in (m, sd))
-        z = (m + sd * torch.randn(m.shape, generator=gen).to(dev)) * scale
-        ids = token_ids[idx % n_images].clone()
-        drop = (torch.rand(len(idx), generator=gen) < s.empty_prompt_prob).to(dev)
-        ids[drop] = empty_ids
-        noise = torch.randn(z.shape, generator=gen).to(dev)
-        t = torch.randint(0, sched.config.num_train_timesteps, (len(idx),), generator=gen).to(dev)
-        a = alphas[t][:, None, None, None]
-        noisy = a.sqrt() * z + (1 - a).sqrt() * noise
-        with amp:
-            pred = unet(noisy, t, text(ids)[0]).sample
-        snr = compute_snr(sched, t.cpu()).to(dev)
-        weight = torch.clamp(snr, max=s.snr_gamma) / snr
-        loss = (F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
+        z, ids = _unet_batch(means, stds, token_ids, empty_ids, side, s, gen)
+        loss = _unet_loss(comps, z * scale, ids, alphas, s, gen, amp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

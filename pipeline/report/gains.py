@@ -321,6 +321,29 @@ def oracle_share(entry: Mapping[str, Any], arm: str, metric: str) -> float | Non
 # --------------------------------------------------------------------------------------------------
 
 
+_REPORT_RUN_KEYS = (
+    "tasks",
+    "setting",
+    "arm",
+    "seed",
+    "steps",
+    "metrics",
+    "model_sha256",
+    "num_real",
+    "num_synthetic",
+    "num_val",
+    "num_test",
+    "label_fraction",
+    "mixing",
+    "extra_ratio",
+    "synthetic_ratio",
+    "eval_split",
+    "val_metrics",
+    "curve",
+)
+"""The fields of a run record that ``report.json`` keeps (a missing one is None)."""
+
+
 def build_report(
     results: Mapping[str, Any],
     *,
@@ -340,32 +363,7 @@ def build_report(
         dataset: the dataset whose classes and units the metrics refer to.
         figures: figure name -> path relative to the report folder.
     """
-    runs = [
-        {
-            k: run.get(k)
-            for k in (
-                "tasks",
-                "setting",
-                "arm",
-                "seed",
-                "steps",
-                "metrics",
-                "model_sha256",
-                "num_real",
-                "num_synthetic",
-                "num_val",
-                "num_test",
-                "label_fraction",
-                "mixing",
-                "extra_ratio",
-                "synthetic_ratio",
-                "eval_split",
-                "val_metrics",
-                "curve",
-            )
-        }
-        for run in results.get("runs", [])
-    ]
+    runs = [{k: run.get(k) for k in _REPORT_RUN_KEYS} for run in results.get("runs", [])]
     return {
         "schema_version": REPORT_SCHEMA_VERSION,
         "test": {"name": "paired t-test", "description": TEST_DESCRIPTION},
@@ -444,27 +442,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     arm's gain over ``real`` (95% CI, paired p, verdict, share of the oracle gain), the figures and the
     hashes."""
     protocol = report.get("protocol") or {}
-    lines = ["# Perception gains", ""]
-    if protocol:
-        mixing = protocol.get("mixing", "replace")
-        how = (
-            f"every batch holds {protocol.get('batch_size')} real samples (the same in every arm) plus "
-            f"{_fmt(protocol.get('extra_ratio'), 3)}× as many extra ones on top"
-            if mixing == "additive"
-            else f"{_fmt(protocol.get('synthetic_ratio'), 3)} of every batch of {protocol.get('batch_size')} is extra data"
-        )
-        lines += [
-            f"Each run: {protocol.get('steps')} optimizer steps, {mixing} mixing ({how}); seeds "
-            f"{protocol.get('seeds')}; metrics on the **{protocol.get('report_split', 'val')}** split "
-            "(schedules were fixed on the validation split, no per-arm stopping or selection).",
-            "",
-            "Arms:",
-            *[f"- `{arm}`: {text}" for arm, text in (protocol.get("arms") or {}).items()],
-            "",
-            "Settings:",
-            *[_setting_line(name, s) for name, s in (protocol.get("settings") or {}).items()],
-            "",
-        ]
+    lines = ["# Perception gains", "", *_protocol_lines(protocol)]
     lines += [
         f"Significance: {report['test']['description']}. A gain is called distinguishable from noise "
         f"when p < {protocol.get('alpha', 0.05)}; CI is the {round(100 * (1 - protocol.get('alpha', 0.05)))}% "
@@ -473,38 +451,77 @@ def render_markdown(report: Mapping[str, Any]) -> str:
         "",
     ]
     for task, body in report["tasks"].items():
-        arms = [a for a in ARMS if any(a in e for e in body["settings"].values())]
-        lines += [f"## {task}", "", "| setting | metric | " + " | ".join(arms) + " |"]
-        lines.append("| --- | --- |" + " --- |" * len(arms))
-        for setting, entry in body["settings"].items():
-            for metric in entry.get(REFERENCE, {}):
-                cells = [setting, _metric_label(metric)]
-                for arm in arms:
-                    st = entry.get(arm, {}).get(metric)
-                    cells.append("n/a" if st is None else _mean_std(st))
-                lines.append("| " + " | ".join(cells) + " |")
-        lines += [
-            "",
-            "| setting | metric | arm | gain | 95% CI | p (t) | p (sign) | verdict | share of oracle gain |",
-            "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-        ]
-        for setting, entry in body["settings"].items():
-            for arm, gains in (entry.get("gain") or {}).items():
-                for metric, gain in gains.items():
-                    sig = entry.get("significance", {}).get(arm, {}).get(metric, {})
-                    share = (entry.get("oracle_share") or {}).get(arm, {}).get(metric)
-                    lines.append(
-                        "| " + " | ".join([
-                            setting, _metric_label(metric), arm,
-                            _fmt(gain) if gain is None else f"{gain:+.4g}", _ci(sig),
-                            _fmt_p(sig.get("p_value")), _fmt_p(sig.get("sign_flip_p")),
-                            sig.get("verdict", "n/a"), "" if share is None else f"{share:.2f}",
-                        ]) + " |"
-                    )  # fmt: skip
-        lines.append("")
+        lines += [f"## {task}", "", *_arm_table(body), "", *_gain_table(body), ""]
     for name, path in (report.get("figures") or {}).items():
         lines += [f"![{name}]({path})", ""]
-    lines += ["## Provenance", "", f"- config hash: `{report.get('config_hash')}`"]
+    lines += _provenance_lines(report)
+    return "\n".join(lines) + "\n"
+
+
+def _protocol_lines(protocol: Mapping[str, Any]) -> list[str]:
+    """The protocol in words: steps, mixing, seeds, split, arms and settings (nothing when empty)."""
+    if not protocol:
+        return []
+    mixing = protocol.get("mixing", "replace")
+    how = (
+        f"every batch holds {protocol.get('batch_size')} real samples (the same in every arm) plus "
+        f"{_fmt(protocol.get('extra_ratio'), 3)}× as many extra ones on top"
+        if mixing == "additive"
+        else f"{_fmt(protocol.get('synthetic_ratio'), 3)} of every batch of {protocol.get('batch_size')} is extra data"
+    )
+    return [
+        f"Each run: {protocol.get('steps')} optimizer steps, {mixing} mixing ({how}); seeds "
+        f"{protocol.get('seeds')}; metrics on the **{protocol.get('report_split', 'val')}** split "
+        "(schedules were fixed on the validation split, no per-arm stopping or selection).",
+        "",
+        "Arms:",
+        *[f"- `{arm}`: {text}" for arm, text in (protocol.get("arms") or {}).items()],
+        "",
+        "Settings:",
+        *[_setting_line(name, s) for name, s in (protocol.get("settings") or {}).items()],
+        "",
+    ]
+
+
+def _arm_table(body: Mapping[str, Any]) -> list[str]:
+    """One task's table of every arm's mean ± std, a row per setting and metric."""
+    arms = [a for a in ARMS if any(a in e for e in body["settings"].values())]
+    lines = ["| setting | metric | " + " | ".join(arms) + " |", "| --- | --- |" + " --- |" * len(arms)]
+    for setting, entry in body["settings"].items():
+        for metric in entry.get(REFERENCE, {}):
+            cells = [setting, _metric_label(metric)]
+            for arm in arms:
+                st = entry.get(arm, {}).get(metric)
+                cells.append("n/a" if st is None else _mean_std(st))
+            lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def _gain_table(body: Mapping[str, Any]) -> list[str]:
+    """One task's table of every arm's gain over ``real``: CI, p-values, verdict, share of the oracle gain."""
+    lines = [
+        "| setting | metric | arm | gain | 95% CI | p (t) | p (sign) | verdict | share of oracle gain |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for setting, entry in body["settings"].items():
+        for arm, gains in (entry.get("gain") or {}).items():
+            for metric, gain in gains.items():
+                sig = entry.get("significance", {}).get(arm, {}).get(metric, {})
+                share = (entry.get("oracle_share") or {}).get(arm, {}).get(metric)
+                lines.append(
+                    "| " + " | ".join([
+                        setting, _metric_label(metric), arm,
+                        _fmt(gain) if gain is None else f"{gain:+.4g}", _ci(sig),
+                        _fmt_p(sig.get("p_value")), _fmt_p(sig.get("sign_flip_p")),
+                        sig.get("verdict", "n/a"), "" if share is None else f"{share:.2f}",
+                    ]) + " |"
+                )  # fmt: skip
+    return lines
+
+
+def _provenance_lines(report: Mapping[str, Any]) -> list[str]:
+    """The config hash, the generator models and every perception model's weights hash."""
+    lines = ["## Provenance", "", f"- config hash: `{report.get('config_hash')}`"]
     for role, model in (report.get("models") or {}).items():
         ident = model.get("id") if isinstance(model, Mapping) else model
         sha = model.get("sha256") if isinstance(model, Mapping) else None
@@ -512,7 +529,7 @@ def render_markdown(report: Mapping[str, Any]) -> str:
     if report.get("perception_models"):
         lines += ["", "| run | model sha256 |", "| --- | --- |"]
         lines += [f"| {name} | `{sha[:16]}` |" for name, sha in report["perception_models"].items()]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def _metric_label(metric: str) -> str:
