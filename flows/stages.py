@@ -307,7 +307,9 @@ def _run(cfg: LumenConfig, run_dir: Path, progress: bool, t0: float) -> dict[str
     md = (
         f"# LUMEN run `{run_dir.name}`\n\n"
         f"- config hash `{config_hash(cfg)}`; data: {data['train']['valid']} train / {data['val']['valid']} val "
-        f"valid samples, {data['train']['quarantined'] + data['val']['quarantined']} quarantined\n"
+        f"valid samples, {data['train']['quarantined'] + data['val']['quarantined']} quarantined"
+        + (f" ({data['val']['split']})" if data["val"].get("split") else "")
+        + f"\n- perception tasks: {', '.join(cfg.perception.tasks or [])} (report split {cfg.perception.report_split})\n"
         f"- models trained in this run: base {'yes' if train_base else 'no (shipped or given)'}, "
         f"ControlNet {'yes' if train_lumen else 'no (shipped or given)'}\n"
         f"- shards: {expand['real_samples']} real + {expand['synthetic_samples']} synthetic samples\n"
