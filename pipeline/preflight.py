@@ -29,6 +29,7 @@ from pipeline.data import build_dataset
 from pipeline.data.labels import SEG_VALUE_REASONS, LabelAdvice, MaskStats, advise
 from pipeline.data.sample import DatasetInfo, SampleError, SampleSource
 from pipeline.data.validate import validate_sample
+from pipeline.runs import RunPaths
 
 __all__ = ["STAGES", "PreflightReport", "label_advice", "preflight", "resolve_config"]
 
@@ -227,8 +228,8 @@ def _check_sizes(cfg: LumenConfig, stage: Stage, run_dir: Path | None) -> list[s
 def _downsampling(cfg: LumenConfig, run_dir: Path | None) -> tuple[int | None, str]:
     """(VAE factor x UNet factor, a name for the model), read from config files, or (None, "")."""
     folder: Path | None = None
-    if run_dir is not None and (Path(run_dir) / "base" / "unet" / "config.json").is_file():
-        folder, name = Path(run_dir) / "base", "the run's base model"
+    if run_dir is not None and (RunPaths(run_dir).base / "unet" / "config.json").is_file():
+        folder, name = RunPaths(run_dir).base, "the run's base model"
     elif cfg.base.source == "pretrained" and cfg.base.pretrained:
         folder, name = Path(cfg.base.pretrained), f"base.pretrained={cfg.base.pretrained}"
     if folder is not None:

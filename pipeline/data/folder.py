@@ -229,6 +229,18 @@ def hash_share(key: str) -> float:
 Holdout = Literal["train", "val"]
 
 
+def _label_dirs(root: Path, subs: dict[str, str | None]) -> dict[str, Path | None]:
+    """Each label's folder under ``root``, or None where it is not set or missing (no such labels)."""
+    out: dict[str, Path | None] = {}
+    for label, sub in subs.items():
+        folder = root / sub if sub else None
+        if folder is not None and not folder.is_dir():
+            log.info("no %s folder at %s: samples have no %s labels", label, folder, label)
+            folder = None
+        out[label] = folder
+    return out
+
+
 def _index_images(
     image_dir: Path,
     name: str,
@@ -329,13 +341,7 @@ class FolderDataset:
             raise FileNotFoundError(
                 f"data.image_dir: no image folder {self.image_dir}; set data.image_dir (relative to data.root)"
             )
-        self.label_dirs: dict[str, Path | None] = {}
-        for label, sub in (("seg", seg_dir), ("depth", depth_dir), ("normal", normal_dir)):
-            folder = self.root / sub if sub else None
-            if folder is not None and not folder.is_dir():
-                log.info("no %s folder at %s: samples have no %s labels", label, folder, label)
-                folder = None
-            self.label_dirs[label] = folder
+        self.label_dirs = _label_dirs(self.root, {"seg": seg_dir, "depth": depth_dir, "normal": normal_dir})
         self._label_index = {k: _LabelIndex(v) for k, v in self.label_dirs.items() if v is not None}
         if self.label_dirs["seg"] is not None and not classes:
             raise ValueError(
