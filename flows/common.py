@@ -16,15 +16,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tqdm.auto import tqdm
-
 from pipeline.config import ConfigError, LumenConfig, config_hash, load_config
+from pipeline.execution import progress_bar
 from pipeline.io import FolderLock, atomic_write_json, atomic_write_text
+from pipeline.preflight import Stage
 from pipeline.runs import RunPaths
 
 __all__ = [
     "LOCK_WAIT_ENV",
     "Progress",
+    "checked_config",
     "open_run",
     "opened_run",
     "publish_summary",
@@ -50,25 +51,39 @@ def stage_logger(name: str) -> logging.Logger | logging.LoggerAdapter[logging.Lo
 
 
 def open_run(
-    config: str | os.PathLike[str], overrides: Sequence[str] = (), out: str | None = None
+    config: str | os.PathLike[str],
+    overrides: Sequence[str] = (),
+    out: str | None = None,
+    stage: Stage = "run",
 ) -> tuple[LumenConfig, Path]:
-    """The config (file + overrides) and its run folder: new and versioned, or ``out`` resumed."""
+    """The config (file + overrides), checked against its data for ``stage`` and resolved
+    (:func:`pipeline.preflight.preflight`), and its run folder: new and versioned, or ``out`` resumed."""
     from pipeline.runs import prepare_run_dir
 
-    cfg = load_config(config, list(overrides))
+    cfg = checked_config(load_config(config, list(overrides)), stage, out)
     run_dir = prepare_run_dir(cfg, out)
     stage_logger(__name__).info("run folder %s (config hash %s)", run_dir, config_hash(cfg))
     return cfg, run_dir
 
 
+def checked_config(cfg: LumenConfig, stage: Stage, out: str | os.PathLike[str] | None = None) -> LumenConfig:
+    """The preflight of ``stage`` (config against data; raises ``ConfigError``) and the resolved config."""
+    from pipeline.preflight import preflight
+
+    return preflight(cfg, stage, Path(out) if out is not None else None).config
+
+
 @contextmanager
 def opened_run(
-    config: str | os.PathLike[str], overrides: Sequence[str] = (), out: str | None = None
+    config: str | os.PathLike[str],
+    overrides: Sequence[str] = (),
+    out: str | None = None,
+    stage: Stage = "run",
 ) -> Iterator[tuple[LumenConfig, Path]]:
     """:func:`open_run`, holding the run folder's lock (:class:`~pipeline.io.FolderLock`) until the
     block ends: a second flow on the same folder fails at once naming the holder's PID, or waits up
     to ``$LUMEN_LOCK_WAIT_S`` seconds for it."""
-    cfg, run_dir = open_run(config, overrides, out)
+    cfg, run_dir = open_run(config, overrides, out, stage)
     with run_lock(run_dir):
         yield cfg, run_dir
 
@@ -148,7 +163,7 @@ class Progress:
 
     def __init__(self, total: int, desc: str, unit: str = "it", enabled: bool = True) -> None:
         self.total, self.done, self.desc = max(total, 1), 0, desc
-        self.bar = tqdm(total=total, desc=desc, unit=unit, disable=not enabled)
+        self.bar = progress_bar(total=total, desc=desc, unit=unit, enabled=enabled)
         self._artifact: Any = None
         self._last = 0.0
         if _in_prefect_run():

@@ -25,6 +25,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.common import (
     Progress,
+    checked_config,
     opened_run,
     publish_summary,
     publish_table,
@@ -39,6 +40,7 @@ from pipeline.config import LumenConfig, config_hash, load_config
 from pipeline.io import atomic_write_text
 from pipeline.lumen.expand import ChunkResult
 from pipeline.lumen.plan import models_to_train
+from pipeline.preflight import STAGES, Stage
 from pipeline.report.tables import markdown_table
 from pipeline.runs import RunPaths, mark_latest
 
@@ -203,7 +205,7 @@ def _gains(
     """The gains study (:func:`perception.stages.run_gains`) with Prefect tasks, and its summary."""
     from perception.stages import run_gains
 
-    settings = {name: load_config(config, [*overrides, *extra, "gains.settings={}"])
+    settings = {name: checked_config(load_config(config, [*overrides, *extra, "gains.settings={}"]), "gains")
                 for name, extra in _study_settings(cfg).items()}  # fmt: skip
     result = run_gains(settings, cfg, run_dir, progress, submit_chunk=_submit_chunk,
                        submit=_submit_run, tracker=_tracker(progress))  # fmt: skip
@@ -218,14 +220,14 @@ def _gains(
 @flow(name="lumen-train-base")
 def train_base_flow(config: str, overrides: Sequence[str] = (), out: str | None = None) -> str:
     """Train the tiny base text-to-image model on the dataset's images and captions."""
-    with opened_run(config, overrides, out) as (cfg, run_dir):
+    with opened_run(config, overrides, out, "train-base") as (cfg, run_dir):
         return str(train_base_task(cfg, run_dir))
 
 
 @flow(name="lumen-train-lumen")
 def train_lumen_flow(config: str, overrides: Sequence[str] = (), out: str | None = None) -> str:
     """Train the LUMEN ControlNet on images + neural layouts (or the comparison condition)."""
-    with opened_run(config, overrides, out) as (cfg, run_dir):
+    with opened_run(config, overrides, out, "train-lumen") as (cfg, run_dir):
         return str(train_lumen_task(cfg, run_dir))
 
 
@@ -234,7 +236,7 @@ def expand_flow(
     config: str, overrides: Sequence[str] = (), out: str | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Layouts -> K variants per image (chunked tasks) -> optional quality filter -> real + synthetic shards."""
-    with opened_run(config, overrides, out) as (cfg, run_dir):
+    with opened_run(config, overrides, out, "expand") as (cfg, run_dir):
         return _expand(cfg, run_dir, progress)
 
 
@@ -244,7 +246,7 @@ def gains_flow(
 ) -> dict[str, Any]:
     """The gains study: every setting of ``gains.settings`` (expand + every perception arm, resumable)
     and one report over all of them (report.md, report.json, figures) in ``<out>/report``."""
-    with opened_run(config, overrides, out) as (cfg, run_dir):
+    with opened_run(config, overrides, out, "gains") as (cfg, run_dir):
         return _gains(config, overrides, cfg, run_dir, progress)
 
 
@@ -253,7 +255,7 @@ def evaluate_flow(
     config: str, overrides: Sequence[str] = (), out: str | None = None, progress: bool = True
 ) -> dict[str, Any]:
     """Perception models on real vs real+synthetic (one task per training run) and the gains report."""
-    with opened_run(config, overrides, out) as (cfg, run_dir):
+    with opened_run(config, overrides, out, "evaluate") as (cfg, run_dir):
         return _evaluate(cfg, run_dir, progress)
 
 
@@ -267,7 +269,7 @@ def run_flow(
     models are trained first. On success ``runs/<name>-latest`` points at this run folder.
     """
     t0 = time.time()
-    with opened_run(config, overrides, out) as (cfg, run_dir):
+    with opened_run(config, overrides, out, "run") as (cfg, run_dir):
         return _run(cfg, run_dir, progress, t0)
 
 
@@ -305,7 +307,9 @@ def _run(cfg: LumenConfig, run_dir: Path, progress: bool, t0: float) -> dict[str
     md = (
         f"# LUMEN run `{run_dir.name}`\n\n"
         f"- config hash `{config_hash(cfg)}`; data: {data['train']['valid']} train / {data['val']['valid']} val "
-        f"valid samples, {data['train']['quarantined'] + data['val']['quarantined']} quarantined\n"
+        f"valid samples, {data['train']['quarantined'] + data['val']['quarantined']} quarantined"
+        + (f" ({data['val']['split']})" if data["val"].get("split") else "")
+        + f"\n- perception tasks: {', '.join(cfg.perception.tasks or [])} (report split {cfg.perception.report_split})\n"
         f"- models trained in this run: base {'yes' if train_base else 'no (shipped or given)'}, "
         f"ControlNet {'yes' if train_lumen else 'no (shipped or given)'}\n"
         f"- shards: {expand['real_samples']} real + {expand['synthetic_samples']} synthetic samples\n"
@@ -336,7 +340,8 @@ def call_flow(
     """Run flow ``name`` with the task runner of the config's ``runner`` section."""
     from pipeline.runs import prepare_run_dir
 
-    cfg = load_config(config, list(overrides))
+    stage: Stage = name if name in STAGES else "run"
+    cfg = checked_config(load_config(config, list(overrides)), stage, out)
     with contextlib.ExitStack() as stack:
         if out is not None:  # check and lock the run folder before Prefect starts: fail fast
             prepare_run_dir(cfg, out)

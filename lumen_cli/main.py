@@ -63,16 +63,28 @@ def _cmd_data_preview(args: argparse.Namespace) -> int:
     return 0
 
 
+ADVICE_SAMPLES = 16
+"""Quarantined samples whose masks ``lumen data check`` reads raw to suggest a label mapping."""
+
+
 def _cmd_data_check(args: argparse.Namespace) -> int:
     from pipeline.data import Quarantine, build_dataset
+    from pipeline.data.labels import SEG_VALUE_REASONS
     from pipeline.data.validate import scan_dataset
+    from pipeline.preflight import label_advice
 
     cfg = config_from_args(args)
     quarantine = Quarantine(args.quarantine)
-    summary = scan_dataset(build_dataset(cfg.data, args.split), quarantine, progress=True)
+    source = build_dataset(cfg.data, args.split)
+    summary = scan_dataset(source, quarantine, progress=True)
     print(json.dumps(summary, indent=2))
     for reason, n in sorted(quarantine.counts().items()):
-        print(f"quarantined {n} sample(s): {reason}")
+        example = next(r for r in quarantine.records if r["reason"] == reason)
+        print(f"quarantined {n} sample(s): {reason} (e.g. {example['key']}: {example['detail']})")
+    keys = [r["key"] for r in quarantine.records if r["reason"] in SEG_VALUE_REASONS]
+    advice = label_advice(cfg, source, keys[:ADVICE_SAMPLES]) if keys else None
+    if advice is not None:
+        print(f"\n{len(keys)} sample(s) have masks the config cannot read as classes: " + advice.text())
     return 0 if summary["quarantined"] == 0 else 1
 
 
@@ -83,7 +95,10 @@ def _flow(name: str, args: argparse.Namespace, **kwargs: object) -> object:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Without PREFECT_API_URL Prefect starts a local ephemeral server; give it time on a busy machine.
     os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "180")
-    config_from_args(args)  # config errors exit 2 here, before Prefect starts
+    from pipeline.preflight import preflight
+
+    # Config errors, and the config checked against its data, exit 2 here: before Prefect starts.
+    preflight(config_from_args(args), name, args.out)  # type: ignore[arg-type]  # a stage name
     from flows import call_flow
 
     out = str(args.out) if args.out is not None else None

@@ -572,11 +572,17 @@ class PerceptionDataModule(pl.LightningDataModule):
         ``synthetic_ratio`` from the config unless given; no extra data = the real-only arm;
         ``low_label_fraction`` None = the full setting)."""
         ratio = synthetic_ratio if synthetic_ratio is not None else config.synthetic_ratio
+        chosen = tasks or config.tasks
+        if not chosen:
+            raise ValueError(
+                "perception.tasks is null: pass tasks, or resolve the config first "
+                "(pipeline.preflight.resolve_config)"
+            )
         return cls(
             real,
             val,
             synthetic,
-            tasks=list(tasks or config.tasks),
+            tasks=list(chosen),
             mixing=config.mixing,
             extra_ratio=config.extra_ratio,
             synthetic_ratio=ratio if synthetic is not None else 0.0,

@@ -108,6 +108,11 @@ def plan_runs(config: PerceptionConfig, settings: Mapping[str, float | None] | N
     """Every run of the protocol, the arms of a seed adjacent: settings x seeds x task groups x arms
     (``real`` first)."""
     settings = default_settings(config) if settings is None else settings
+    if config.tasks is None:
+        raise ValueError(
+            "perception.tasks is null (every label of the dataset): resolve it first with "
+            "pipeline.preflight.resolve_config(cfg)"
+        )
     groups = [tuple(config.tasks)] if config.multitask else [(t,) for t in config.tasks]
     arms = ["real", *[a for a in ARMS if a != "real" and a in config.arms]]
     return [

@@ -19,6 +19,7 @@ from pipeline.execution import Deferred, Future, TrackerFactory, tqdm_tracker
 from pipeline.io import sha256_file
 from pipeline.lumen.expand import SubmitChunk
 from pipeline.lumen.stages import collect_samples
+from pipeline.preflight import resolve_config
 from pipeline.report.tables import gains_rows, markdown_table
 from pipeline.runs import RunPaths
 
@@ -164,9 +165,10 @@ def evaluation_inputs(cfg: LumenConfig, run_dir: Path, progress: bool = True) ->
     """
     from perception.data import ShardSamples, catalog
 
-    p = cfg.perception
     real, info = _real_data(cfg, run_dir)
-    missing = [t for t in p.tasks if t not in info.labels]
+    cfg = resolve_config(cfg, info)
+    p = cfg.perception
+    missing = [t for t in p.tasks or () if t not in info.labels]
     if missing:
         raise ValueError(
             f"perception.tasks {missing} need labels the dataset lacks (it has {list(info.labels)})"
@@ -186,7 +188,7 @@ def evaluation_inputs(cfg: LumenConfig, run_dir: Path, progress: bool = True) ->
     oracle = None
     if "real+oracle" in p.arms:
         keys, labels, _ = catalog(real)
-        labelled = [k for k, have in zip(keys, labels, strict=True) if set(p.tasks) <= set(have)]
+        labelled = [k for k, have in zip(keys, labels, strict=True) if set(p.tasks or ()) <= set(have)]
         oracle = oracle_samples(cfg, _selected_keys(cfg, labelled))
     return EvalInputs(real, list(val), test, synthetic, oracle, info)
 
@@ -327,6 +329,7 @@ def perception_runs(
     from perception.protocol import default_settings, plan_runs, protocol_summary
     from pipeline.report.gains import aggregate
 
+    cfg = resolve_config(cfg)  # perception.tasks / report_split null: from the dataset
     inputs = evaluation_inputs(cfg, run_dir, progress=progress)
     settings = default_settings(cfg.perception)
     specs = plan_runs(cfg.perception, settings)

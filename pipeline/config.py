@@ -14,12 +14,15 @@ import json
 import os
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import IO, Any, Literal
+from typing import IO, TYPE_CHECKING, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.io import atomic_write_text
+
+if TYPE_CHECKING:
+    from pipeline.data.labels import LabelMap
 
 __all__ = [
     "BaseModelConfig",
@@ -88,9 +91,27 @@ class DataConfig(_Section):
     high_bit_depth: Literal["scale", "quarantine"] = Field(
         "scale", description="16-bit greyscale images: scale to 8 bits, or quarantine them"
     )
+    val_fraction: float | None = Field(
+        0.1,
+        gt=0,
+        lt=1,
+        description="folder adapter without data.val_image_dir: share of the training folder held out as "
+        "the val split, chosen by a hash of each key (stable when files are added); null = no val split",
+    )
     # folder / camvid / webdataset
-    classes: list[str] | None = None
-    ignore_index: int | None = None
+    classes: list[str] | None = Field(None, description="class names, index = class id (seg labels)")
+    ignore_index: int | None = Field(None, description="seg id of unlabelled pixels (ignored by losses)")
+    label_map: dict[int | str, int | str] | None = Field(
+        None,
+        description="folder adapter: stored mask value or RGB colour -> class (name or id), e.g. "
+        '{0: background, 255: foreground} or {"#804080": road}; every value a mask holds must be mapped '
+        "(or listed in ignore_values). null = masks hold class ids",
+    )
+    ignore_values: list[int | str] = Field(
+        default_factory=list,
+        description="folder adapter: stored mask values (or colours) that mark unlabelled pixels; they "
+        "become data.ignore_index",
+    )
 
     @field_validator("image_size", mode="before")
     @classmethod
@@ -104,13 +125,48 @@ class DataConfig(_Section):
             raise ValueError(f"image_size must be at least 8x8, got {v}")
         return v
 
+    @field_validator("label_map")
+    @classmethod
+    def _label_keys(cls, v: dict[int | str, int | str] | None) -> dict[int | str, int | str] | None:
+        """Canonical keys (an int, or ``"#rrggbb"``), so a saved and reloaded config is the same."""
+        from pipeline.data.labels import parse_label_key
+
+        if v is None:
+            return None
+        out: dict[int | str, int | str] = {}
+        for key, value in v.items():
+            canon = parse_label_key(key, f"data.label_map key {key!r}")
+            if canon in out:
+                raise ValueError(f"data.label_map lists {canon!r} twice (as {key!r})")
+            out[canon] = value
+        return out
+
+    @field_validator("ignore_values")
+    @classmethod
+    def _ignore_keys(cls, v: list[int | str]) -> list[int | str]:
+        from pipeline.data.labels import parse_label_key
+
+        return [parse_label_key(x, f"data.ignore_values entry {x!r}") for x in v]
+
     @model_validator(mode="after")
     def _check(self) -> DataConfig:
         if self.min_objects > self.max_objects:
             raise ValueError(f"min_objects ({self.min_objects}) > max_objects ({self.max_objects})")
         if self.adapter in ("folder", "camvid", "webdataset") and self.root is None:
             raise ValueError(f"adapter '{self.adapter}' needs data.root (the dataset folder)")
+        if (self.label_map or self.ignore_values) and self.adapter != "folder":
+            raise ValueError(
+                f"data.label_map and data.ignore_values are read by the folder adapter; the {self.adapter} "
+                "adapter has its own class ids (remove them, or use data.adapter=folder)"
+            )
+        self.labels()  # raises naming the key
         return self
+
+    def labels(self) -> LabelMap | None:
+        """The parsed :class:`~pipeline.data.labels.LabelMap` of ``label_map`` / ``ignore_values``."""
+        from pipeline.data.labels import LabelMap
+
+        return LabelMap.from_config(self.label_map, self.ignore_values, self.classes, self.ignore_index)
 
 
 class LayoutConfig(_Section):
@@ -270,7 +326,8 @@ class ShardConfig(_Section):
 
 
 Task = Literal["seg", "depth", "normal"]
-_ALL_TASKS: tuple[Task, ...] = ("seg", "depth", "normal")
+TASKS: tuple[Task, ...] = ("seg", "depth", "normal")
+"""Every perception task, in the order tasks are listed."""
 Arm = Literal["real", "real+augment", "real+oracle", "real+synthetic"]
 _DEFAULT_ARMS: tuple[Arm, ...] = ("real", "real+augment", "real+synthetic")
 
@@ -283,7 +340,11 @@ class PerceptionConfig(_Section):
     ``encoder_depth: 5``, ``decoder_channels: null`` (smp's default widths), ``steps: 20000``.
     """
 
-    tasks: list[Task] = Field(default_factory=lambda: list(_ALL_TASKS))
+    tasks: list[Task] | None = Field(
+        None,
+        description="models trained: seg, depth, normal; null = every label the dataset has (resolved at "
+        "the start of a run, see pipeline/preflight.py)",
+    )
     multitask: bool = Field(False, description="one shared model for all tasks instead of one per task")
     arch: str = Field("Unet", description="smp architecture: Unet, UnetPlusPlus, FPN, DeepLabV3Plus, ...")
     encoder: str = Field(
@@ -332,10 +393,11 @@ class PerceptionConfig(_Section):
         None, description="real+oracle: appearance domains of the re-renders; null = data.domains"
     )
     full_setting: bool = Field(True, description="also run the full-label setting beside low-label")
-    report_split: Literal["test", "val"] = Field(
-        "test",
+    report_split: Literal["test", "val"] | None = Field(
+        None,
         description="split the metrics are reported on: test (toy scenes: a third, disjoint stream) or val "
-        "(datasets without a test split, e.g. CamVid); schedules are chosen on val only",
+        "(datasets without a test split, e.g. CamVid); schedules are chosen on val only; null = test for "
+        "toy scenes, val for the other adapters",
     )
     num_test_images: int = Field(256, ge=1, description="toy scenes: test scenes")
     test_domains: list[str] | None = Field(
@@ -376,8 +438,10 @@ class PerceptionConfig(_Section):
                 f"decoder_channels has {len(self.decoder_channels)} widths but encoder_depth is "
                 f"{self.encoder_depth}: give one width per stage, or null for smp's default"
             )
-        if not self.tasks:
-            raise ValueError("perception.tasks is empty; choose from seg, depth, normal")
+        if self.tasks is not None and not self.tasks:
+            raise ValueError(
+                "perception.tasks is empty; choose from seg, depth, normal, or null for every label"
+            )
         return self
 
 

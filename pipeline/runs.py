@@ -170,7 +170,13 @@ def prepare_run_dir(cfg: LumenConfig, out: str | os.PathLike[str] | None = None)
     the same config (same hash); otherwise this raises, so a run never mixes outputs of two configs.
     An existing non-empty folder that is not a run folder (no ``.lumen-run.json``) is refused: a run
     never writes into, or deletes from, a folder of other files (``--out ~`` or ``--out /``).
+
+    The config recorded (and hashed) is resolved (:func:`pipeline.preflight.resolve_config`): defaults
+    that follow the data, such as ``perception.tasks: null``, are written as the values they took.
     """
+    from pipeline.preflight import resolve_config
+
+    cfg = resolve_config(cfg)
     if out is None:
         stamp = time.strftime("%Y%m%d-%H%M%S")
         base = Path(cfg.runs_dir) / f"{cfg.name}-{stamp}"

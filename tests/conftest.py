@@ -23,3 +23,12 @@ def camvid_root() -> Path:
     if not (CAMVID / "train").is_dir():
         pytest.skip(f"CamVid not found at {CAMVID} (set LUMEN_CAMVID)")
     return CAMVID
+
+
+@pytest.fixture(scope="module")
+def harness():
+    """A Prefect test server for the flows of one test module."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=180):
+        yield

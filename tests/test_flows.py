@@ -67,14 +67,6 @@ def _copy_run(template: Path, dest: Path) -> Path:
     return dest
 
 
-@pytest.fixture(scope="module")
-def harness():
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=180):
-        yield
-
-
 def _verify(run: Path) -> tuple[list[str], list[str]]:
     real, syn = verify_shard_set(run / "shards" / "real"), verify_shard_set(run / "shards" / "synthetic")
     assert real.ok and syn.ok, real.problems + syn.problems

@@ -180,7 +180,7 @@ def test_decompression_bomb_png_is_quarantined_not_a_crash(
     good, reasons = _quarantined(FolderDataset(root, seg_dir=None, depth_dir=None, normal_dir=None))
     assert good == ["folder-good"] and reasons == {"folder-bomb": "image_too_large"}
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"data:\n  adapter: folder\n  root: {root}\n  image_size: null\n  num_val_images: 1\n")
+    cfg.write_text(f"data:\n  adapter: folder\n  root: {root}\n  image_size: null\n  val_fraction: null\n")
     assert main(["data", "check", str(cfg)]) == 1  # 1 = some samples quarantined, no traceback
     assert "quarantined 1 sample(s): image_too_large" in capsys.readouterr().out
 

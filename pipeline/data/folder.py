@@ -25,9 +25,10 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from pipeline.data.labels import LabelMap
 from pipeline.data.sample import DatasetInfo, Sample, SampleError
 
-__all__ = ["CAMVID_CLASSES", "CamVid", "FolderDataset", "resize_sample"]
+__all__ = ["CAMVID_CLASSES", "CamVid", "FolderDataset", "hash_share", "resize_sample"]
 
 log = logging.getLogger(__name__)
 
@@ -123,11 +124,26 @@ def _to_rgb(img: Image.Image, path: Path, high_bit_depth: HighBitDepth) -> np.nd
     return np.repeat(grey[..., None], 3, axis=-1)
 
 
-def _load_seg(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
+def _load_seg(path: Path, max_pixels: int = MAX_IMAGE_PIXELS, labels: LabelMap | None = None) -> np.ndarray:
+    """Class ids of a mask file: stored ids, or stored values / colours mapped by ``labels``."""
     img = _open_image(path, "seg_unreadable", max_pixels)
+    if labels is not None and labels.kind == "colour":
+        if img.mode not in ("RGB", "RGBA", "P", "L"):
+            raise SampleError(
+                "seg_bad_mode",
+                f"{path.name}: mode {img.mode}, but data.label_map maps RGB colours; expected an RGB mask",
+                file=str(path),
+            )
+        return labels.apply(np.asarray(img.convert("RGB")), file=str(path))
     if img.mode not in ("L", "P", "I;16", "I;16L", "I;16B", "I"):
+        hint = (
+            ": a colour-coded mask? Map its colours to classes with data.label_map "
+            "(`lumen data check` suggests the lines)"
+            if img.mode in ("RGB", "RGBA")
+            else ""
+        )
         raise SampleError(
-            "seg_bad_mode", f"{path.name}: mode {img.mode}, expected L, P or 16-bit", file=str(path)
+            "seg_bad_mode", f"{path.name}: mode {img.mode}, expected L, P or 16-bit{hint}", file=str(path)
         )
     arr = np.asarray(img)
     lo, hi = (int(arr.min()), int(arr.max())) if arr.size else (0, 0)
@@ -137,6 +153,8 @@ def _load_seg(path: Path, max_pixels: int = MAX_IMAGE_PIXELS) -> np.ndarray:
             f"{path.name}: class ids {lo}..{hi} do not fit 0..65535",
             file=str(path),
         )
+    if labels is not None:
+        return labels.apply(arr, file=str(path))
     return arr.astype(np.uint8) if hi < 256 else arr.astype(np.uint16)
 
 
@@ -203,20 +221,65 @@ def resize_sample(sample: Sample, size: tuple[int, int]) -> Sample:
     return out
 
 
-def _index_images(image_dir: Path, name: str, num_images: int | None) -> dict[str, Path]:
-    """Sample key -> image file, in file-name order (the first ``num_images``)."""
+def hash_share(key: str) -> float:
+    """A number in [0, 1) fixed by ``key`` alone (sha256): the basis of the hash-based val split."""
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2**64
+
+
+Holdout = Literal["train", "val"]
+
+
+def _label_dirs(root: Path, subs: dict[str, str | None]) -> dict[str, Path | None]:
+    """Each label's folder under ``root``, or None where it is not set or missing (no such labels)."""
+    out: dict[str, Path | None] = {}
+    for label, sub in subs.items():
+        folder = root / sub if sub else None
+        if folder is not None and not folder.is_dir():
+            log.info("no %s folder at %s: samples have no %s labels", label, folder, label)
+            folder = None
+        out[label] = folder
+    return out
+
+
+def _index_images(
+    image_dir: Path,
+    name: str,
+    num_images: int | None,
+    holdout: tuple[Holdout, float] | None = None,
+) -> dict[str, Path]:
+    """Sample key -> image file, in file-name order (the first ``num_images``).
+
+    ``holdout = (part, fraction)`` keeps one part of a hash split of the folder: ``val`` is the keys
+    with :func:`hash_share` below ``fraction``, ``train`` the others. A key's part depends on the key
+    alone, so the parts are disjoint and stay put when files are added; when no key falls below the
+    fraction, the key with the smallest share is val (so a small folder still has one).
+    """
     files = sorted(p for p in image_dir.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
     if not files:
         raise FileNotFoundError(f"data.image_dir: no images ({', '.join(IMAGE_EXTS)}) in {image_dir}")
-    out: dict[str, Path] = {}
+    every: dict[str, Path] = {}
     for path in files:
         key = f"{name}-{_sanitise(path.stem)}"
-        if key in out:
-            raise ValueError(f"two images map to the same sample key {key!r}: {out[key]} and {path}")
-        out[key] = path
-        if num_images is not None and len(out) >= num_images:
-            break
-    return out
+        if key in every:
+            raise ValueError(f"two images map to the same sample key {key!r}: {every[key]} and {path}")
+        every[key] = path
+    if holdout is not None:
+        every = _hash_part(every, *holdout)
+    keys = list(every)[:num_images] if num_images is not None else list(every)
+    return {k: every[k] for k in keys}
+
+
+def _hash_part(files: dict[str, Path], part: Holdout, fraction: float) -> dict[str, Path]:
+    if len(files) < 2:
+        raise ValueError(
+            f"data.val_fraction: the image folder has {len(files)} image(s), too few to hold some out "
+            "for validation; add images or give a validation folder (data.val_image_dir)"
+        )
+    shares = {k: hash_share(k) for k in files}
+    val = {k for k, share in shares.items() if share < fraction} or {min(shares, key=shares.__getitem__)}
+    if len(val) == len(files):  # fraction near 1 on a tiny folder: keep one training image
+        val.discard(max(shares, key=shares.__getitem__))
+    return {k: p for k, p in files.items() if (k in val) == (part == "val")}
 
 
 class FolderDataset:
@@ -236,6 +299,10 @@ class FolderDataset:
         max_image_pixels: width x height cap of every image and label file, checked on the file
             header before decoding; a larger file quarantines its sample (``image_too_large``).
         high_bit_depth: 16-bit greyscale images are ``scale``d to 8 bits or ``quarantine``d.
+        labels: how stored mask values or colours map to class ids (``data.label_map``), or None when
+            the masks hold class ids.
+        holdout: ``(part, fraction)``: only the ``train`` or ``val`` part of a split of the image folder
+            by key hash (``data.val_fraction``), or None for every image.
 
     Sample keys are ``<name>-<stem>``; a stem with characters other than letters, digits, ``_`` and
     ``-`` has them replaced and gets a short hash of the original name, so keys never collide.
@@ -257,6 +324,8 @@ class FolderDataset:
         caption: str = "",
         max_image_pixels: int = MAX_IMAGE_PIXELS,
         high_bit_depth: HighBitDepth = "scale",
+        labels: LabelMap | None = None,
+        holdout: tuple[Holdout, float] | None = None,
     ) -> None:
         if high_bit_depth not in ("scale", "quarantine"):
             raise ValueError(f"high_bit_depth must be 'scale' or 'quarantine', got {high_bit_depth!r}")
@@ -272,13 +341,7 @@ class FolderDataset:
             raise FileNotFoundError(
                 f"data.image_dir: no image folder {self.image_dir}; set data.image_dir (relative to data.root)"
             )
-        self.label_dirs: dict[str, Path | None] = {}
-        for label, sub in (("seg", seg_dir), ("depth", depth_dir), ("normal", normal_dir)):
-            folder = self.root / sub if sub else None
-            if folder is not None and not folder.is_dir():
-                log.info("no %s folder at %s: samples have no %s labels", label, folder, label)
-                folder = None
-            self.label_dirs[label] = folder
+        self.label_dirs = _label_dirs(self.root, {"seg": seg_dir, "depth": depth_dir, "normal": normal_dir})
         self._label_index = {k: _LabelIndex(v) for k, v in self.label_dirs.items() if v is not None}
         if self.label_dirs["seg"] is not None and not classes:
             raise ValueError(
@@ -288,7 +351,15 @@ class FolderDataset:
         self.depth_scale = depth_scale
         self.caption = caption
         self.name = name
-        self._files = _index_images(self.image_dir, name, num_images)
+        self.label_map = labels
+        self._files = _index_images(self.image_dir, name, num_images, holdout)
+        self.split_description: str | None = None
+        if holdout is not None:
+            part, fraction = holdout
+            self.split_description = (
+                f"{part} = {'' if part == 'val' else 'all but '}{fraction:.0%} of {image_dir}/ by key hash "
+                f"(data.val_fraction={fraction}; no data.val_image_dir): {len(self._files)} images"
+            )
         self.info = DatasetInfo(
             name=name,
             classes=tuple(classes or ()),
@@ -322,7 +393,7 @@ class FolderDataset:
             if self.label_dirs[label] is not None and p is None:
                 raise SampleError(f"{label}_missing", f"no {label} file for {path.name}", file=str(path))
         if seg_path is not None:
-            sample.seg = _load_seg(seg_path, self.max_image_pixels)
+            sample.seg = _load_seg(seg_path, self.max_image_pixels, self.label_map)
         if depth_path is not None:
             sample.depth = _load_depth(depth_path, self.depth_scale, self.max_image_pixels)
         if normal_path is not None:
@@ -331,6 +402,11 @@ class FolderDataset:
         if self.image_size is not None:
             sample = resize_sample(sample, self.image_size)
         return sample
+
+    def label_file(self, key: str, label: str = "seg") -> Path | None:
+        """The label file of a sample (None when it has none), e.g. to read its stored values raw."""
+        exts = (".png",) if label == "seg" else (".npy", ".png")
+        return self._find(label, self._files[key].stem, exts)
 
     def _find(self, label: str, stem: str, exts: Sequence[str]) -> Path | None:
         index = self._label_index.get(label)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from pipeline.config import ConfigError, DataConfig
-from pipeline.data.folder import CamVid, FolderDataset
+from pipeline.data.folder import CamVid, FolderDataset, Holdout
 from pipeline.data.sample import SampleSource
 from pipeline.data.toyscenes import ToyScenes
 
@@ -29,13 +29,18 @@ def _toyscenes(cfg: DataConfig, split: str, cap: int | None) -> SampleSource:
 
 
 def _folder(cfg: DataConfig, split: str, cap: int | None) -> SampleSource:
-    if split == "train":
+    """The folder adapter; without a validation folder, val is a hash share of the training folder."""
+    holdout: tuple[Holdout, float] | None = None
+    if split == "train" or cfg.val_image_dir is None:
         dirs = (cfg.image_dir, cfg.seg_dir, cfg.depth_dir, cfg.normal_dir)
-    else:
-        if cfg.val_image_dir is None:
+        if cfg.val_image_dir is None and cfg.val_fraction is not None:
+            holdout = ("train" if split == "train" else "val", cfg.val_fraction)
+        elif split != "train":
             raise ConfigError(
-                "data.val_image_dir: the folder adapter needs a validation image folder for split 'val'"
+                "data.val_image_dir: the folder adapter needs a validation image folder for split 'val', "
+                "or data.val_fraction (e.g. 0.1) to hold out a share of the training folder"
             )
+    else:
         dirs = (cfg.val_image_dir, cfg.val_seg_dir, cfg.val_depth_dir, cfg.val_normal_dir)
     return FolderDataset(
         cfg.root,  # type: ignore[arg-type]  # checked by DataConfig
@@ -50,6 +55,8 @@ def _folder(cfg: DataConfig, split: str, cap: int | None) -> SampleSource:
         depth_scale=cfg.depth_scale,
         max_image_pixels=cfg.max_image_pixels,
         high_bit_depth=cfg.high_bit_depth,
+        labels=cfg.labels(),
+        holdout=holdout,
     )
 
 

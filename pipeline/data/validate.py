@@ -197,24 +197,28 @@ def scan_dataset(
     source: SampleSource, quarantine: Quarantine, stage: str = "validate", progress: bool = False
 ) -> dict[str, Any]:
     """Validate every sample (streaming) and return a summary: counts of valid and quarantined samples."""
-    from tqdm.auto import tqdm
+    from pipeline.execution import progress_bar
 
     before = len(quarantine)
     valid = 0
     labels: Counter[str] = Counter()
-    for sample in tqdm(
+    for sample in progress_bar(
         iter_valid(source, quarantine, stage=stage),
         total=len(source),
-        disable=not progress,
+        enabled=progress,
         desc=f"validate {source.info.name}",
         unit="img",
     ):
         valid += 1
         labels.update(sample.labels)
-    return {
+    summary: dict[str, Any] = {
         "dataset": source.info.name,
         "samples": len(source),
         "valid": valid,
         "quarantined": len(quarantine) - before,
         "labels": dict(labels),
     }
+    split = getattr(source, "split_description", None)
+    if split:
+        summary["split"] = split
+    return summary

@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from pipeline.execution import progress_bar
 from pipeline.lumen.base import BaseComponents
 from pipeline.lumen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.lumen.train_base import images_to_tensor, set_lr
@@ -236,7 +236,9 @@ class LumenTrainer:
             writer = csv.writer(f)
             if new_log:
                 writer.writerow(["step", "loss", "lr", "seconds"])
-            bar = tqdm(total=self.s.steps, initial=self.step, desc="train ControlNet", disable=not progress)
+            bar = progress_bar(
+                total=self.s.steps, initial=self.step, desc="train ControlNet", enabled=progress
+            )
             while self.step < self.s.steps and (stop_after is None or len(losses) < stop_after):
                 lr = self._lr(self.step)
                 set_lr(self.opt, lr)

@@ -9,13 +9,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from pipeline.config import LumenConfig, config_hash
 from pipeline.data import Quarantine, build_dataset, iter_valid, resize_sample
 from pipeline.data.memory import InMemoryDataset
 from pipeline.data.sample import DatasetInfo, Sample, SampleSource
 from pipeline.device import resolve_device
+from pipeline.execution import progress_bar
 from pipeline.io import sha256_file
 from pipeline.lumen.base import BaseComponents, load_base
 from pipeline.runs import RunPaths
@@ -53,7 +53,7 @@ def collect_samples(
     """
     source = build_dataset(cfg.data, split)
     keys = list(source.keys())
-    bar = tqdm(total=len(keys), desc=f"load {source.info.name}", unit="img", disable=not progress)
+    bar = progress_bar(total=len(keys), desc=f"load {source.info.name}", unit="img", enabled=progress)
     samples: list[Sample] = []
     if workers <= 1:
         for s in iter_valid(source, quarantine, stage=f"collect-{split}"):

@@ -27,8 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
+from pipeline.execution import progress_bar
 from pipeline.io import atomic_write_json
 from pipeline.lumen.base import BaseComponents, build_tiny_components
 from pipeline.lumen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -135,8 +135,8 @@ def _train_vae(
     vae.to(dev)
     x = x.to(dev)
     vae.train()
-    bar = tqdm(
-        range(start, s.vae_steps), initial=start, total=s.vae_steps, desc="train VAE", disable=not progress
+    bar = progress_bar(
+        range(start, s.vae_steps), initial=start, total=s.vae_steps, desc="train VAE", enabled=progress
     )
     for step in bar:
         lr = _lr_at(step, s.vae_steps, s.vae_lr, s.warmup_steps)
@@ -279,8 +279,8 @@ def _train_unet(
     amp = _autocast(dev, s.mixed_precision)
     unet.train()
     text.train()
-    bar = tqdm(
-        range(start, s.unet_steps), initial=start, total=s.unet_steps, desc="train UNet", disable=not progress
+    bar = progress_bar(
+        range(start, s.unet_steps), initial=start, total=s.unet_steps, desc="train UNet", enabled=progress
     )
     for step in bar:
         lr = _lr_at(step, s.unet_steps, s.unet_lr, s.warmup_steps)

@@ -39,11 +39,11 @@ from typing import Any, Literal, Protocol
 import numpy as np
 import torch
 import torch.nn.functional as F
-from tqdm.auto import tqdm
 
 from pipeline.config import LumenConfig
 from pipeline.data.sample import DatasetInfo, Sample
 from pipeline.device import resolve_device
+from pipeline.execution import progress_bar
 from pipeline.io import atomic_write_json
 from pipeline.runs import RunPaths
 from pipeline.synthesis.judging import JudgeFactory
@@ -359,7 +359,7 @@ class QualityFilter:
         """Median per-pixel loss of each class on the real samples (at most 4096 pixels per image)."""
         rng = np.random.default_rng(seed)
         losses, labels = [], []
-        bar = tqdm(total=len(samples), desc="filter class medians", unit="img", disable=not progress)
+        bar = progress_bar(total=len(samples), desc="filter class medians", unit="img", enabled=progress)
         for batch in _same_size_batches(samples, 32):
             segs = np.stack([np.asarray(s.seg) for s in batch])
             loss = pixel_losses(judge.raw(np.stack([s.image for s in batch])), segs, info.ignore_index)

@@ -1,0 +1,248 @@
+"""Checks of a config against its data, run before any stage does expensive work.
+
+``lumen run`` and every stage command call :func:`preflight` first (the CLI before Prefect starts,
+the flows again when they open the run folder), so a config that cannot work fails in seconds, with
+a message that names the key and the fix, instead of after the models have trained:
+
+1. the dataset opens (folders exist, ``data.classes`` given for seg labels, a val split exists);
+2. ``perception.tasks`` are labels the dataset has (null: every label it has), and the perception
+   settings fit the adapter (``report_split``, ``test_domains``, the ``real+oracle`` arm);
+3. the first samples load, and their mask values are classes (else the config lines that would map
+   them, as ``lumen data check`` prints them);
+4. the image size fits the generator's downsampling (stages that train a ControlNet or generate).
+
+Defaults that follow the data (``perception.tasks`` and ``perception.report_split`` when null) are
+filled in by :func:`resolve_config`; the resolved config is the one a run folder records.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from pipeline.config import TASKS, ConfigError, LumenConfig
+from pipeline.data import build_dataset
+from pipeline.data.labels import SEG_VALUE_REASONS, LabelAdvice, MaskStats, advise
+from pipeline.data.sample import DatasetInfo, SampleError, SampleSource
+from pipeline.data.validate import validate_sample
+from pipeline.runs import RunPaths
+
+__all__ = ["STAGES", "PreflightReport", "label_advice", "preflight", "resolve_config"]
+
+log = logging.getLogger(__name__)
+
+Stage = Literal["train-base", "train-lumen", "expand", "evaluate", "gains", "run"]
+STAGES: tuple[Stage, ...] = ("train-base", "train-lumen", "expand", "evaluate", "gains", "run")
+_EVALUATES = ("evaluate", "gains", "run")  # stages that train perception models on train + val
+_GENERATES = ("train-lumen", "expand", "gains", "run")  # stages that run the ControlNet
+SAMPLES_CHECKED = 3
+"""Training samples loaded by the preflight (the first keys)."""
+
+
+@dataclass
+class PreflightReport:
+    """What :func:`preflight` checked.
+
+    Attributes:
+        config: the config with the defaults that follow the data resolved (see :func:`resolve_config`).
+        labels: the labels the dataset has.
+        checks: one line per check that ran, for the log.
+        seconds: time taken.
+    """
+
+    config: LumenConfig
+    labels: tuple[str, ...]
+    checks: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+def resolve_config(cfg: LumenConfig, info: DatasetInfo | None = None) -> LumenConfig:
+    """``cfg`` with the defaults that follow the data filled in (a copy; ``cfg`` if nothing is null).
+
+    ``perception.tasks`` null becomes the labels the dataset has (in the order seg, depth, normal);
+    ``perception.report_split`` null becomes ``test`` for toy scenes (they have a test stream) and
+    ``val`` for the other adapters. ``info`` defaults to the training split's dataset card.
+    """
+    p = cfg.perception
+    if p.tasks is not None and p.report_split is not None:
+        return cfg
+    update: dict[str, object] = {}
+    if p.report_split is None:
+        update["report_split"] = "test" if cfg.data.adapter == "toyscenes" else "val"
+    if p.tasks is None:
+        labels = (info or build_dataset(cfg.data, "train").info).labels
+        tasks = [t for t in TASKS if t in labels]
+        if tasks:
+            update["tasks"] = tasks
+    return cfg.model_copy(update={"perception": p.model_copy(update=update)})
+
+
+def preflight(cfg: LumenConfig, stage: Stage = "run", run_dir: Path | None = None) -> PreflightReport:
+    """Check ``cfg`` against its data for ``stage``; raises :class:`ConfigError` naming the key to fix.
+
+    Cheap checks come first; loading a few samples is the most expensive step (well under a second for
+    folder datasets). ``run_dir`` (optional) lets the size check read a base model the run trained.
+    """
+    t0 = time.time()
+    if stage not in STAGES:
+        raise ValueError(f"unknown stage {stage!r}; valid: {', '.join(STAGES)}")
+    # 1. The dataset opens (folders, classes); its labels.
+    train = build_dataset(cfg.data, "train")
+    info = train.info
+    report = PreflightReport(resolve_config(cfg, info), info.labels)
+    report.checks.append(f"dataset {info.name}: {len(train)} training samples, labels {list(info.labels)}")
+    # 2. Tasks against labels, perception settings against the adapter.
+    report.checks += _check_perception(report.config, info, stage)
+    # 3. A val split exists where one is needed.
+    if stage in _EVALUATES:
+        val = build_dataset(cfg.data, "val")
+        note = getattr(val, "split_description", None)
+        report.checks.append(f"val split: {len(val)} samples" + (f" ({note})" if note else ""))
+    # 4. The first samples load, with mask values that are classes.
+    report.checks.append(_check_samples(cfg, train))
+    # 5. Image size against the generator.
+    if stage in _GENERATES or (stage == "train-base" and cfg.base.source == "tiny"):
+        report.checks += _check_sizes(cfg, stage, run_dir)
+    report.seconds = round(time.time() - t0, 2)
+    log.info("preflight (%s) passed in %.2f s: %s", stage, report.seconds, "; ".join(report.checks))
+    return report
+
+
+def _check_perception(cfg: LumenConfig, info: DatasetInfo, stage: Stage) -> list[str]:
+    p = cfg.perception
+    if p.tasks is None:
+        if stage in _EVALUATES:
+            raise ConfigError(
+                f"perception.tasks: dataset {info.name} has no labels (seg, depth or normal) to train "
+                "perception models on; give label folders (data.seg_dir, ...) or run the stages that need "
+                "no labels (train-base, train-lumen, expand)"
+            )
+        return ["perception.tasks: none (the dataset has no labels)"]
+    missing = [t for t in p.tasks if t not in info.labels]
+    if missing:
+        have = [t for t in TASKS if t in info.labels]
+        fix = f"perception.tasks=[{', '.join(have)}]" if have else "label folders (data.seg_dir, ...)"
+        raise ConfigError(
+            f"perception.tasks=[{', '.join(p.tasks)}]: dataset {info.name} has no {', '.join(missing)} labels "
+            f"(it has {', '.join(info.labels) or 'none'}); set {fix}, or null for every label the dataset has"
+        )
+    if cfg.data.adapter != "toyscenes":
+        if p.report_split == "test":
+            raise ConfigError(
+                f"perception.report_split=test: the {cfg.data.adapter} adapter has no test split; set "
+                "perception.report_split=val (or null) and fix the schedule without looking at the reported numbers"
+            )
+        if p.test_domains:
+            raise ConfigError("perception.test_domains is for toy scenes only; set it to null")
+        if "real+oracle" in p.arms:
+            raise ConfigError(
+                f"perception.arms: the real+oracle arm re-renders toy scenes; data.adapter is "
+                f"{cfg.data.adapter!r}: remove real+oracle from perception.arms"
+            )
+    return [f"perception.tasks {p.tasks} are labels of the dataset; report split {p.report_split}"]
+
+
+def _check_samples(cfg: LumenConfig, source: SampleSource) -> str:
+    """Load the first samples; fail when every one with a mask fails on its values (a config problem,
+    not a bad file), with the config lines that would fix them."""
+    keys = source.keys()[:SAMPLES_CHECKED]
+    value_errors: list[tuple[str, SampleError]] = []
+    ok, sizes = 0, set()
+    for key in keys:
+        try:
+            sample = source.load(key)
+            validate_sample(sample, source.info)
+        except SampleError as err:
+            if err.reason in SEG_VALUE_REASONS:
+                value_errors.append((key, err))
+            else:
+                log.warning("preflight: sample %s is unusable (%s: %s)", key, err.reason, err.detail)
+            continue
+        ok += 1
+        sizes.add(sample.size)
+    if value_errors and ok == 0:
+        raise ConfigError(_value_error_message(cfg, source, value_errors))
+    for key, value_error in value_errors:
+        log.warning("preflight: sample %s is unusable (%s: %s)", key, value_error.reason, value_error.detail)
+    return f"{ok} of {len(keys)} first samples load and validate (sizes {sorted(sizes)})"
+
+
+def _value_error_message(
+    cfg: LumenConfig, source: SampleSource, errors: list[tuple[str, SampleError]]
+) -> str:
+    key, err = errors[0]
+    text = (
+        f"data.classes / data.label_map: the first {len(errors)} training sample(s) have masks whose values "
+        f"are not classes ({key}: {err.reason}: {err.detail})"
+    )
+    advice = label_advice(cfg, source, [k for k, _ in errors])
+    if advice is not None:
+        text += "\n" + advice.text()
+    else:
+        text += "\nRun `lumen data check CONFIG` to see every sample's problem."
+    return text
+
+
+def label_advice(cfg: LumenConfig, source: SampleSource, keys: list[str]) -> LabelAdvice | None:
+    """:func:`~pipeline.data.labels.advise` on the stored masks of ``keys`` (read raw), or None when the
+    adapter has no mask files to read or nothing is recognised. With a ``data.label_map`` set, the
+    quarantine detail says what is unmapped, and None is returned."""
+    label_file = getattr(source, "label_file", None)
+    if label_file is None or cfg.data.label_map:
+        return None
+    stats = MaskStats()
+    for key in keys:
+        path = label_file(key, "seg")
+        if path is not None:
+            stats.add_file(path)
+    return advise(stats, source.info.classes, source.info.ignore_index)
+
+
+def _check_sizes(cfg: LumenConfig, stage: Stage, run_dir: Path | None) -> list[str]:
+    """Image sides must be multiples of the base model's total downsampling (VAE x UNet)."""
+    factor, model = _downsampling(cfg, run_dir)
+    if factor is None:
+        return ["sizes: not checked (the base model's config is not available locally)"]
+    res = cfg.base.resolution
+    if cfg.base.source == "tiny" and res % factor:
+        raise ConfigError(
+            f"base.resolution={res} must be a multiple of {factor} for {model}; try "
+            f"base.resolution={max(factor, res // factor * factor)}"
+        )
+    if stage == "train-base":
+        return [f"base.resolution {res} fits {model} (multiple of {factor})"]
+    h, w = cfg.data.image_size or (res, res)
+    if h % factor or w % factor:
+        near = [max(factor, round(v / factor) * factor) for v in (h, w)]
+        raise ConfigError(
+            f"data.image_size={[h, w]}: the generator ({model}) needs sides that are multiples of {factor}; "
+            f"try data.image_size={near}"
+        )
+    return [f"data.image_size {[h, w]} fits {model} (multiple of {factor})"]
+
+
+def _downsampling(cfg: LumenConfig, run_dir: Path | None) -> tuple[int | None, str]:
+    """(VAE factor x UNet factor, a name for the model), read from config files, or (None, "")."""
+    folder: Path | None = None
+    if run_dir is not None and (RunPaths(run_dir).base / "unet" / "config.json").is_file():
+        folder, name = RunPaths(run_dir).base, "the run's base model"
+    elif cfg.base.source == "pretrained" and cfg.base.pretrained:
+        folder, name = Path(cfg.base.pretrained), f"base.pretrained={cfg.base.pretrained}"
+    if folder is not None:
+        try:
+            blocks = [
+                len(json.loads((folder / sub / "config.json").read_text())["block_out_channels"])
+                for sub in ("vae", "unet")
+            ]
+        except (OSError, ValueError, KeyError, TypeError):
+            return None, ""
+        return 2 ** (blocks[0] - 1) * 2 ** (blocks[1] - 1), name
+    from pipeline.lumen.base import PRESETS  # imports torch: after the cheap checks
+
+    preset = PRESETS[cfg.base.preset]
+    n_vae, n_unet = len(preset["vae"]["block_out_channels"]), len(preset["unet"]["block_out_channels"])
+    return 2 ** (n_vae - 1) * 2 ** (n_unet - 1), f"the {cfg.base.preset} base preset"
