@@ -22,6 +22,7 @@ from pipeline.lumen.stages import collect_samples
 from pipeline.preflight import resolve_config
 from pipeline.report.tables import gains_rows, markdown_table
 from pipeline.runs import RunPaths
+from pipeline.shards.writer import MANIFEST_NAME
 
 __all__ = [
     "EvalInputs",
@@ -177,7 +178,7 @@ def evaluation_inputs(cfg: LumenConfig, run_dir: Path, progress: bool = True) ->
     synthetic = None
     if "real+synthetic" in p.arms:
         syn_dir = RunPaths(run_dir).shards("synthetic")
-        if not (syn_dir / "manifest.json").is_file():
+        if not (syn_dir / MANIFEST_NAME).is_file():
             raise FileNotFoundError(
                 f"no synthetic shard set in {syn_dir}: run `lumen expand` with this config first, "
                 "or remove real+synthetic from perception.arms"
@@ -199,7 +200,7 @@ def _real_data(cfg: LumenConfig, run_dir: Path) -> tuple[Any, DatasetInfo]:
     from perception.data import ShardSamples, dataset_info_from_shards
 
     real_dir = RunPaths(run_dir).shards("real")
-    if (real_dir / "manifest.json").is_file():
+    if (real_dir / MANIFEST_NAME).is_file():
         return ShardSamples(real_dir), dataset_info_from_shards(real_dir)
     if cfg.data.adapter == "toyscenes":
         from pipeline.data.toyscenes import ToyScenes

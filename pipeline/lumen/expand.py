@@ -40,7 +40,7 @@ from pipeline.io import atomic_open, atomic_write_json, atomic_write_text, sha25
 from pipeline.lumen.expand_context import ExpandContext, expand_context, expand_slots, stage_hash
 from pipeline.lumen.generate import plan_variants
 from pipeline.runs import RunPaths
-from pipeline.shards.writer import ShardSetWriter
+from pipeline.shards.writer import MANIFEST_NAME, ShardSetWriter
 from pipeline.synthesis.judging import JudgeFactory
 
 __all__ = [
@@ -443,7 +443,7 @@ def finish_expand(run_dir: Path) -> None:
     """Delete the chunks' images once both shard sets are complete; their small JSON records stay, so a
     rerun knows every chunk is written without generating anything."""
     for name in ("real", "synthetic"):
-        manifest = RunPaths(run_dir).shards(name) / "manifest.json"
+        manifest = RunPaths(run_dir).shards(name) / MANIFEST_NAME
         if not manifest.is_file() or not json.loads(manifest.read_text()).get("complete"):
             return
     for npz in RunPaths(run_dir).expand_work.glob("chunk-*.npz"):
