@@ -19,7 +19,7 @@ from pipeline.execution import Deferred, Future, TrackerFactory, tqdm_tracker
 from pipeline.io import sha256_file
 from pipeline.lumen.expand import SubmitChunk
 from pipeline.lumen.stages import collect_samples
-from pipeline.preflight import resolve_config
+from pipeline.preflight import check_adapter_settings, resolve_config
 from pipeline.report.tables import gains_rows, markdown_table
 from pipeline.runs import RunPaths
 from pipeline.shards.writer import MANIFEST_NAME
@@ -217,13 +217,7 @@ def _eval_splits(cfg: LumenConfig, run_dir: Path, progress: bool) -> tuple[list[
         val = _toy_split(cfg, "val", cfg.data.num_val_images or 64, domains)
         test = _toy_split(cfg, "test", p.num_test_images, domains) if p.report_split == "test" else None
         return list(val), test
-    if p.report_split == "test":
-        raise ValueError(
-            f"the {cfg.data.adapter} adapter has no test split here: set perception.report_split=val "
-            "(and fix the schedule without looking at the reported numbers)"
-        )
-    if p.test_domains:
-        raise ValueError("perception.test_domains is for toy scenes only")
+    check_adapter_settings(cfg)
     size = tuple(cfg.data.image_size) if cfg.data.image_size else None
     quarantine = Quarantine(RunPaths(run_dir).quarantine)
     return list(collect_samples(cfg, size, quarantine, split="val", progress=progress)), None  # type: ignore[arg-type]

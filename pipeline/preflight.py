@@ -31,7 +31,7 @@ from pipeline.data.sample import DatasetInfo, SampleError, SampleSource
 from pipeline.data.validate import validate_sample
 from pipeline.runs import RunPaths
 
-__all__ = ["STAGES", "PreflightReport", "label_advice", "preflight", "resolve_config"]
+__all__ = ["STAGES", "PreflightReport", "check_adapter_settings", "label_advice", "preflight", "resolve_config"]
 
 log = logging.getLogger(__name__)
 
@@ -130,20 +130,28 @@ def _check_perception(cfg: LumenConfig, info: DatasetInfo, stage: Stage) -> list
             f"perception.tasks=[{', '.join(p.tasks)}]: dataset {info.name} has no {', '.join(missing)} labels "
             f"(it has {', '.join(info.labels) or 'none'}); set {fix}, or null for every label the dataset has"
         )
-    if cfg.data.adapter != "toyscenes":
-        if p.report_split == "test":
-            raise ConfigError(
-                f"perception.report_split=test: the {cfg.data.adapter} adapter has no test split; set "
-                "perception.report_split=val (or null) and fix the schedule without looking at the reported numbers"
-            )
-        if p.test_domains:
-            raise ConfigError("perception.test_domains is for toy scenes only; set it to null")
-        if "real+oracle" in p.arms:
-            raise ConfigError(
-                f"perception.arms: the real+oracle arm re-renders toy scenes; data.adapter is "
-                f"{cfg.data.adapter!r}: remove real+oracle from perception.arms"
-            )
+    check_adapter_settings(cfg)
     return [f"perception.tasks {p.tasks} are labels of the dataset; report split {p.report_split}"]
+
+
+def check_adapter_settings(cfg: LumenConfig) -> None:
+    """Perception settings only toy scenes have (a test split, test domains, the oracle arm): raise
+    :class:`ConfigError` naming the key when another adapter asks for them."""
+    p = cfg.perception
+    if cfg.data.adapter == "toyscenes":
+        return
+    if p.report_split == "test":
+        raise ConfigError(
+            f"perception.report_split=test: the {cfg.data.adapter} adapter has no test split; set "
+            "perception.report_split=val (or null) and fix the schedule without looking at the reported numbers"
+        )
+    if p.test_domains:
+        raise ConfigError("perception.test_domains is for toy scenes only; set it to null")
+    if "real+oracle" in p.arms:
+        raise ConfigError(
+            f"perception.arms: the real+oracle arm re-renders toy scenes; data.adapter is "
+            f"{cfg.data.adapter!r}: remove real+oracle from perception.arms"
+        )
 
 
 def _check_samples(cfg: LumenConfig, source: SampleSource) -> str:

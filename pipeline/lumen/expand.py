@@ -261,7 +261,8 @@ def _score_quality(
 ) -> np.ndarray:
     """Score each variant with the quality filter: its verdict goes into ``variants`` (provenance and
     ``keep``); returns the (V, H, W) pixel masks to ignore (all False where a verdict has none)."""
-    assert ctx.quality is not None
+    if ctx.quality is None:
+        raise ValueError("_score_quality needs a quality filter (generate.quality_filter)")
     by_key = {s.key: s for s in samples}
     segs = np.stack([np.asarray(by_key[sp.key].seg) for sp in specs])
     masks: list[np.ndarray] = []
