@@ -31,7 +31,14 @@ from pipeline.data.sample import DatasetInfo, SampleError, SampleSource
 from pipeline.data.validate import validate_sample
 from pipeline.runs import RunPaths
 
-__all__ = ["STAGES", "PreflightReport", "check_adapter_settings", "label_advice", "preflight", "resolve_config"]
+__all__ = [
+    "STAGES",
+    "PreflightReport",
+    "check_adapter_settings",
+    "label_advice",
+    "preflight",
+    "resolve_config",
+]
 
 log = logging.getLogger(__name__)
 
