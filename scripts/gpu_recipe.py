@@ -184,20 +184,21 @@ def train_pair(args: argparse.Namespace) -> dict[str, Any]:
     lumen_cfg = load_config(ROOT / lumen_cfg_path, [*common, *args.override])
     device = torch.device(args.device)
     steps: dict[str, int] = {}
-    if args.minutes > 0 and not args.smoke and not args.skip_base:
+    if args.minutes > 0 and not args.smoke:
         times = step_times(base_cfg, device, lumen_cfg.lumen.batch_size)
-        budget = args.minutes * 60 - args.overhead
-        steps = {k: max(100, int(budget * SHARES[k] / times[k])) for k in SHARES}
+        budget = (args.minutes * 60 - args.overhead) * args.safety
+        shares = {"lumen": 1.0} if args.skip_base else SHARES
+        steps = {k: max(100, int(budget * shares[k] / times[k])) for k in shares}
         log.info(
             "step times %s -> steps %s (budget %.0f s)",
             {k: round(v, 4) for k, v in times.items()},
             steps,
             budget,
         )
-        base_cfg = load_config(
-            ROOT / base_cfg_path,
-            [*common, *args.override, f"base.vae_steps={steps['vae']}", f"base.train_steps={steps['unet']}"],
-        )
+        if not args.skip_base:
+            base_cfg = load_config(ROOT / base_cfg_path, [
+                *common, *args.override, f"base.vae_steps={steps['vae']}", f"base.train_steps={steps['unet']}",
+            ])  # fmt: skip
         lumen_cfg = load_config(
             ROOT / lumen_cfg_path, [*common, *args.override, f"lumen.train_steps={steps['lumen']}"]
         )
@@ -215,6 +216,9 @@ def train_pair(args: argparse.Namespace) -> dict[str, Any]:
         f"python scripts/gpu_recipe.py train --pair {args.pair} --minutes 0 "
         f"base.vae_steps={base_cfg.base.vae_steps} base.train_steps={base_cfg.base.train_steps}"
     )
+    if args.smoke:  # never overwrite the shipped assets: the smoke ControlNet trains over this base
+        shutil.copytree(base_dir, run_dir / "lumen-run" / "base")
+        return _train_lumen(args, lumen_cfg, run_dir, out, t_start, base_minutes, steps)
     _export(base_dir, base_name, {
         "adapter": base_cfg.data.adapter,
         "command": reproduce,
@@ -240,10 +244,8 @@ def _train_lumen(
     base_minutes: float,
     steps: dict[str, int],
 ) -> dict[str, Any]:
-    from pipeline.assets import ASSETS_DIR
     from pipeline.lumen.stages import run_train_lumen
 
-    _, _, base_name, lumen_name = PAIRS[args.pair]
     device = torch.device(args.device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     reproduce = " ".join([
@@ -255,19 +257,8 @@ def _train_lumen(
     lumen_run = run_dir / "lumen-run"
     lumen_dir = run_train_lumen(lumen_cfg, lumen_run, progress=args.progress)  # over the exported base
     lumen_minutes = (time.time() - t0) / 60
-    _export(lumen_dir, lumen_name, {
-        "adapter": lumen_cfg.data.adapter,
-        "base": base_name,
-        "command": reproduce,
-        "condition": lumen_cfg.lumen.condition,
-        "config": _public(config_dict(lumen_cfg)),
-        "resolution": lumen_cfg.base.resolution,
-        "trained_on": _trained_on(lumen_cfg) + " + their neural layouts; no labels",
-        "training": {"device": device_name, "steps": lumen_cfg.lumen.train_steps,
-                     "batch_size": lumen_cfg.lumen.batch_size, "wall_minutes": round(lumen_minutes, 2)},
-    }, extra={"pca.safetensors": lumen_run / "pca.safetensors"})  # fmt: skip
-
-    _tar(ASSETS_DIR / lumen_name, out / f"{lumen_name}.tar")
+    if not args.smoke:
+        _export_lumen(args, lumen_cfg, lumen_dir, lumen_run, out, reproduce, lumen_minutes)
     logs = run_dir / f"{args.pair}-logs"
     logs.mkdir()
     for src, name in [
@@ -286,6 +277,111 @@ def _train_lumen(
     }  # fmt: skip
     (logs / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     _tar(logs, out / f"{args.pair}-logs.tar")
+    print(json.dumps(summary))
+    return summary
+
+
+def _export_lumen(
+    args: argparse.Namespace,
+    lumen_cfg: LumenConfig,
+    lumen_dir: Path,
+    lumen_run: Path,
+    out: Path,
+    reproduce: str,
+    lumen_minutes: float,
+) -> None:
+    from pipeline.assets import ASSETS_DIR
+
+    _, _, base_name, lumen_name = PAIRS[args.pair]
+    device = torch.device(args.device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    _export(lumen_dir, lumen_name, {
+        "adapter": lumen_cfg.data.adapter,
+        "base": base_name,
+        "command": reproduce,
+        "condition": lumen_cfg.lumen.condition,
+        "config": _public(config_dict(lumen_cfg)),
+        "resolution": lumen_cfg.base.resolution,
+        "trained_on": _trained_on(lumen_cfg) + " + their neural layouts; no labels",
+        "training": {"device": device_name, "steps": lumen_cfg.lumen.train_steps,
+                     "batch_size": lumen_cfg.lumen.batch_size, "wall_minutes": round(lumen_minutes, 2)},
+    }, extra={"pca.safetensors": lumen_run / "pca.safetensors"})  # fmt: skip
+
+    _tar(ASSETS_DIR / lumen_name, out / f"{lumen_name}.tar")
+
+
+def finetune_vae(args: argparse.Namespace) -> dict[str, Any]:
+    """Sharpen a shipped base model's decoder (encoder frozen, so the UNet, the layouts and the ControlNet
+    stay valid) and re-export the asset; ``asset.json`` keeps the base's training record and adds this
+    step's command."""
+    from pipeline.assets import ASSETS_DIR, asset_path, verify_asset
+    from pipeline.data import Quarantine
+    from pipeline.lumen.base import load_base
+    from pipeline.lumen.stages import collect_samples
+    from pipeline.lumen.train_base import finetune_decoder, images_to_tensor
+
+    base_cfg_path, _, base_name, _ = PAIRS[args.pair]
+    common = [f"device={args.device}", f"data.load_workers={args.workers}"]
+    if args.data:
+        common.append(f"data.root={Path(args.data).resolve()}")
+    cfg = load_config(ROOT / base_cfg_path, [*common, *args.override])
+    if args.smoke:
+        cfg = load_config(ROOT / base_cfg_path, [*common, *args.override, "data.num_images=16"])
+    meta = verify_asset(asset_path(base_name))
+    comps = load_base(ASSETS_DIR / base_name)
+    res = cfg.base.resolution
+    size = (res, max(res, (cfg.data.image_size or (res, res))[1]))
+    data = collect_samples(cfg, size, Quarantine(None), progress=args.progress, workers=cfg.data.load_workers)
+    images = np.stack([s.image for s in data])
+    device = torch.device(args.device)
+    val = images_to_tensor(images[-256:]).to(device)
+
+    def psnr() -> float:
+        comps.vae.to(device).float().eval()
+        with torch.no_grad():
+            rec = comps.vae.decode(comps.vae.encode(val).latent_dist.mean).sample.clamp(-1, 1)
+        return float(10 * torch.log10(4.0 / (rec - val).square().mean()))
+
+    steps = args.steps
+    work = Path(args.work).resolve() / f"{args.pair}-decoder"
+    if steps <= 0:  # fill the budget: time a few steps here
+        t0 = time.time()
+        finetune_decoder(comps.vae, images, 5, work / "probe", batch_size=args.batch_size, lr=0.0,
+                         device=args.device, progress=False)  # fmt: skip
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        per_step = (time.time() - t0) / 5
+        steps = max(100, int(args.minutes * 60 * args.safety / per_step))
+        shutil.rmtree(work / "probe")
+        log.info("%.4f s per decoder step -> %d steps", per_step, steps)
+    before = psnr()
+    t0 = time.time()
+    finetune_decoder(comps.vae, images, steps, work / "checkpoints", batch_size=args.batch_size, lr=args.lr,
+                     edge_weight=cfg.base.vae_edge_weight, seed=cfg.seed, device=args.device,
+                     checkpoint_every=max(1, steps // 4), progress=args.progress)  # fmt: skip
+    minutes = (time.time() - t0) / 60
+    after = psnr()
+    comps.to("cpu")
+    comps.save(work / "model")
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    step_cmd = (
+        f"python scripts/gpu_recipe.py finetune-vae --pair {args.pair} --steps {steps} "
+        f"--batch-size {args.batch_size} --lr {args.lr}"
+    )
+    info = {k: v for k, v in meta.items() if k not in ("files", "name", "dtype")}
+    first = str(meta.get("command", "")).split(" && ")[0]
+    info["command"] = f"{first} && {step_cmd}"
+    info["decoder_finetune"] = {
+        "device": device_name, "steps": steps, "batch_size": args.batch_size, "lr": args.lr,
+        "wall_minutes": round(minutes, 2), "psnr_before": round(before, 2), "psnr_after": round(after, 2),
+        "psnr_images": f"the last {len(val)} training images",
+    }  # fmt: skip
+    if not args.smoke:
+        _export(work / "model", base_name, info)
+        _tar(ASSETS_DIR / base_name, Path(args.out) / f"{base_name}.tar")
+    summary = {"pair": args.pair, "asset": base_name, **info["decoder_finetune"]}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"{args.pair}-decoder.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
     return summary
 
@@ -339,6 +435,11 @@ def main(argv: list[str] | None = None) -> int:
         help="wall-clock budget of the whole pair; 0 = the configs' step counts (exact reproduction)",
     )  # fmt: skip
     t.add_argument("--overhead", type=float, default=75.0, help="seconds kept for data, layouts, export")
+    t.add_argument(
+        "--safety", type=float, default=1.0,
+        help="share of the budget the timed steps may fill (timings taken while other jobs share the GPU "
+        "are optimistic)",
+    )  # fmt: skip
     t.add_argument("--data", help="data.root (CamVid: the prepare-camvid folder)")
     t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     t.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)))
@@ -350,6 +451,21 @@ def main(argv: list[str] | None = None) -> int:
         "--skip-base", action="store_true", help="train only the ControlNet, over the shipped base"
     )
     t.add_argument("override", nargs="*", help="config overrides key=value (both configs)")
+    f = sub.add_parser("finetune-vae", help="sharpen a shipped base model's decoder (encoder frozen)")
+    f.add_argument("--pair", choices=sorted(PAIRS), required=True)
+    f.add_argument("--minutes", type=float, default=5.0, help="budget when --steps is 0")
+    f.add_argument("--safety", type=float, default=0.8, help="share of the budget the timed steps may fill")
+    f.add_argument("--steps", type=int, default=0, help="fixed step count (0 = fill --minutes)")
+    f.add_argument("--batch-size", type=int, default=64)
+    f.add_argument("--lr", type=float, default=1e-4)
+    f.add_argument("--data", help="data.root (CamVid: the prepare-camvid folder)")
+    f.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    f.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)))
+    f.add_argument("--work", default="/tmp/gpu_recipe")
+    f.add_argument("--out", required=True)
+    f.add_argument("--smoke", action="store_true", help="a few images; nothing exported (CPU check)")
+    f.add_argument("--progress", action="store_true")
+    f.add_argument("override", nargs="*", help="config overrides key=value")
     c = sub.add_parser("prepare-camvid", help="CamVid train split at the generator's size")
     c.add_argument("--root", default="../shared/datasets/camvid")
     c.add_argument("--out", default=".gpu/camvid")
@@ -358,6 +474,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.cmd == "prepare-camvid":
         prepare_camvid(args)
+    elif args.cmd == "finetune-vae":
+        torch.set_num_threads(max(1, min(6, args.workers)))
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        finetune_vae(args)
     else:
         torch.set_num_threads(max(1, min(6, args.workers)))
         torch.backends.cuda.matmul.allow_tf32 = True

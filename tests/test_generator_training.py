@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -62,6 +63,42 @@ def test_vae_edge_loss_trains_and_is_recorded(tmp_path: Path) -> None:
                sample_prompts=[samples[0].caption])  # fmt: skip
     settings = json.loads((tmp_path / "train_settings.json").read_text())
     assert settings["edge_weight"] == 0.5 and settings["device"] == "cpu"
+
+
+def test_decoder_finetune_keeps_the_encoder_lowers_the_loss_and_resumes(tmp_path: Path) -> None:
+    from pipeline.data import ToyScenes
+    from pipeline.lumen.base import build_tiny_components
+    from pipeline.lumen.tokenizer import build_tokenizer
+    from pipeline.lumen.train_base import finetune_decoder, images_to_tensor
+
+    ds = ToyScenes(num_images=6, image_size=(RES, RES), seed=0)
+    images = np.stack([ds.load(k).image for k in ds.keys()])
+
+    def vae():
+        return build_tiny_components(build_tokenizer(["a"]), RES, seed=0, preset=PRESET).vae
+
+    def recon_l1(model) -> float:
+        x = images_to_tensor(images)
+        with torch.no_grad():
+            return float((model.decode(model.encode(x).latent_dist.mean).sample - x).abs().mean())
+
+    ref = vae()
+    tuned = vae()
+    before = recon_l1(tuned)
+    kw = {"batch_size": 4, "lr": 3e-3, "checkpoint_every": 5, "progress": False}
+    losses = finetune_decoder(tuned, images, 40, tmp_path / "a", **kw)
+    assert len(losses) == 40 and recon_l1(tuned) < 0.8 * before
+    for (name, a), b in zip(ref.state_dict().items(), tuned.state_dict().values(), strict=True):
+        same = torch.equal(a, b)
+        assert same != name.startswith(("decoder.", "post_quant_conv.")), name  # only the decoder moved
+
+    whole = vae()
+    finetune_decoder(whole, images, 20, tmp_path / "b", **kw)
+    shutil.rmtree(tmp_path / "b" / "step-000020")  # as if killed after the checkpoint of step 15
+    split = vae()  # a fresh process: the weights come from the checkpoint
+    assert len(finetune_decoder(split, images, 20, tmp_path / "b", **kw)) == 5
+    for a, b in zip(whole.state_dict().values(), split.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
 
 
 def test_presets_by_name_keep_the_latent_grid() -> None:
