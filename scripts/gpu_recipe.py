@@ -213,7 +213,7 @@ def train_pair(args: argparse.Namespace) -> dict[str, Any]:
     base_minutes = (time.time() - t0) / 60
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     reproduce = (
-        f"python scripts/gpu_recipe.py train --pair {args.pair} --minutes 0 "
+        f"python scripts/gpu_recipe.py train --pair {args.pair}{_data_arg(args)} --minutes 0 "
         f"base.vae_steps={base_cfg.base.vae_steps} base.train_steps={base_cfg.base.train_steps}"
     )
     if args.smoke:  # never overwrite the shipped assets: the smoke ControlNet trains over this base
@@ -249,7 +249,7 @@ def _train_lumen(
     device = torch.device(args.device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     reproduce = " ".join([
-        f"python scripts/gpu_recipe.py train --pair {args.pair} --minutes 0 --skip-base",
+        f"python scripts/gpu_recipe.py train --pair {args.pair}{_data_arg(args)} --minutes 0 --skip-base",
         *(o for o in args.override if not o.startswith("lumen.train_steps=")),
         f"lumen.train_steps={lumen_cfg.lumen.train_steps}",
     ])  # fmt: skip
@@ -365,7 +365,7 @@ def finetune_vae(args: argparse.Namespace) -> dict[str, Any]:
     comps.save(work / "model")
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     step_cmd = (
-        f"python scripts/gpu_recipe.py finetune-vae --pair {args.pair} --steps {steps} "
+        f"python scripts/gpu_recipe.py finetune-vae --pair {args.pair}{_data_arg(args)} --steps {steps} "
         f"--batch-size {args.batch_size} --lr {args.lr}"
     )
     info = {k: v for k, v in meta.items() if k not in ("files", "name", "dtype")}
@@ -384,6 +384,11 @@ def finetune_vae(args: argparse.Namespace) -> dict[str, Any]:
     (Path(args.out) / f"{args.pair}-decoder.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
     return summary
+
+
+def _data_arg(args: argparse.Namespace) -> str:
+    """The ``--data`` part of a reproduce command (CamVid: the prepare-camvid folder, as in the docs)."""
+    return " --data .gpu/camvid" if args.data else ""
 
 
 def _public(cfg: dict[str, Any]) -> dict[str, Any]:
