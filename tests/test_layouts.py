@@ -145,6 +145,20 @@ def test_sd_backbone_from_a_diffusers_folder(
     torch.testing.assert_close(from_folder(images[:2]), in_memory(images[:2]), atol=1e-5, rtol=1e-4)
 
 
+def test_sd_fingerprint_follows_the_encoder_not_the_decoder(components: SDComponents) -> None:
+    """A decoder fine-tune keeps the latents, so the features and every PCA fitted on them stay valid."""
+    import copy
+
+    before = SDBackbone(components).spec()["weights"]
+    tuned = copy.deepcopy(components)
+    with torch.no_grad():
+        next(tuned.vae.decoder.parameters()).add_(0.1)
+    assert SDBackbone(tuned).spec()["weights"] == before
+    with torch.no_grad():
+        next(tuned.vae.encoder.parameters()).add_(0.1)
+    assert SDBackbone(tuned).spec()["weights"] != before
+
+
 def test_sd_backbone_without_a_model_says_how_to_provide_one() -> None:
     with pytest.raises(ValueError, match=r"layouts\.model"):
         build_backbone(LayoutConfig())

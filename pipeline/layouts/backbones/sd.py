@@ -104,7 +104,10 @@ class SDBackbone(Backbone):
             freeze(module, self._device, dtype)
         self.vae_factor = 2 ** (len(vae.config.block_out_channels) - 1)
         self.multiple = self.vae_factor * 2 ** (len(unet.config.block_out_channels) - 1)
-        self._fingerprint = weights_fingerprint([vae, unet, components.text_encoder])
+        # What determines the features: the encoder side of the VAE, the UNet and the text encoder. The
+        # decoder is left out, so a decoder fine-tune (sharper images, same latents) keeps every PCA valid.
+        encode = [m for m in (vae.encoder, getattr(vae, "quant_conv", None)) if m is not None]
+        self._fingerprint = weights_fingerprint([*encode, unet, components.text_encoder])
         self._empty: torch.Tensor | None = None
 
     def input_size(self, height: int, width: int) -> tuple[int, int]:
