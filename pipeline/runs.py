@@ -2,18 +2,64 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import logging
 import os
+import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from pipeline.config import ConfigError, LumenConfig, config_hash, safe_load_yaml, save_config
+from pipeline.config import ConfigError, LumenConfig, config_dict, config_hash, safe_load_yaml, save_config
 from pipeline.io import LOCK_NAME, atomic_write_json
 
-__all__ = ["RUN_MARKER", "RunPaths", "load_run_config", "mark_latest", "prepare_run_dir"]
+__all__ = [
+    "RUN_MARKER",
+    "STAGE_OUTPUTS",
+    "STAGE_SECTIONS",
+    "RunPaths",
+    "load_run_config",
+    "mark_latest",
+    "prepare_run_dir",
+    "stage_hashes",
+    "stage_key",
+]
+
+log = logging.getLogger(__name__)
 
 RUN_MARKER = ".lumen-run.json"
 """Marks a folder as a lumen run folder; ``--out`` never adopts a non-empty folder without it."""
+
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "data": ("seed", "data"),
+    "base": ("base",),
+    "lumen": ("layouts", "lumen"),
+    "expand": ("generate", "shards"),
+    "evaluate": ("perception", "gains"),
+}
+"""The config sections each stage reads, in pipeline order. A stage's key covers its own sections and
+every earlier stage's, so a change redoes that stage and everything after it, and nothing before.
+``name``, ``device``, ``runs_dir``, ``runner`` and ``data.load_workers`` key nothing: they change where
+and how fast a run goes, not what it makes."""
+
+STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
+    "data": ("quarantine.jsonl",),
+    "base": ("base",),
+    "lumen": ("lumen", "lumen_train", "pca.safetensors", "layouts"),
+    "expand": ("shards", "work", "quality_filter", "summaries/expand.*"),
+    "evaluate": (
+        "perception",
+        "report",
+        "summaries/evaluate.*",
+        "summaries/gains*",
+        "summaries/run.*",
+        "summary.md",
+    ),
+}
+"""What each stage writes, relative to the run folder (globs allowed): what a changed key supersedes."""
 
 
 @dataclass(frozen=True)
@@ -33,6 +79,16 @@ class RunPaths:
     @property
     def marker(self) -> Path:
         return self.root / RUN_MARKER
+
+    @property
+    def stages(self) -> Path:
+        """Each stage's key (the hash of the config sections it read) and what earlier keys were superseded."""
+        return self.root / "stages.json"
+
+    @property
+    def superseded(self) -> Path:
+        """Outputs of stages whose config changed, moved aside (never deleted) before the stage is redone."""
+        return self.root / "superseded"
 
     @property
     def config(self) -> Path:
@@ -194,18 +250,108 @@ def prepare_run_dir(cfg: LumenConfig, out: str | os.PathLike[str] | None = None)
     if _is_run_dir(run_dir):
         stored = _stored_hash(cfg_path) if cfg_path.is_file() else None
         if stored != config_hash(cfg):
-            raise ConfigError(
-                f"{run_dir} holds a run with a different config (hash {stored}, now {config_hash(cfg)}); "
-                "pass a new --out folder, or the same config and overrides to resume it"
-            )
+            if stored is None:
+                raise ConfigError(
+                    f"{run_dir} holds a run whose config.yaml has no recorded hash; pass a new --out folder"
+                )
+            _supersede_changed_stages(cfg, run_dir)
+            save_config(cfg, cfg_path)
         if not marker.is_file():  # a run folder made before the marker existed
             atomic_write_json(marker, {"format": "lumen-run"})
+        if not RunPaths(run_dir).stages.is_file():
+            _write_stages(run_dir, stage_hashes(config_dict(cfg)), [])
         return run_dir
     _check_adoptable(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_json(marker, {"format": "lumen-run"})
     save_config(cfg, cfg_path)
+    _write_stages(run_dir, stage_hashes(config_dict(cfg)), [])
     return run_dir
+
+
+def stage_hashes(config: Mapping[str, Any], length: int = 16) -> dict[str, str]:
+    """Each stage's key for a resolved config (as :func:`config_dict` or a run's ``config.yaml`` gives it):
+    the sha256 of the config sections of that stage and of every earlier one (:data:`STAGE_SECTIONS`)."""
+    keys: dict[str, str] = {}
+    h = hashlib.sha256()
+    for stage, sections in STAGE_SECTIONS.items():
+        for name in sections:
+            value = config.get(name)
+            if name == "data" and isinstance(value, Mapping):
+                value = {k: v for k, v in value.items() if k != "load_workers"}
+            h.update(json.dumps({name: value}, sort_keys=True, separators=(",", ":"), default=str).encode())
+        keys[stage] = h.copy().hexdigest()[:length]
+    return keys
+
+
+def stage_key(cfg: LumenConfig, stage: str) -> str:
+    """The key of one stage for ``cfg`` (see :func:`stage_hashes`): e.g. shard sets record the ``expand``
+    key, so a perception-only change finds them valid and a generate change does not."""
+    return stage_hashes(config_dict(cfg))[stage]
+
+
+def _write_stages(run_dir: Path, keys: dict[str, str], history: list[dict[str, Any]]) -> None:
+    atomic_write_json(
+        RunPaths(run_dir).stages,
+        {
+            "stages": {s: {"key": k, "sections": list(STAGE_SECTIONS[s])} for s, k in keys.items()},
+            "superseded": history,
+        },
+    )
+
+
+def _supersede_changed_stages(cfg: LumenConfig, run_dir: Path) -> None:
+    """Move aside the outputs of every stage whose key changed, so it is redone and never mixed with
+    stale outputs; the stages before it are reused as they are."""
+    paths = RunPaths(run_dir)
+    old_cfg, new_cfg = load_run_config(run_dir), config_dict(cfg)
+    old_keys, new_keys = stage_hashes(old_cfg), stage_hashes(new_cfg)
+    changed = [s for s in STAGE_SECTIONS if old_keys[s] != new_keys[s]]
+    history: list[dict[str, Any]] = []
+    if paths.stages.is_file():
+        history = list(json.loads(paths.stages.read_text()).get("superseded", []))
+    if changed:
+        sections = [
+            n
+            for s in STAGE_SECTIONS.values()
+            for n in s
+            if stage_hashes({n: old_cfg.get(n)}) != stage_hashes({n: new_cfg.get(n)})
+        ]
+        dest = paths.superseded / time.strftime("%Y%m%d-%H%M%S")
+        n = 1
+        while dest.exists():
+            n += 1
+            dest = dest.with_name(f"{dest.name.split('.')[0]}.{n}")
+        moved: list[str] = []
+        for stage in changed:
+            for pattern in STAGE_OUTPUTS[stage]:
+                for src in sorted(run_dir.glob(pattern)):
+                    rel = src.relative_to(run_dir)
+                    (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(str(src), str(dest / rel))
+                    moved.append(str(rel))
+        if moved:
+            shutil.copyfile(paths.config, dest / "config.yaml")  # what made them
+        reused = [s for s in STAGE_SECTIONS if s not in changed]
+        log.warning(
+            "%s: config sections %s changed, so %s will be redone and %s reused%s",
+            run_dir,
+            ", ".join(sections),
+            ", ".join(changed),
+            ", ".join(reused) or "nothing",
+            f"; the old outputs moved to {dest}" if moved else "",
+        )
+        history.append(
+            {
+                "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                "sections": sections,
+                "stages": changed,
+                "old_keys": {s: old_keys[s] for s in changed},
+                "moved_to": str(dest.relative_to(run_dir)) if moved else None,
+                "moved": moved,
+            }
+        )
+    _write_stages(run_dir, new_keys, history)
 
 
 def load_run_config(run_dir: str | os.PathLike[str]) -> dict[str, object]:

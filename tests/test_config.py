@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -62,12 +63,64 @@ def test_hash_is_stable_and_content_based(tmp_path: Path) -> None:
     assert yaml.safe_load(path.read_text())["seed"] == 3
 
 
-def test_run_dir_refuses_a_different_config(tmp_path: Path) -> None:
+def test_stage_keys_follow_the_sections_each_stage_reads() -> None:
+    from pipeline.config import config_dict
+    from pipeline.runs import stage_hashes
+
+    def keys(raw: dict) -> dict[str, str]:
+        return stage_hashes(config_dict(build_config(raw)))
+
+    ref = keys({})
+    changed = {
+        "perception.steps": {"perception": {"steps": 7}},
+        "generate.variants": {"generate": {"variants": 5}},
+        "layouts.num_components": {"layouts": {"num_components": 4}},
+        "base.train_steps": {"base": {"train_steps": 9}},
+        "seed": {"seed": 5},
+    }
+    first = {"perception.steps": "evaluate", "generate.variants": "expand", "layouts.num_components": "lumen",
+             "base.train_steps": "base", "seed": "data"}  # fmt: skip
+    order = list(ref)
+    for key, raw in changed.items():
+        new = keys(raw)
+        redone = [s for s in order if new[s] != ref[s]]
+        assert redone == order[order.index(first[key]) :], key  # that stage and every later one
+    for raw in (
+        {"runner": {"max_workers": 5}},
+        {"data": {"load_workers": 3}},
+        {"name": "other"},
+        {"device": "cpu"},
+    ):
+        assert keys(raw) == ref, raw  # where and how fast, not what
+
+
+def test_run_dir_supersedes_only_the_stages_whose_config_changed(tmp_path: Path) -> None:
     run = prepare_run_dir(build_config({"seed": 1}), tmp_path / "run")
-    assert (run / "config.yaml").is_file()
+    assert (run / "config.yaml").is_file() and (run / "stages.json").is_file()
     assert prepare_run_dir(build_config({"seed": 1}), run) == run  # same config: resume
-    with pytest.raises(ConfigError, match="different config"):
-        prepare_run_dir(build_config({"seed": 2}), run)
+    for rel in ("base/model_index.json", "shards/real/a.tar", "perception/r/run.json", "report/report.md",
+                "summaries/expand.json", "summaries/evaluate.json", "summary.md"):  # fmt: skip
+        (run / rel).parent.mkdir(parents=True, exist_ok=True)
+        (run / rel).write_text(rel)
+
+    prepare_run_dir(build_config({"seed": 1, "perception": {"steps": 9}}), run)
+    stages = json.loads((run / "stages.json").read_text())
+    (entry,) = stages["superseded"]
+    assert entry["stages"] == ["evaluate"] and entry["sections"] == ["perception"]
+    assert sorted(entry["moved"]) == ["perception", "report", "summaries/evaluate.json", "summary.md"]
+    old = run / entry["moved_to"]
+    assert (old / "perception" / "r" / "run.json").read_text() == "perception/r/run.json"  # kept, not deleted
+    assert yaml.safe_load((old / "config.yaml").read_text())["perception"]["steps"] != 9  # what made them
+    for kept in ("base/model_index.json", "shards/real/a.tar", "summaries/expand.json"):
+        assert (run / kept).is_file(), kept  # models and shards reused
+    assert not (run / "perception").exists()
+    prepare_run_dir(build_config({"seed": 1, "perception": {"steps": 9}}), run)  # now a plain resume
+    assert len(json.loads((run / "stages.json").read_text())["superseded"]) == 1
+
+    prepare_run_dir(build_config({"seed": 2, "perception": {"steps": 9}}), run)  # data: everything
+    entry = json.loads((run / "stages.json").read_text())["superseded"][-1]
+    assert entry["stages"] == ["data", "base", "lumen", "expand", "evaluate"]
+    assert not (run / "base").exists() and not (run / "shards").exists()
 
 
 def test_default_run_dirs_are_new_each_time(tmp_path: Path) -> None:

@@ -109,6 +109,21 @@ def test_run_flow_writes_shards_report_and_summaries(template, tmp_path: Path, h
         "filtered": 0,
     }
 
+    # Changing only perception.* on the finished run redoes only the evaluate stage: the shards and
+    # models are reused, the old perception runs move aside, and nothing stale is mixed in.
+    old_runs = sorted(p.relative_to(run) for p in (run / "perception").rglob("run.json"))
+    assert old_runs
+    assert main(["run", str(cfg_path), "--out", str(run), "perception.steps=3"]) == 0
+    summary = read_summary(run, "run")
+    assert summary["trained"] == {"base": False, "lumen": False}
+    assert read_summary(run, "expand")["chunks_generated"] == 0 and _verify(run) == (KEYS, VARIANT_KEYS)
+    (entry,) = json.loads((run / "stages.json").read_text())["superseded"]
+    assert entry["stages"] == ["evaluate"] and "perception" in entry["moved"]
+    moved = run / entry["moved_to"]
+    assert sorted(p.relative_to(moved) for p in (moved / "perception").rglob("run.json")) == old_runs
+    assert sorted(p.relative_to(run) for p in (run / "perception").rglob("run.json")) == old_runs  # redone
+    assert json.loads((run / "report" / "report.json").read_text())["config"]["perception"]["steps"] == 3
+
 
 def _lumen(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     cmd = [sys.executable, "-c", "import sys; from lumen_cli.main import main; sys.exit(main())", *args]

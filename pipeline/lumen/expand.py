@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import LumenConfig, config_hash
+from pipeline.config import LumenConfig
 from pipeline.data import Quarantine, build_dataset, iter_valid, resize_sample
 from pipeline.data.sample import Sample
 from pipeline.execution import Deferred, Future, TrackerFactory, tqdm_tracker
@@ -39,7 +39,7 @@ from pipeline.faults import kill_point
 from pipeline.io import atomic_open, atomic_write_json, atomic_write_text, sha256_file
 from pipeline.lumen.expand_context import ExpandContext, expand_context, expand_slots, stage_hash
 from pipeline.lumen.generate import plan_variants
-from pipeline.runs import RunPaths
+from pipeline.runs import RunPaths, stage_key
 from pipeline.shards.writer import MANIFEST_NAME, ShardSetWriter
 from pipeline.synthesis.judging import JudgeFactory
 
@@ -279,7 +279,7 @@ def shard_writers(cfg: LumenConfig, run_dir: Path) -> tuple[ShardSetWriter, Shar
         from pipeline.synthesis.filter import info_with_ignore
 
         info = info_with_ignore(info)  # masked pixels need an ignore index in the card
-    card, hash_ = info.card(), config_hash(cfg)
+    card, hash_ = info.card(), stage_key(cfg, "expand")  # valid while data..generate are unchanged
     real = ShardSetWriter.from_config(
         RunPaths(run_dir).shards("real"), cfg.shards, dataset_card=card, config_hash=hash_, prefix="real"
     )
