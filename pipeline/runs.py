@@ -276,12 +276,17 @@ def stage_hashes(config: Mapping[str, Any], length: int = 16) -> dict[str, str]:
     h = hashlib.sha256()
     for stage, sections in STAGE_SECTIONS.items():
         for name in sections:
-            value = config.get(name)
-            if name == "data" and isinstance(value, Mapping):
-                value = {k: v for k, v in value.items() if k != "load_workers"}
-            h.update(json.dumps({name: value}, sort_keys=True, separators=(",", ":"), default=str).encode())
+            h.update(_section(config, name).encode())
         keys[stage] = h.copy().hexdigest()[:length]
     return keys
+
+
+def _section(config: Mapping[str, Any], name: str) -> str:
+    """One config section as canonical JSON (``data.load_workers`` left out: it changes nothing made)."""
+    value = config.get(name)
+    if name == "data" and isinstance(value, Mapping):
+        value = {k: v for k, v in value.items() if k != "load_workers"}
+    return json.dumps({name: value}, sort_keys=True, separators=(",", ":"), default=str)
 
 
 def stage_key(cfg: LumenConfig, stage: str) -> str:
@@ -311,12 +316,8 @@ def _supersede_changed_stages(cfg: LumenConfig, run_dir: Path) -> None:
     if paths.stages.is_file():
         history = list(json.loads(paths.stages.read_text()).get("superseded", []))
     if changed:
-        sections = [
-            n
-            for s in STAGE_SECTIONS.values()
-            for n in s
-            if stage_hashes({n: old_cfg.get(n)}) != stage_hashes({n: new_cfg.get(n)})
-        ]
+        names = [n for group in STAGE_SECTIONS.values() for n in group]
+        sections = [n for n in names if _section(old_cfg, n) != _section(new_cfg, n)]
         dest = paths.superseded / time.strftime("%Y%m%d-%H%M%S")
         n = 1
         while dest.exists():
