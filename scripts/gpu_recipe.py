@@ -430,6 +430,17 @@ def prepare_camvid(args: argparse.Namespace) -> None:
     print(f"{len(src)} CamVid train images at {args.size[0]}x{args.size[1]} in {out}")
 
 
+def _common_arguments(p: argparse.ArgumentParser, smoke_help: str) -> None:
+    """The data, device and output arguments of the ``train`` and ``finetune-vae`` commands."""
+    p.add_argument("--data", help="data.root (CamVid: the prepare-camvid folder)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)))
+    p.add_argument("--work", default="/tmp/gpu_recipe")
+    p.add_argument("--out", required=True)
+    p.add_argument("--smoke", action="store_true", help=smoke_help)
+    p.add_argument("--progress", action="store_true")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -445,13 +456,7 @@ def main(argv: list[str] | None = None) -> int:
         help="share of the budget the timed steps may fill (timings taken while other jobs share the GPU "
         "are optimistic)",
     )  # fmt: skip
-    t.add_argument("--data", help="data.root (CamVid: the prepare-camvid folder)")
-    t.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    t.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)))
-    t.add_argument("--work", default="/tmp/gpu_recipe")
-    t.add_argument("--out", required=True)
-    t.add_argument("--smoke", action="store_true", help="a few steps on tiny data (CPU check)")
-    t.add_argument("--progress", action="store_true")
+    _common_arguments(t, smoke_help="a few steps on tiny data (CPU check)")
     t.add_argument(
         "--skip-base", action="store_true", help="train only the ControlNet, over the shipped base"
     )
@@ -463,13 +468,7 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--steps", type=int, default=0, help="fixed step count (0 = fill --minutes)")
     f.add_argument("--batch-size", type=int, default=64)
     f.add_argument("--lr", type=float, default=1e-4)
-    f.add_argument("--data", help="data.root (CamVid: the prepare-camvid folder)")
-    f.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    f.add_argument("--workers", type=int, default=max(1, min(8, (os.cpu_count() or 2) - 1)))
-    f.add_argument("--work", default="/tmp/gpu_recipe")
-    f.add_argument("--out", required=True)
-    f.add_argument("--smoke", action="store_true", help="a few images; nothing exported (CPU check)")
-    f.add_argument("--progress", action="store_true")
+    _common_arguments(f, smoke_help="a few images; nothing exported (CPU check)")
     f.add_argument("override", nargs="*", help="config overrides key=value")
     c = sub.add_parser("prepare-camvid", help="CamVid train split at the generator's size")
     c.add_argument("--root", default="../shared/datasets/camvid")
@@ -479,18 +478,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     if args.cmd == "prepare-camvid":
         prepare_camvid(args)
-    elif args.cmd == "finetune-vae":
-        torch.set_num_threads(max(1, min(6, args.workers)))
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-        finetune_vae(args)
     else:
         torch.set_num_threads(max(1, min(6, args.workers)))
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-        train_pair(args)
+        (finetune_vae if args.cmd == "finetune-vae" else train_pair)(args)
     return 0
 
 
