@@ -112,6 +112,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5])
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument(
+        "--variation", default="",
+        help="a variation prompt put before each caption, as generate.variation_prompts with the demo's "
+        "template '{variation}, {caption}' (e.g. 'dim night light'): fidelity under a domain shift",
+    )  # fmt: skip
     p.add_argument("--train-images", type=int, default=512)
     p.add_argument("--judge-steps", type=int, default=400)
     p.add_argument("--work", type=Path, default=Path("runs/ceiling"))
@@ -227,7 +232,8 @@ def _lumen_rows(
     for scale in args.scales:
         scores = []
         for seed in args.seeds:
-            imgs = gen.generate(conds, [s.caption for s in val], [seed * 1000 + i for i in range(len(val))], steps=args.steps,
+            prompts = [f"{args.variation}, {s.caption}" if args.variation else s.caption for s in val]
+            imgs = gen.generate(conds, prompts, [seed * 1000 + i for i in range(len(val))], steps=args.steps,
                                 guidance_scale=args.guidance, conditioning_scale=scale)  # fmt: skip
             scores.append(miou(imgs))
             if seed == args.seeds[0]:
@@ -293,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "benchmark": "ceiling", "dataset": args.dataset, "label": args.label, "assets": {"base": str(base_dir), "lumen": str(lumen_dir)},
         "base_training": verify_asset(base_dir).get("training"), "lumen_training": meta.get("training"),
-        "images": len(val), "seeds": args.seeds, "steps": args.steps, "guidance": args.guidance,
+        "images": len(val), "seeds": args.seeds, "steps": args.steps, "guidance": args.guidance, "variation": args.variation,
         "judge": {"train_images": args.train_images, "steps": args.judge_steps}, "rows": rows,
         "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip
