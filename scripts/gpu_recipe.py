@@ -363,6 +363,10 @@ def finetune_vae(args: argparse.Namespace) -> dict[str, Any]:
     after = psnr()
     comps.to("cpu")
     comps.save(work / "model")
+    if (ASSETS_DIR / base_name / "train_settings.json").is_file():  # the base's own training record
+        shutil.copyfile(
+            ASSETS_DIR / base_name / "train_settings.json", work / "model" / "train_settings.json"
+        )
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     step_cmd = (
         f"python scripts/gpu_recipe.py finetune-vae --pair {args.pair}{_data_arg(args)} --steps {steps} "
