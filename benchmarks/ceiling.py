@@ -108,6 +108,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--label", default="shipped", help="row label (e.g. before / after)")
     p.add_argument("--images", type=int, default=32)
+    p.add_argument(
+        "--split", choices=["val", "train"], default="val",
+        help="val: report on held-out validation images; train: score the last --images train images with a "
+        "judge fitted on the other train images, to choose settings (generate.conditioning_scale) without "
+        "looking at val",
+    )  # fmt: skip
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5])
     p.add_argument("--steps", type=int, default=20)
@@ -245,7 +251,7 @@ def _lumen_rows(
 
 def _print_table(args: argparse.Namespace, rows: dict[str, Any], out: Path) -> None:
     real_miou = rows["real"]["judge_miou"]
-    print(f"| {args.dataset} / {args.label} | judge mIoU | share of real | other |")
+    print(f"| {args.dataset} / {args.label} ({args.split}) | judge mIoU | share of real | other |")
     print("|---|---:|---:|---|")
     print(f"| real | {real_miou:.3f} | 100% | |")
     print(
@@ -280,11 +286,17 @@ def main(argv: list[str] | None = None) -> int:
     base = load_base(base_dir).to(device)
     size = generation_size(cfg, base)
     info = build_dataset(cfg.data, "val").info
-    train = load_split(cfg, "train", args.train_images, size)
+    if args.split == "train":  # choose settings on train: hold the last --images out of the judge's data
+        pool = load_split(cfg, "train", args.train_images + args.images, size)
+        if len(pool) <= args.images:
+            raise SystemExit(f"--split train needs more than {args.images} train images, found {len(pool)}")
+        train, val = pool[: -args.images], pool[-args.images :]
+    else:
+        train = load_split(cfg, "train", args.train_images, size)
+        val = load_split(cfg, "val", args.images, size)
     # the judge's network is pinned (PerceptionConfig defaults), not the dataset config's perception section
     judge = fit_judge("seg", train, info, args.work / args.dataset / "judge-seg", config=PerceptionConfig(),
                       steps=args.judge_steps, seed=0, device=device)  # fmt: skip
-    val = load_split(cfg, "val", args.images, size)
     labels = np.stack([np.asarray(s.seg) for s in val])
 
     def miou(images: np.ndarray) -> float:
@@ -299,7 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "benchmark": "ceiling", "dataset": args.dataset, "label": args.label, "assets": {"base": str(base_dir), "lumen": str(lumen_dir)},
         "base_training": verify_asset(base_dir).get("training"), "lumen_training": meta.get("training"),
-        "images": len(val), "seeds": args.seeds, "steps": args.steps, "guidance": args.guidance, "variation": args.variation,
+        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "guidance": args.guidance, "variation": args.variation,
         "judge": {"train_images": args.train_images, "steps": args.judge_steps}, "rows": rows,
         "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip

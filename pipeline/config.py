@@ -285,6 +285,12 @@ class GenerateConfig(_Section):
     variants: int = Field(4, ge=1)
     steps: int = Field(20, ge=1)
     guidance_scale: float = Field(3.0, ge=0)
+    conditioning_scale: float = Field(
+        1.0,
+        ge=0,
+        description="ControlNet residual scale (controlnet_conditioning_scale); chosen per dataset on train "
+        "images with benchmarks/ceiling.py --split train (docs/models.md)",
+    )
     scheduler: Literal["ddim", "dpm", "euler", "pndm"] = "ddim"
     prompt_template: str = "{caption}"
     variation_prompts: list[str] = Field(default_factory=list)

@@ -221,6 +221,7 @@ def generate_chunk(
             images = worker.generator.generate(
                 np.stack([conds[sp.key] for sp in specs]).astype(np.float32), [sp.prompt for sp in specs],
                 [sp.seed for sp in specs], steps=g.steps, guidance_scale=g.guidance_scale, batch_size=g.batch_size,
+                conditioning_scale=g.conditioning_scale,
             )  # fmt: skip
     variants = [
         {"out_key": sp.out_key, "key": sp.key, "variant": sp.variant, "seed": sp.seed, "prompt": sp.prompt}
@@ -338,7 +339,7 @@ def write_chunk(
         syn = Sample(v["out_key"], images[i], seg=seg, depth=src.depth, normal=src.normal,
                      caption=v["prompt"], meta={"source_key": src.key})  # fmt: skip
         prov = {**common, "source_key": src.key, "synthetic": True, "variant": v["variant"], "seed": v["seed"],
-                "prompt": v["prompt"], "guidance": g.guidance_scale, "steps": g.steps, "scheduler": g.scheduler,
+                "prompt": v["prompt"], "guidance": g.guidance_scale, "conditioning_scale": g.conditioning_scale, "steps": g.steps, "scheduler": g.scheduler,
                 "models": ctx.models, "layout": ctx.layout_meta}  # fmt: skip
         if "quality" in v:
             prov["quality"] = v["quality"]
