@@ -103,6 +103,12 @@ def test_expand_writes_real_and_synthetic_shards_with_the_expected_keys(tmp_path
     variant = by_key[f"{keys[0]}-v01"]
     assert np.array_equal(variant.seg, src.seg) and np.array_equal(variant.depth, src.depth)
     assert variant.caption.endswith(", at night")
+    from pipeline.shards.reader import read_shards
+
+    record = next(
+        d["json"] for d in read_shards(tmp_path / "shards" / "synthetic") if d["__key__"] == variant.key
+    )
+    assert (record["steps"], record["conditioning_scale"]) == (2, cfg.generate.conditioning_scale)
     again = run_expand(cfg, tmp_path, progress=False)  # everything is done: nothing is redone
     assert (again.real, again.synthetic) == (0, 0)
 

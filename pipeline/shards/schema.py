@@ -106,6 +106,7 @@ class Provenance(BaseModel):
     seed: int | None = None
     prompt: str | None = None
     guidance: float | None = None
+    conditioning_scale: float | None = Field(None, description="ControlNet residual scale")
     steps: int | None = Field(None, ge=1)
     scheduler: str | None = None
     models: dict[str, ModelIdentity] = Field(default_factory=dict, description="role -> model, e.g. 'base'")
