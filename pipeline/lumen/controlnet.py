@@ -30,7 +30,14 @@ from pipeline.lumen.base import BaseComponents
 from pipeline.lumen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.lumen.train_base import images_to_tensor, set_lr
 
-__all__ = ["ControlTrainSettings", "LumenTrainer", "build_controlnet", "embedding_channels"]
+__all__ = [
+    "ControlTrainSettings",
+    "LumenTrainer",
+    "TrainingData",
+    "build_controlnet",
+    "embedding_channels",
+    "encode_training_data",
+]
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +85,44 @@ class ControlTrainSettings:
     validate_every: int = 500
     flip: bool = True
     seed: int = 0
+
+
+@dataclass
+class TrainingData:
+    """What the frozen parts compute once for training: latent posteriors of the images and of their
+    mirrors (rows ``i`` and ``i + N``), caption embeddings (``""`` among them) and each image's caption."""
+
+    means: torch.Tensor
+    stds: torch.Tensor
+    text_emb: torch.Tensor
+    caption_idx: torch.Tensor
+    empty_idx: int
+
+
+@torch.no_grad()
+def encode_training_data(
+    base: BaseComponents, images: np.ndarray, captions: Sequence[str], device: torch.device
+) -> TrainingData:
+    """Encode (N, H, W, 3) uint8 images (and their mirrors) with the VAE and the captions with the text
+    encoder, in batches of 64; the results stay on the CPU."""
+    x = images_to_tensor(images)
+    means, stds = [], []
+    for flip in (False, True):
+        for i in range(0, len(x), 64):
+            b = x[i : i + 64].to(device)
+            dist = base.vae.encode(b.flip(-1) if flip else b).latent_dist
+            means.append(dist.mean.cpu())
+            stds.append(dist.std.cpu())
+    unique = sorted(set(captions) | {""})
+    index = {c: i for i, c in enumerate(unique)}
+    embs = [base.encode_prompts(unique[i : i + 64], device).cpu() for i in range(0, len(unique), 64)]
+    return TrainingData(
+        torch.cat(means),
+        torch.cat(stds),
+        torch.cat(embs),
+        torch.tensor([index[c] for c in captions]),
+        index[""],
+    )
 
 
 def _autocast(device: torch.device, mode: str) -> tuple[Any, torch.dtype | None]:
@@ -129,26 +174,11 @@ class LumenTrainer:
 
     # -- data preparation -------------------------------------------------------------------------
 
-    @torch.no_grad()
     def _prepare(self, images: np.ndarray, captions: Sequence[str]) -> None:
         """Cache what the frozen parts compute: latent posteriors (plus mirrored) and caption embeddings."""
-        x = images_to_tensor(images)
-        means, stds = [], []
-        for flip in (False, True):
-            for i in range(0, len(x), 64):
-                b = x[i : i + 64].to(self.device)
-                dist = self.base.vae.encode(b.flip(-1) if flip else b).latent_dist
-                means.append(dist.mean.cpu())
-                stds.append(dist.std.cpu())
-        self.means, self.stds = torch.cat(means), torch.cat(stds)
-        unique = sorted(set(captions) | {""})
-        index = {c: i for i, c in enumerate(unique)}
-        embs = [
-            self.base.encode_prompts(unique[i : i + 64], self.device).cpu() for i in range(0, len(unique), 64)
-        ]
-        self.text_emb = torch.cat(embs)
-        self.caption_idx = torch.tensor([index[c] for c in captions])
-        self.empty_idx = index[""]
+        d = encode_training_data(self.base, images, captions, self.device)
+        self.means, self.stds, self.text_emb = d.means, d.stds, d.text_emb
+        self.caption_idx, self.empty_idx = d.caption_idx, d.empty_idx
 
     # -- training -----------------------------------------------------------------------------------
 

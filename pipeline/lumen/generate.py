@@ -44,6 +44,7 @@ __all__ = [
     "VariantSpec",
     "condition_preview",
     "count_generation_flops",
+    "guidance_embedding",
     "plan_variants",
     "variant_seed",
 ]
@@ -58,6 +59,19 @@ SCHEDULERS = {
 }
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    """(B, dim) sinusoidal embedding of ``w`` (pass ``guidance_scale - 1``), the same function the stock
+    pipelines use for a UNet with ``time_cond_proj_dim`` (VDM's ``get_timestep_embedding``)."""
+    w = w.float() * 1000.0
+    half = dim // 2
+    freqs = torch.exp(
+        torch.arange(half, dtype=torch.float32) * -(torch.log(torch.tensor(10000.0)) / (half - 1))
+    )
+    emb = w[:, None] * freqs[None, :].to(w.device)
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    return torch.nn.functional.pad(emb, (0, dim % 2))
 
 
 def variant_seed(run_seed: int, key: str, variant: int) -> int:
@@ -262,8 +276,6 @@ class LumenGenerator:
         """Whether our loop reproduces the stock pipeline for these models (else it is used)."""
         u = self.base.unet.config
         reasons = []
-        if u.get("time_cond_proj_dim") is not None:
-            reasons.append("a guidance-embedding UNet (time_cond_proj_dim)")
         if u.get("addition_embed_type") is not None or u.get("class_embed_type") is not None:
             reasons.append("extra UNet conditioning")
         if self.controlnet is not None and (
@@ -416,9 +428,16 @@ class LumenGenerator:
         return noise.to(self.device, torch.float32) * scheduler.init_noise_sigma
 
     def _predict_noise(
-        self, x: torch.Tensor, t: torch.Tensor, emb: torch.Tensor, cond: torch.Tensor | None, scale: float
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        emb: torch.Tensor,
+        cond: torch.Tensor | None,
+        scale: float,
+        timestep_cond: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The UNet's noise prediction (fp32) for the rows of ``x``, with the ControlNet's residuals."""
+        """The UNet's output (fp32: noise, or v for a v-prediction student) for the rows of ``x``, with the
+        ControlNet's residuals (and the guidance embedding of a guidance-distilled UNet)."""
         with self._autocast():
             residuals: dict[str, Any] = {}
             if self._controlnet is not None:
@@ -427,6 +446,8 @@ class LumenGenerator:
                     return_dict=False,
                 )  # fmt: skip
                 residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
+            if timestep_cond is not None:
+                residuals["timestep_cond"] = timestep_cond
             eps: torch.Tensor = self._unet(x, t, encoder_hidden_states=emb, return_dict=False, **residuals)[0]
         return eps.float()
 
@@ -440,8 +461,15 @@ class LumenGenerator:
         guidance_scale: float,
         conditioning_scale: float,
     ) -> np.ndarray:
-        guidance = guidance_scale > 1.0
         unet, vae, f = self.base.unet, self.base.vae, self.base.vae_scale
+        # A guidance-distilled UNet (pipeline.lumen.distill) takes w as an input: one pass, no guidance
+        # halves, as the stock pipelines do for ``time_cond_proj_dim``.
+        proj_dim = unet.config.get("time_cond_proj_dim")
+        guidance = guidance_scale > 1.0 and proj_dim is None
+        timestep_cond = None
+        if proj_dim is not None:
+            w = torch.full((len(prompts),), guidance_scale - 1.0)
+            timestep_cond = guidance_embedding(w, proj_dim).to(self.device)
         t0 = time.perf_counter()
         # 1. Prompt embeddings ([uncond; cond] with guidance) and a fresh scheduler (it keeps state).
         emb = self._encode_prompts(prompts, guidance)
@@ -468,7 +496,7 @@ class LumenGenerator:
             for t in sched.timesteps:
                 x = torch.cat([latents] * 2) if guidance else latents
                 x = sched.scale_model_input(x, t)
-                eps = self._predict_noise(x, t, emb, cond, conditioning_scale)
+                eps = self._predict_noise(x, t, emb, cond, conditioning_scale, timestep_cond)
                 if guidance:
                     eps_uncond, eps_text = eps.chunk(2)
                     eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
