@@ -7,6 +7,7 @@ from flows import _forksafe
 from flows.stages import (
     FLOWS,
     call_flow,
+    distill_flow,
     evaluate_flow,
     expand_flow,
     gains_flow,
@@ -20,6 +21,7 @@ _forksafe.install()
 __all__ = [
     "FLOWS",
     "call_flow",
+    "distill_flow",
     "evaluate_flow",
     "expand_flow",
     "gains_flow",

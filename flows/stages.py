@@ -1,4 +1,5 @@
-"""The Prefect flows: ``train_base``, ``train_lumen``, ``expand``, ``evaluate`` and ``run`` (end to end).
+"""The Prefect flows: ``train_base``, ``train_lumen``, ``distill``, ``expand``, ``evaluate``, ``gains`` and
+``run`` (end to end).
 
 Flows only orchestrate: the work is done by the stage functions of :mod:`pipeline` and
 :mod:`perception`. Each flow takes a config path, ``key=value`` overrides and the run folder (``out``;
@@ -46,6 +47,7 @@ from pipeline.runs import RunPaths, mark_latest
 
 __all__ = [
     "call_flow",
+    "distill_flow",
     "evaluate_flow",
     "expand_flow",
     "gains_flow",
@@ -126,6 +128,16 @@ def train_lumen_task(cfg: LumenConfig, run_dir: Path) -> str:
     configure_threads(cfg)
     with device_slot(cfg.runner):
         return str(run_train_lumen(cfg, run_dir))
+
+
+@_task("distill", retries=1)
+def distill_task(cfg: LumenConfig, run_dir: Path) -> dict[int, str]:
+    """Distil the generator into few-step students (a saved round is reused, a started one resumes)."""
+    from pipeline.lumen.stages import run_distill
+
+    configure_threads(cfg)
+    with device_slot(cfg.runner):
+        return {k: str(v) for k, v in run_distill(cfg, run_dir).items()}
 
 
 @_task("generate-chunk")
@@ -231,6 +243,13 @@ def train_lumen_flow(config: str, overrides: Sequence[str] = (), out: str | None
         return str(train_lumen_task(cfg, run_dir))
 
 
+@flow(name="lumen-distill")
+def distill_flow(config: str, overrides: Sequence[str] = (), out: str | None = None) -> dict[int, str]:
+    """Progressive distillation of the base model + ControlNet into few-step students (``distill``)."""
+    with opened_run(config, overrides, out, "distill") as (cfg, run_dir):
+        return distill_task(cfg, run_dir)
+
+
 @flow(name="lumen-expand")
 def expand_flow(
     config: str, overrides: Sequence[str] = (), out: str | None = None, progress: bool = True
@@ -289,6 +308,8 @@ def _run(cfg: LumenConfig, run_dir: Path, progress: bool, t0: float) -> dict[str
         timed("train_base", lambda: train_base_task(cfg, run_dir))
     if train_lumen:
         timed("train_lumen", lambda: train_lumen_task(cfg, run_dir))
+    if cfg.generate.model == "student":  # the run's own student: distil it (saved rounds are reused)
+        timed("distill", lambda: distill_task(cfg, run_dir))
     expand = timed("expand", lambda: _expand(cfg, run_dir, progress))
     evaluate = timed("evaluate", lambda: _evaluate(cfg, run_dir, progress))
     timings["total"] = round(time.time() - t0, 1)
@@ -327,6 +348,7 @@ def _run(cfg: LumenConfig, run_dir: Path, progress: bool, t0: float) -> dict[str
 FLOWS: dict[str, Any] = {
     "train-base": train_base_flow,
     "train-lumen": train_lumen_flow,
+    "distill": distill_flow,
     "expand": expand_flow,
     "evaluate": evaluate_flow,
     "gains": gains_flow,

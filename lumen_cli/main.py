@@ -130,6 +130,18 @@ def _cmd_train_lumen(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_distill(args: argparse.Namespace) -> int:
+    students = _flow("distill", args)
+    if not isinstance(students, dict):
+        raise TypeError(f"the distill flow returned {type(students).__name__}, expected {{steps: folder}}")
+    for steps, folder in sorted(students.items(), key=lambda kv: -int(kv[0])):
+        print(
+            f"{int(steps):3d}-step student: {folder} (validation grid: {Path(folder).parent / 'validation.png'})"
+        )
+    print("generate with it: generate.model=student generate.steps=<one of the above>")
+    return 0
+
+
 def _cmd_expand(args: argparse.Namespace) -> int:
     s = _flow("expand", args)
     assert isinstance(s, dict)
@@ -194,6 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
             "train-lumen",
             _cmd_train_lumen,
             "train the LUMEN ControlNet on images + neural layouts (or lumen.condition)",
+        ),
+        (
+            "distill",
+            _cmd_distill,
+            "distil the generator into few-step students (progressive distillation, guidance included)",
         ),
         ("expand", _cmd_expand, "generate synthetic variants and shard real + synthetic samples"),
         ("evaluate", _cmd_evaluate, "train perception models of every arm and report the gains"),

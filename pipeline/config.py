@@ -279,9 +279,45 @@ class LumenTrainConfig(_Section):
     validate_every: int = Field(500, ge=1)
 
 
+class DistillConfig(_Section):
+    """Progressive distillation of the generator into few-step students (``lumen distill``, docs/synthesis.md)."""
+
+    teacher_steps: int = Field(32, ge=1, description="the teacher's DDIM steps; a power of two")
+    min_steps: int = Field(2, ge=1, description="the last round's steps; a power of two")
+    guidance_min: float = Field(1.0, ge=1.0, description="lowest guidance weight the student learns")
+    guidance_max: float = Field(5.0, ge=1.0, description="highest guidance weight the student learns")
+    guidance_train_steps: int = Field(1000, ge=1, description="training steps of the guidance round")
+    round_train_steps: int = Field(1000, ge=1, description="training steps of each halving round")
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-4, gt=0)
+    checkpoint_every: int = Field(250, ge=1)
+
+    @model_validator(mode="after")
+    def _powers_of_two(self) -> DistillConfig:
+        s, m = self.teacher_steps, self.min_steps
+        if s & (s - 1) or m & (m - 1) or m > s:
+            raise ValueError(f"teacher_steps ({s}) and min_steps ({m}) must be powers of two, min <= teacher")
+        if self.guidance_min > self.guidance_max:
+            raise ValueError(f"guidance_min ({self.guidance_min}) must not exceed guidance_max")
+        return self
+
+    def student_steps(self) -> list[int]:
+        """The step counts a student is distilled for: teacher_steps (guidance round), then each halving."""
+        out, n = [], self.teacher_steps
+        while n >= self.min_steps:
+            out.append(n)
+            n //= 2
+        return out
+
+
 class GenerateConfig(_Section):
     """Variant generation from layouts."""
 
+    model: str = Field(
+        "lumen",
+        description="lumen: the base model + LUMEN ControlNet; student: the run's distilled student for "
+        "`steps` (`lumen distill`); or the folder of a saved student",
+    )
     variants: int = Field(4, ge=1)
     steps: int = Field(20, ge=1)
     guidance_scale: float = Field(3.0, ge=0)
@@ -482,6 +518,7 @@ class LumenConfig(_Section):
     layouts: LayoutConfig = Field(default_factory=LayoutConfig)
     base: BaseModelConfig = Field(default_factory=BaseModelConfig)
     lumen: LumenTrainConfig = Field(default_factory=LumenTrainConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     shards: ShardConfig = Field(default_factory=ShardConfig)
     perception: PerceptionConfig = Field(default_factory=PerceptionConfig)

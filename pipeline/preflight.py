@@ -42,10 +42,10 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Stage = Literal["train-base", "train-lumen", "expand", "evaluate", "gains", "run"]
-STAGES: tuple[Stage, ...] = ("train-base", "train-lumen", "expand", "evaluate", "gains", "run")
+Stage = Literal["train-base", "train-lumen", "distill", "expand", "evaluate", "gains", "run"]
+STAGES: tuple[Stage, ...] = ("train-base", "train-lumen", "distill", "expand", "evaluate", "gains", "run")
 _EVALUATES = ("evaluate", "gains", "run")  # stages that train perception models on train + val
-_GENERATES = ("train-lumen", "expand", "gains", "run")  # stages that run the ControlNet
+_GENERATES = ("train-lumen", "distill", "expand", "gains", "run")  # stages that run the ControlNet
 SAMPLES_CHECKED = 3
 """Training samples loaded by the preflight (the first keys)."""
 
@@ -114,9 +114,33 @@ def preflight(cfg: LumenConfig, stage: Stage = "run", run_dir: Path | None = Non
     # 5. Image size against the generator.
     if stage in _GENERATES or (stage == "train-base" and cfg.base.source == "tiny"):
         report.checks += _check_sizes(cfg, stage, run_dir)
+    # 6. A distilled student fits the generation settings (before anything is trained or generated).
+    if stage in ("expand", "gains", "run") and cfg.generate.model != "lumen":
+        report.checks.append(_check_student(cfg))
     report.seconds = round(time.time() - t0, 2)
     log.info("preflight (%s) passed in %.2f s: %s", stage, report.seconds, "; ".join(report.checks))
     return report
+
+
+def _check_student(cfg: LumenConfig) -> str:
+    g = cfg.generate
+    if g.scheduler != "ddim":
+        raise ConfigError(f"generate.model={g.model}: students sample with DDIM; set generate.scheduler=ddim")
+    if g.model == "student":
+        steps = cfg.distill.student_steps()
+        if g.steps not in steps:
+            raise ConfigError(
+                f"generate.steps={g.steps}: with generate.model=student it must be a step count a student is "
+                f"distilled for: {steps} (distill.teacher_steps halved down to distill.min_steps)"
+            )
+        return f"generate.model=student: the run's {g.steps}-step student"
+    folder = Path(g.model)
+    if not (folder / "student.json").is_file():
+        raise ConfigError(
+            f"generate.model={g.model!r}: neither 'lumen', 'student' nor a folder with a distilled student "
+            "(student.json, written by `lumen distill`)"
+        )
+    return f"generate.model: student folder {folder}"
 
 
 def _check_perception(cfg: LumenConfig, info: DatasetInfo, stage: Stage) -> list[str]:

@@ -37,6 +37,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "data": ("seed", "data"),
     "base": ("base",),
     "lumen": ("layouts", "lumen"),
+    "distill": ("distill",),
     "expand": ("generate", "shards"),
     "evaluate": ("perception", "gains"),
 }
@@ -49,6 +50,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "data": ("quarantine.jsonl",),
     "base": ("base",),
     "lumen": ("lumen", "lumen_train", "pca.safetensors", "layouts"),
+    "distill": ("distill",),
     "expand": ("shards", "work", "quality_filter", "summaries/expand.*"),
     "evaluate": (
         "perception",
@@ -119,6 +121,12 @@ class RunPaths:
     def lumen_train(self) -> Path:
         """The ControlNet's training state (checkpoints, validation grids, loss log) while it trains."""
         return self.root / "lumen_train"
+
+    @property
+    def distill(self) -> Path:
+        """Progressive distillation: one folder per round (checkpoints, loss log, validation grid and the
+        saved ``student/``)."""
+        return self.root / "distill"
 
     @property
     def quality_filter(self) -> Path:

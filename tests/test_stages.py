@@ -176,3 +176,51 @@ def test_expand_quality_filter_drops_or_masks_and_records_scores(tmp_path: Path,
     assert q["dropped"] == 0 and q["mean_ignored_share"] == pytest.approx(
         np.mean(list(masked.values())), abs=1e-3
     )
+
+
+def test_distill_then_expand_with_the_student_on_sparse_labels(tmp_path: Path) -> None:
+    """``lumen distill`` on a seg_sparse ControlNet, then expansion by the 2-step student: provenance
+    names the student and its steps; a step count without a student fails before any work."""
+    from pipeline.config import ConfigError
+    from pipeline.lumen.distill import STUDENT_CARD
+    from pipeline.lumen.expand import run_expand
+    from pipeline.lumen.stages import run_distill, student_folder
+    from pipeline.preflight import preflight
+    from pipeline.shards.reader import read_shards
+
+    cfg = build_config(
+        {
+            **_cfg("seg_sparse").model_dump(mode="json", include={"data", "base", "layouts", "lumen"}),
+            "distill": {
+                "teacher_steps": 4,
+                "min_steps": 2,
+                "guidance_train_steps": 2,
+                "round_train_steps": 2,
+                "batch_size": 2,
+                "checkpoint_every": 1,
+            },
+            "generate": {"model": "student", "variants": 1, "steps": 2, "chunk_size": 4},
+        }
+    )
+    data = collect_samples(cfg, (RES, RES), Quarantine(None), progress=False)
+    build_tiny_components(build_tokenizer([s.caption for s in data], max_length=16), RES, preset=PRESET).save(
+        tmp_path / "base"
+    )
+    run_train_lumen(cfg, tmp_path, progress=False)
+    with pytest.raises(FileNotFoundError, match="lumen distill"):
+        student_folder(cfg, tmp_path)
+    students = run_distill(cfg, tmp_path, progress=False)
+    assert sorted(students) == [2, 4]
+    assert students[2] == tmp_path / "distill" / "steps-002" / "student"
+    card = json.loads((students[2] / STUDENT_CARD).read_text())
+    assert card["steps"] == 2 and card["teacher"]["condition"] == "seg_sparse"
+    assert (tmp_path / "distill" / "steps-002" / "validation.png").is_file()
+
+    summary = run_expand(cfg, tmp_path, progress=False)
+    assert summary.synthetic == 4
+    records = [d["json"] for d in read_shards(tmp_path / "shards" / "synthetic")]
+    assert {r["models"]["student"]["id"] for r in records} == {"run/distill/steps-002/student"}
+    assert {r["steps"] for r in records} == {2}
+
+    with pytest.raises(ConfigError, match=r"generate.steps=3"):
+        preflight(cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"steps": 3})}), "expand")

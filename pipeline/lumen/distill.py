@@ -366,7 +366,7 @@ class Distiller:
         tmp = final.with_name(".student.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         b = self.base
-        pipe = StableDiffusionControlNetPipeline(
+        pipe: Any = StableDiffusionControlNetPipeline(
             vae=b.vae, text_encoder=b.text_encoder, tokenizer=b.tokenizer, unet=student.unet,
             controlnet=student.controlnet, scheduler=self.scheduler, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False,

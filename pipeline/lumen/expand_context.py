@@ -1,6 +1,7 @@
-"""The expand stage's models, loaded once per process: the base model, the ControlNet, the condition
-function (layouts or labels) and the quality filter, shared by the chunks generated in this process
-(one :class:`GenerationWorker` per chunk generated at once)."""
+"""The expand stage's models, loaded once per process: the base model, the ControlNet (or the distilled
+student that ``generate.model`` names), the condition function (layouts or labels) and the quality
+filter, shared by the chunks generated in this process (one :class:`GenerationWorker` per chunk
+generated at once)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from pipeline.data.sample import SampleSource
 from pipeline.device import resolve_device
 from pipeline.io import sha256_file
 from pipeline.layouts.pca import PCA_FILE
+from pipeline.lumen.base import BaseComponents
+from pipeline.lumen.distill import load_student
 from pipeline.lumen.generate import LumenGenerator
 from pipeline.lumen.stages import (
     ConditionFn,
@@ -29,6 +32,7 @@ from pipeline.lumen.stages import (
     generation_size,
     load_run_base,
     lumen_folder,
+    student_folder,
 )
 from pipeline.synthesis.judging import JudgeFactory
 
@@ -178,9 +182,17 @@ def _build_context(
         "base": {"id": base_id, "sha256": _weights_sha(base_folder(base_id, run_dir), "unet")},
         "controlnet": {"id": _controlnet_id(cn_folder, run_dir), "sha256": _weights_sha(cn_folder)},
     }
-    first = GenerationWorker(
-        make_conditions, LumenGenerator(base, controlnet, scheduler=cfg.generate.scheduler, device=device)
-    )
+    # A distilled student (generate.model) generates; the teacher's base still makes the layouts.
+    student = student_folder(cfg, run_dir)
+    if student is not None:
+        models["student"] = {"id": _controlnet_id(student, run_dir), "sha256": _weights_sha(student, "unet")}
+
+    def generator(own_base: BaseComponents, own_cn: Any) -> LumenGenerator:
+        if student is not None:
+            own_base, own_cn, _ = load_student(student, device=device)
+        return LumenGenerator(own_base, own_cn, scheduler=cfg.generate.scheduler, device=device)
+
+    first = GenerationWorker(make_conditions, generator(base, controlnet))
 
     def build_worker() -> GenerationWorker:
         # From the files, not a copy of the first worker's modules: a copy taken while that worker
@@ -190,8 +202,7 @@ def _build_context(
         own_cn, _ = _load_controlnet(cn_folder, device)
         pca = shipped_pca if shipped_pca.is_file() else None
         make, _ = condition_maker(cfg, own_base, base_id, source, run_dir, pca_path=pca)
-        gen = LumenGenerator(own_base, own_cn, scheduler=cfg.generate.scheduler, device=device)
-        return GenerationWorker(make, gen)
+        return GenerationWorker(make, generator(own_base, own_cn))
 
     quality = None
     if cfg.generate.quality_filter:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from pipeline.config import LumenConfig, config_hash
 from pipeline.data import Quarantine, build_dataset, iter_valid, resize_sample
@@ -26,9 +28,11 @@ __all__ = [
     "generation_size",
     "load_run_base",
     "lumen_folder",
+    "run_distill",
     "run_train_base",
     "run_train_lumen",
     "shipped_base",
+    "student_folder",
 ]
 
 log = logging.getLogger(__name__)
@@ -371,3 +375,86 @@ def run_train_lumen(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> P
     out = trainer.save(RunPaths(run_dir).lumen, card)
     log.info("LUMEN ControlNet saved to %s", out)
     return out
+
+
+def _round_name(cfg: LumenConfig, steps: int) -> str:
+    return "guidance" if steps == cfg.distill.teacher_steps else f"steps-{steps:03d}"
+
+
+def student_folder(cfg: LumenConfig, run_dir: Path) -> Path | None:
+    """The distilled student ``generate.model`` names (None for ``lumen``): the run's student for
+    ``generate.steps`` (``student``) or a saved student's folder; raises if it is missing or was distilled
+    for another step count or sampler."""
+    from pipeline.lumen.distill import STUDENT_CARD
+
+    g = cfg.generate
+    if g.model == "lumen":
+        return None
+    if g.scheduler != "ddim":
+        raise ValueError(f"generate.model={g.model}: students sample with DDIM; set generate.scheduler=ddim")
+    if g.model == "student":
+        if g.steps not in cfg.distill.student_steps():
+            raise ValueError(
+                f"generate.steps={g.steps}: the students are distilled for {cfg.distill.student_steps()} steps "
+                "(distill.teacher_steps halved down to distill.min_steps)"
+            )
+        folder = RunPaths(run_dir).distill / _round_name(cfg, g.steps) / "student"
+        if not (folder / STUDENT_CARD).is_file():
+            raise FileNotFoundError(
+                f"generate.model=student: no {g.steps}-step student in {folder.parent}; "
+                "run `lumen distill CONFIG --out RUN` first"
+            )
+        return folder
+    folder = Path(g.model)
+    if not (folder / STUDENT_CARD).is_file():
+        raise FileNotFoundError(
+            f"generate.model={g.model!r} is neither 'lumen', 'student' nor a saved student folder (no {STUDENT_CARD})"
+        )
+    steps = json.loads((folder / STUDENT_CARD).read_text()).get("steps")
+    if steps != g.steps:
+        raise ValueError(
+            f"generate.model={g.model!r} was distilled for {steps} steps; set generate.steps={steps}"
+        )
+    return folder
+
+
+def run_distill(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> dict[int, Path]:
+    """Distil the run's generator (base model + LUMEN ControlNet, its own or a shipped one) into few-step
+    students on the run's images and conditions; returns {steps: student folder} under ``run_dir/distill``.
+    Resumable: a saved round is reused, an interrupted one resumes from its latest checkpoint."""
+    from diffusers import ControlNetModel
+
+    from pipeline.lumen.distill import Distiller, DistillSettings
+
+    base, base_id = load_run_base(cfg, run_dir)
+    cn_folder = lumen_folder(cfg, run_dir)
+    card = json.loads((cn_folder / "lumen.json").read_text())
+    controlnet = ControlNetModel.from_pretrained(cn_folder, torch_dtype=torch.float32).eval()
+    data = collect_samples(
+        cfg, generation_size(cfg, base), Quarantine(RunPaths(run_dir).quarantine), progress=progress,
+        workers=cfg.data.load_workers,
+    )  # fmt: skip
+    pca = cn_folder / "pca.safetensors"
+    make, _ = condition_maker(cfg, base, base_id, data, run_dir, pca_path=pca if pca.is_file() else None)
+    conds = make(list(data)).astype(np.float32)
+    if conds.shape[1] != controlnet.config.conditioning_channels:
+        raise ValueError(f"conditions have {conds.shape[1]} channels, the ControlNet takes "
+                         f"{controlnet.config.conditioning_channels} ({cn_folder})")  # fmt: skip
+    images = np.stack([s.image for s in data])
+    captions = [s.caption for s in data]
+    d = cfg.distill
+    settings = DistillSettings(
+        teacher_steps=d.teacher_steps, min_steps=d.min_steps, guidance_range=(d.guidance_min, d.guidance_max),
+        guidance_train_steps=d.guidance_train_steps, round_train_steps=d.round_train_steps,
+        batch_size=d.batch_size, lr=d.learning_rate, checkpoint_every=d.checkpoint_every, seed=cfg.seed,
+    )  # fmt: skip
+    distiller = Distiller(
+        base, controlnet, RunPaths(run_dir).distill, settings, device=resolve_device(cfg.device)
+    )
+    lineage = {"teacher": {"base": base_id, "controlnet": str(cn_folder), "condition": card.get("condition")},
+               "config_hash": config_hash(cfg)}  # fmt: skip
+    students = distiller.fit(
+        images, conds, captions, lineage=lineage, validation=(conds[:4], captions[:4]), progress=progress
+    )
+    log.info("distilled students: %s", {k: str(v) for k, v in students.items()})
+    return students
