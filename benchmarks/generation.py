@@ -207,6 +207,23 @@ def measure(
             ours_base, ours_cn, device=device, dtype=torch.bfloat16
         )
     paths: dict[str, Callable[[], None]] = {BASELINE: stock_one, **{name: run(name) for name in gens}}
+    student_rows: dict[str, LumenGenerator] = {}
+    if args.student_steps:  # speed only: a student's architecture (guidance input, v-prediction), untrained
+        from pipeline.lumen.distill import add_guidance_input, student_scheduler
+
+        sb = copy.deepcopy(ours_base)
+        sb.unet = add_guidance_input(sb.unet, 256)
+        sb.scheduler = student_scheduler(sb.scheduler)
+        name = f"distilled student, {args.student_steps} steps x 1 pass"
+        student_rows[name] = LumenGenerator(sb, copy.deepcopy(ours_cn), device=device, dtype=dtype)
+
+        def run_student() -> None:
+            outputs[name] = student_rows[name].generate(
+                conds, prompts, seeds, batch_size=args.batch_size, steps=args.student_steps,
+                guidance_scale=args.guidance,
+            )  # fmt: skip
+
+        paths[name] = run_student
 
     # 2. Warm-up (compiles), then the interleaved repeats.
     for name, fn in paths.items():
@@ -225,17 +242,22 @@ def measure(
         "ours": count_generation_flops(ours, conds[:1], prompts[:1], seeds[:1], **kw),
         "stock": count_generation_flops(stock_gen, conds[:1], prompts[:1], seeds[:1], **kw),
     }
+    for name, gen in student_rows.items():
+        flops[name] = count_generation_flops(gen, conds[:1], prompts[:1], seeds[:1], steps=args.student_steps,
+                                             guidance_scale=args.guidance)  # fmt: skip
     base_rate = n / statistics.median(times[BASELINE])
     rows = []
     for name, t in times.items():
         rate = n / statistics.median(t)
-        f = flops["stock" if name.startswith("stock") else "ours"]
+        f = flops[name] if name in student_rows else flops["stock" if name.startswith("stock") else "ours"]
         model_flops = f["unet"] + f.get("controlnet", 0) + f["vae_decode"]
         diff = np.abs(outputs[name].astype(int) - outputs[BASELINE].astype(int))
+        same = name not in student_rows  # a student makes other images by design: no diff to report
         rows.append({
             "path": name, "images_per_s": rate, "images_per_s_best": n / min(t), "speedup": rate / base_rate,
             "seconds": t, "gflop_per_s": model_flops * rate / 1e9,
-            "max_abs_diff_vs_stock": int(diff.max()), "mean_abs_diff_vs_stock": float(diff.mean()),
+            "max_abs_diff_vs_stock": int(diff.max()) if same else None,
+            "mean_abs_diff_vs_stock": float(diff.mean()) if same else None,
         })  # fmt: skip
     loop_flops = flops["ours"]["unet"] + flops["ours"].get("controlnet", 0)
     return {
@@ -262,7 +284,7 @@ def _print_table(title: str, result: dict[str, Any]) -> None:
     for r in result["rows"]:
         print(
             f"| {r['path']} | {r['images_per_s']:.2f} | {r['images_per_s_best']:.2f} | {r['speedup']:.2f}x "
-            f"| {r['gflop_per_s']:.1f} | {r['max_abs_diff_vs_stock']} |"
+            f"| {r['gflop_per_s']:.1f} | {'n/a (other images)' if r['max_abs_diff_vs_stock'] is None else r['max_abs_diff_vs_stock']} |"
         )
 
 
@@ -298,6 +320,12 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=3.0)
     ap.add_argument("--compile", action="store_true", help="add an 'ours + torch.compile' row")
     ap.add_argument("--bf16", action="store_true", help="CPU part: add an 'ours, bf16 autocast' row")
+    ap.add_argument(
+        "--student-steps",
+        type=int,
+        default=4,
+        help="add a distilled-student row at this step count (0: none)",
+    )
     ap.add_argument("--only", choices=("cpu", "gpu"), default=None)
     ap.add_argument("--gpu-size", type=int, default=512, help="GPU part: image side")
     ap.add_argument(
