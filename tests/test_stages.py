@@ -215,6 +215,7 @@ def test_distill_then_expand_with_the_student_on_sparse_labels(tmp_path: Path) -
     card = json.loads((students[2] / STUDENT_CARD).read_text())
     assert card["steps"] == 2 and card["teacher"]["condition"] == "seg_sparse"
     assert (tmp_path / "distill" / "steps-002" / "validation.png").is_file()
+    assert run_distill(cfg, tmp_path, progress=False) == students  # done: nothing is redone
 
     summary = run_expand(cfg, tmp_path, progress=False)
     assert summary.synthetic == 4

@@ -424,8 +424,14 @@ def run_distill(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> dict[
     Resumable: a saved round is reused, an interrupted one resumes from its latest checkpoint."""
     from diffusers import ControlNetModel
 
-    from pipeline.lumen.distill import Distiller, DistillSettings
+    from pipeline.lumen.distill import STUDENT_CARD, Distiller, DistillSettings
 
+    saved = {
+        n: RunPaths(run_dir).distill / _round_name(cfg, n) / "student" for n in cfg.distill.student_steps()
+    }
+    if all((folder / STUDENT_CARD).is_file() for folder in saved.values()):
+        log.info("every student is already distilled: %s", RunPaths(run_dir).distill)
+        return saved
     base, base_id = load_run_base(cfg, run_dir)
     cn_folder = lumen_folder(cfg, run_dir)
     card = json.loads((cn_folder / "lumen.json").read_text())
