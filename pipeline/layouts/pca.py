@@ -28,6 +28,8 @@ __all__ = [
     "PCA",
     "PCA_FILE",
     "PCAFitter",
+    "read_safetensors_header",
+    "sample_feature_vectors",
 ]
 
 PCA_FILE = "pca.safetensors"
@@ -141,7 +143,7 @@ class PCA:
         missing = [n for n in _TENSORS if n not in tensors]
         if missing:
             raise ValueError(f"{p} is not a layout PCA file: missing tensors {missing}")
-        header = _read_header(data)
+        header = read_safetensors_header(data)
         metadata = {k: json.loads(v) for k, v in header.items()}
         return cls(**{n: tensors[n] for n in _TENSORS}, metadata=metadata)
 
@@ -149,11 +151,26 @@ class PCA:
         return f"PCA(N={self.num_components}, C={self.num_channels}, fingerprint={self.fingerprint()})"
 
 
-def _read_header(data: bytes) -> dict[str, str]:
+def read_safetensors_header(data: bytes) -> dict[str, str]:
     """The ``__metadata__`` of a safetensors blob (the first 8 bytes give the JSON header length)."""
     n = int.from_bytes(data[:8], "little")
     meta = json.loads(data[8 : 8 + n]).get("__metadata__", {})
     return dict(meta)
+
+
+def sample_feature_vectors(
+    features: torch.Tensor, per_image: int | None, generator: torch.Generator
+) -> torch.Tensor:
+    """(B, C, h, w) feature maps -> (M, C) float32 CPU vectors: at most ``per_image`` per image, sampled
+    without replacement (None: all of them), images in order."""
+    if features.ndim != 4:
+        raise ValueError(f"features must be (B, C, h, w), got {tuple(features.shape)}")
+    b, c, h, w = features.shape
+    vectors = features.detach().float().cpu().permute(0, 2, 3, 1).reshape(b, h * w, c)
+    k = h * w if per_image is None else min(per_image, h * w)
+    if k == h * w:
+        return vectors.reshape(b * h * w, c)
+    return torch.cat([vectors[i, torch.randperm(h * w, generator=generator)[:k]] for i in range(b)])
 
 
 class PCAFitter:
@@ -179,13 +196,11 @@ class PCAFitter:
         """Add feature maps (B, C, h, w): sample vectors per image, then :meth:`update_vectors`."""
         if features.ndim != 4:
             raise ValueError(f"features must be (B, C, h, w), got {tuple(features.shape)}")
-        b, c, h, w = features.shape
-        vectors = features.detach().float().cpu().permute(0, 2, 3, 1).reshape(b, h * w, c)
-        k = h * w if self.vectors_per_image is None else min(self.vectors_per_image, h * w)
-        for i in range(b):
-            idx = torch.randperm(h * w, generator=self._gen)[:k] if k < h * w else slice(None)
-            self.update_vectors(vectors[i, idx])
-        self.num_images += b
+        for i in range(features.shape[0]):  # one pairwise merge per image
+            self.update_vectors(
+                sample_feature_vectors(features[i : i + 1], self.vectors_per_image, self._gen)
+            )
+        self.num_images += features.shape[0]
 
     def update_vectors(self, vectors: torch.Tensor) -> None:
         """Add (M, C) vectors to the running mean and scatter (pairwise update, float64)."""
