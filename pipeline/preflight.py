@@ -116,13 +116,15 @@ def preflight(cfg: LumenConfig, stage: Stage = "run", run_dir: Path | None = Non
         report.checks += _check_sizes(cfg, stage, run_dir)
     # 6. A distilled student fits the generation settings (before anything is trained or generated).
     if stage in ("expand", "gains", "run") and cfg.generate.model != "lumen":
-        report.checks.append(_check_student(cfg))
+        report.checks.append(check_student_settings(cfg))
     report.seconds = round(time.time() - t0, 2)
     log.info("preflight (%s) passed in %.2f s: %s", stage, report.seconds, "; ".join(report.checks))
     return report
 
 
-def _check_student(cfg: LumenConfig) -> str:
+def check_student_settings(cfg: LumenConfig) -> str:
+    """Check that ``generate.model`` (a distilled student) fits ``generate.steps`` and the sampler; raises
+    :class:`ConfigError`. A run's own student need not exist yet (``lumen run`` distils it first)."""
     g = cfg.generate
     if g.scheduler != "ddim":
         raise ConfigError(f"generate.model={g.model}: students sample with DDIM; set generate.scheduler=ddim")
@@ -140,7 +142,12 @@ def _check_student(cfg: LumenConfig) -> str:
             f"generate.model={g.model!r}: neither 'lumen', 'student' nor a folder with a distilled student "
             "(student.json, written by `lumen distill`)"
         )
-    return f"generate.model: student folder {folder}"
+    steps = json.loads((folder / "student.json").read_text()).get("steps")
+    if steps != g.steps:
+        raise ConfigError(
+            f"generate.model={g.model!r} was distilled for {steps} steps; set generate.steps={steps}"
+        )
+    return f"generate.model: student folder {folder} ({steps} steps)"
 
 
 def _check_perception(cfg: LumenConfig, info: DatasetInfo, stage: Stage) -> list[str]:

@@ -189,7 +189,7 @@ class KMeansFitter:
             return
         if x.shape[1] != self.centroids.shape[1]:
             raise ValueError(f"feature dimension changed from {self.centroids.shape[1]} to {x.shape[1]}")
-        self._step(x)
+        self.centroids = self._step(x, self.centroids)
 
     def _initialise(self) -> None:
         """k-means++ seeding on the buffered vectors, then mini-batch steps over them."""
@@ -206,30 +206,25 @@ class KMeansFitter:
                 nxt = int(torch.multinomial(d2 / total, 1, generator=self._gen))
             chosen.append(nxt)
             d2 = torch.minimum(d2, (x - x[nxt]).pow(2).sum(1))
-        self.centroids = x[chosen].clone()
-        self._step(x)
+        self.centroids = self._step(x, x[chosen].clone())
 
-    def _step(self, x: torch.Tensor) -> None:
-        """Sculley's mini-batch update: centroid c moves to (n_c * c + sum of its members) / (n_c + m_c)."""
-        assert self.centroids is not None
-        c = self.centroids
+    def _step(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """Sculley's mini-batch update of centroids ``c``: centroid c moves to (n_c * c + sum of its
+        members) / (n_c + m_c); returns the new centroids and adds the batch to the counts."""
         labels = (x.pow(2).sum(1, keepdim=True) - 2 * x @ c.T + c.pow(2).sum(1)).argmin(1)
         m = torch.bincount(labels, minlength=self.k).double()
         sums = torch.zeros_like(c, dtype=torch.float64).index_add_(0, labels, x.double())
         total = self.counts + m
         moved = m > 0
         new = (self.counts[:, None] * c.double() + sums) / total.clamp_min(1)[:, None]
-        self.centroids = torch.where(moved[:, None], new, c.double()).float()
         self.counts = total
+        return torch.where(moved[:, None], new, c.double()).float()
 
     def fit(self, metadata: Mapping[str, Any] | None = None) -> KMeans:
         """The clusters so far (initialising from the buffer if fewer than ``init_vectors`` were seen)."""
-        if self.centroids is None:
-            if sum(len(p) for p in self._pending) < self.k:
-                raise ValueError(
-                    f"need at least num_clusters={self.k} feature vectors, got {self.num_vectors}"
-                )
+        if self.centroids is None and sum(len(p) for p in self._pending) >= self.k:
             self._initialise()
-        assert self.centroids is not None
+        if self.centroids is None:
+            raise ValueError(f"need at least num_clusters={self.k} feature vectors, got {self.num_vectors}")
         meta = {"num_clusters": self.k, "num_vectors": self.num_vectors, **dict(metadata or {})}
         return KMeans(self.centroids, self.counts, self.normalize, meta)

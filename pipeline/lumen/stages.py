@@ -383,37 +383,22 @@ def _round_name(cfg: LumenConfig, steps: int) -> str:
 
 def student_folder(cfg: LumenConfig, run_dir: Path) -> Path | None:
     """The distilled student ``generate.model`` names (None for ``lumen``): the run's student for
-    ``generate.steps`` (``student``) or a saved student's folder; raises if it is missing or was distilled
-    for another step count or sampler."""
+    ``generate.steps`` (``student``) or a saved student's folder. Raises :class:`ConfigError` when it does
+    not fit the generation settings, FileNotFoundError when the run's student is not distilled yet."""
     from pipeline.lumen.distill import STUDENT_CARD
+    from pipeline.preflight import check_student_settings
 
     g = cfg.generate
     if g.model == "lumen":
         return None
-    if g.scheduler != "ddim":
-        raise ValueError(f"generate.model={g.model}: students sample with DDIM; set generate.scheduler=ddim")
-    if g.model == "student":
-        if g.steps not in cfg.distill.student_steps():
-            raise ValueError(
-                f"generate.steps={g.steps}: the students are distilled for {cfg.distill.student_steps()} steps "
-                "(distill.teacher_steps halved down to distill.min_steps)"
-            )
-        folder = RunPaths(run_dir).distill / _round_name(cfg, g.steps) / "student"
-        if not (folder / STUDENT_CARD).is_file():
-            raise FileNotFoundError(
-                f"generate.model=student: no {g.steps}-step student in {folder.parent}; "
-                "run `lumen distill CONFIG --out RUN` first"
-            )
-        return folder
-    folder = Path(g.model)
+    check_student_settings(cfg)
+    if g.model != "student":
+        return Path(g.model)
+    folder = RunPaths(run_dir).distill / _round_name(cfg, g.steps) / "student"
     if not (folder / STUDENT_CARD).is_file():
         raise FileNotFoundError(
-            f"generate.model={g.model!r} is neither 'lumen', 'student' nor a saved student folder (no {STUDENT_CARD})"
-        )
-    steps = json.loads((folder / STUDENT_CARD).read_text()).get("steps")
-    if steps != g.steps:
-        raise ValueError(
-            f"generate.model={g.model!r} was distilled for {steps} steps; set generate.steps={steps}"
+            f"generate.model=student: no {g.steps}-step student in {folder.parent}; "
+            "run `lumen distill CONFIG --out RUN` first"
         )
     return folder
 
