@@ -228,7 +228,7 @@ def _lumen_rows(
         str(card["base_model"]),
         InMemoryDataset(val, info),
         args.work,
-        pca_path=lumen_dir / "pca.safetensors",
+        reducer_path=lumen_dir / "pca.safetensors",
     )
     conds = make(val).astype(np.float32)
     controlnet = ControlNetModel.from_pretrained(lumen_dir).to(device).eval()

@@ -47,11 +47,12 @@ def resolve_sd_source(cfg: LumenConfig) -> tuple[Any, str]:
 
 
 def build_layout_extractor(cfg: LumenConfig, out: Path | None = None) -> tuple[Any, SampleSource]:
-    """Build backbone, fit the PCA on the training data (saved to ``out/pca.safetensors`` when given)
-    and return ``(LayoutExtractor, dataset)``."""
+    """Build backbone, fit the PCA (or, for ``layouts.kind: clustered``, the k-means) on the training
+    data (saved to ``out/pca.safetensors`` / ``out/kmeans.safetensors`` when given) and return
+    ``(extractor, dataset)``."""
     from pipeline.layouts.backbones import SDModel, build_backbone
-    from pipeline.layouts.pca import PCA_FILE
-    from pipeline.layouts.project import LayoutExtractor, fit_pca
+    from pipeline.layouts.fit import reducer_file
+    from pipeline.layouts.project import build_extractor, fit_kmeans, fit_pca
 
     source = build_dataset(cfg.data)
     device = cfg.device
@@ -64,18 +65,17 @@ def build_layout_extractor(cfg: LumenConfig, out: Path | None = None) -> tuple[A
     else:
         described = cfg.layouts.model or "default id"
         backbone = build_backbone(cfg.layouts, device=device)
+    what = "proxy-mask k-means" if cfg.layouts.kind == "clustered" else "layout PCA"
     log.info(
-        "fitting the layout PCA (%s, %s) on %d images",
-        cfg.layouts.backbone,
-        described,
-        cfg.layouts.pca_images,
+        "fitting the %s (%s, %s) on %d images", what, cfg.layouts.backbone, described, cfg.layouts.pca_images
     )
-    pca = fit_pca(
+    fit = fit_kmeans if cfg.layouts.kind == "clustered" else fit_pca
+    reducer = fit(
         backbone, source, cfg.layouts, metadata={"config_hash": config_hash(cfg), "model": described}
     )
     if out is not None:
-        pca.save(out / PCA_FILE)
-    return LayoutExtractor.from_config(cfg.layouts, backbone, pca), source
+        reducer.save(out / reducer_file(cfg.layouts))
+    return build_extractor(cfg.layouts, backbone, reducer), source
 
 
 def _cmd_preview(args: argparse.Namespace) -> int:
@@ -92,8 +92,11 @@ def _cmd_preview(args: argparse.Namespace) -> int:
         layouts,
         segs=[s.seg for s in samples],
         num_classes=len(source.info.classes),
+        proxy=cfg.layouts.kind == "clustered",
     )
-    print(f"wrote {path} and {out / 'pca.safetensors'} (layout spec {extractor.spec_hash()})")
+    from pipeline.layouts.fit import reducer_file
+
+    print(f"wrote {path} and {out / reducer_file(cfg.layouts)} (layout spec {extractor.spec_hash()})")
     return 0
 
 
@@ -105,7 +108,9 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     actions = parser.add_subparsers(dest="layouts_command", metavar="ACTION")
     actions.required = True
     p = actions.add_parser(
-        "preview", help="fit the layout PCA and write a PNG grid: input | first 3 components"
+        "preview",
+        help="fit the layout PCA (or k-means) and write a PNG grid: input | first 3 components (or proxy "
+        "mask) | seg",
     )
     p.add_argument("config", help="YAML config, e.g. configs/demo.yaml")
     p.add_argument(

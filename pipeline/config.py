@@ -170,8 +170,14 @@ class DataConfig(_Section):
 
 
 class LayoutConfig(_Section):
-    """How neural layouts are made: backbone features reduced by a dataset-level PCA (docs/layouts.md)."""
+    """How neural layouts are made: backbone features reduced by a dataset-level PCA, or clustered into
+    proxy masks by k-means (``kind: clustered``) (docs/layouts.md)."""
 
+    kind: Literal["pca", "clustered"] = Field(
+        "pca",
+        description="pca: N principal components (the LUMEN layout); clustered: the K-channel proxy mask of "
+        "a dataset-level k-means of the same features",
+    )
     backbone: Literal["sd", "dinov2", "dino", "clip"] = "sd"
     model: str | None = Field(
         None,
@@ -189,8 +195,14 @@ class LayoutConfig(_Section):
     prompt: Literal["empty", "caption"] = Field("empty", description="sd: text condition of the UNet")
     num_components: int = Field(8, ge=1, description="N, the layout channels (1 <= N <= feature channels)")
     drop_first: int = Field(0, ge=0, description="skip the first k principal components")
-    pca_images: int = Field(64, ge=1, description="images sampled to fit the PCA")
-    pca_vectors_per_image: int = Field(256, ge=1, description="feature vectors sampled per image for the PCA")
+    num_clusters: int = Field(16, ge=2, description="clustered: K, the proxy-mask channels")
+    soft_temperature: float | None = Field(
+        None, gt=0, description="clustered: soft assignments softmax(-distance / T); null = one-hot"
+    )
+    pca_images: int = Field(64, ge=1, description="images sampled to fit the PCA (or the k-means)")
+    pca_vectors_per_image: int = Field(
+        256, ge=1, description="feature vectors sampled per image for the PCA (or the k-means)"
+    )
     clip_sigma: float = Field(
         3.0, gt=0, description="components are clipped at +-clip_sigma std, then mapped to [0, 1]"
     )
@@ -224,6 +236,11 @@ class LayoutConfig(_Section):
                 f"layouts.layer: the {self.backbone} backbone reads a hidden state by index (e.g. -1), got {self.layer!r}"
             )
         return self
+
+    @property
+    def channels(self) -> int:
+        """Channels of a layout: N principal components, or K proxy-mask clusters (``kind: clustered``)."""
+        return self.num_clusters if self.kind == "clustered" else self.num_components
 
 
 class BaseModelConfig(_Section):

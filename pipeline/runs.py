@@ -49,7 +49,7 @@ and how fast a run goes, not what it makes."""
 STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "data": ("quarantine.jsonl",),
     "base": ("base",),
-    "lumen": ("lumen", "lumen_train", "pca.safetensors", "layouts"),
+    "lumen": ("lumen", "lumen_train", "pca.safetensors", "kmeans.safetensors", "layouts"),
     "distill": ("distill",),
     "expand": ("shards", "work", "quality_filter", "summaries/expand.*"),
     "evaluate": (
@@ -137,6 +137,11 @@ class RunPaths:
     def pca(self) -> Path:
         """The dataset-level layout PCA fitted by this run."""
         return self.root / "pca.safetensors"  # pipeline.layouts.pca.PCA_FILE
+
+    @property
+    def kmeans(self) -> Path:
+        """The dataset-level proxy-mask k-means fitted by this run (``layouts.kind: clustered``)."""
+        return self.root / "kmeans.safetensors"  # pipeline.layouts.kmeans.KMEANS_FILE
 
     @property
     def layouts(self) -> Path:

@@ -486,3 +486,29 @@ def test_cli_layouts_preview_writes_png_and_pca(tmp_path: Path) -> None:
     assert pca.metadata["backbone"]["model"] == "tiny-random-sd"
     with Image.open(tmp_path / "out" / "preview.png") as im:
         assert im.size[1] > 2 * 128
+
+
+def test_cli_layouts_preview_of_proxy_masks_shows_image_proxy_and_seg(tmp_path: Path) -> None:
+    from lumen_cli.layouts import register
+    from pipeline.layouts import KMeans
+    from pipeline.layouts.preview import proxy_to_rgb
+    from pipeline.viz import colorize_seg
+
+    config = tmp_path / "c.yaml"
+    config.write_text(f"name: t\nruns_dir: {tmp_path / 'runs'}\ndevice: cpu\nbase: {{resolution: 32}}\n")
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers(dest="command"))
+    overrides = ["data.num_images=3", "data.image_size=32", "layouts.pca_images=3", "layouts.kind=clustered",
+                 "layouts.num_clusters=4"]  # fmt: skip
+    args = parser.parse_args(
+        ["layouts", "preview", str(config), *overrides, "--out", str(tmp_path / "out"), "--num", "2"]
+    )
+    assert args.func(args) == 0
+    kmeans = KMeans.load(tmp_path / "out" / "kmeans.safetensors")
+    assert kmeans.num_clusters == 4 and kmeans.metadata["backbone"]["model"] == "tiny-random-sd"
+    assert not (tmp_path / "out" / "pca.safetensors").exists()
+    with Image.open(tmp_path / "out" / "preview.png") as im:
+        width, height = im.size
+    assert width > 3 * 128 and height > 2 * 128  # image | proxy mask | seg, 2 rows
+    one_hot = np.eye(4, dtype=np.float32)[np.array([[0, 1], [2, 3]])].transpose(2, 0, 1)
+    assert np.array_equal(proxy_to_rgb(one_hot), colorize_seg(np.array([[0, 1], [2, 3]]), 4))

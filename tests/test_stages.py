@@ -18,12 +18,19 @@ from pipeline.lumen.tokenizer import build_tokenizer
 from tests.test_lumen import PRESET, RES
 
 
-def _cfg(condition: str):
+def _cfg(condition: str, kind: str = "pca"):
     return build_config(
         {
             "data": {"num_images": 4, "num_val_images": 2, "image_size": [RES, RES]},
             "base": {"resolution": RES},
-            "layouts": {"num_components": 4, "pca_images": 4, "pca_vectors_per_image": 32, "batch_size": 2},
+            "layouts": {
+                "kind": kind,
+                "num_components": 4,
+                "num_clusters": 5,
+                "pca_images": 4,
+                "pca_vectors_per_image": 32,
+                "batch_size": 2,
+            },
             "lumen": {
                 "condition": condition,
                 "train_steps": 2,
@@ -35,9 +42,13 @@ def _cfg(condition: str):
     )
 
 
-@pytest.mark.parametrize("condition,channels", [("layout", 4), ("seg_sparse", 6)])
-def test_train_lumen_writes_a_loadable_controlnet(tmp_path: Path, condition: str, channels: int) -> None:
-    cfg = _cfg(condition)
+@pytest.mark.parametrize(
+    "condition,kind,channels", [("layout", "pca", 4), ("layout", "clustered", 5), ("seg_sparse", "pca", 6)]
+)
+def test_train_lumen_writes_a_loadable_controlnet(
+    tmp_path: Path, condition: str, kind: str, channels: int
+) -> None:
+    cfg = _cfg(condition, kind)
     data = collect_samples(cfg, (RES, RES), Quarantine(None), progress=False)
     assert len(data) == 4 and data.load(data.keys()[0]).image.shape == (RES, RES, 3)
     tok = build_tokenizer([s.caption for s in data], max_length=16)
@@ -51,7 +62,15 @@ def test_train_lumen_writes_a_loadable_controlnet(tmp_path: Path, condition: str
     assert (out / "README.md").is_file()
     assert (tmp_path / "lumen_train" / "validation" / "step-000002.png").is_file()
     assert (tmp_path / "lumen_train" / "checkpoints" / "step-000002" / "controlnet.safetensors").is_file()
-    if condition == "layout":
+    if kind == "clustered":  # proxy masks: one-hot over K clusters, the k-means saved like the PCA
+        assert (tmp_path / "kmeans.safetensors").is_file() and not (tmp_path / "pca.safetensors").exists()
+        assert card["layout"]["kind"] == "clustered" and len(card["kmeans_sha256"]) == 64
+        cached = [np.load(f).astype(np.float32) for f in sorted((tmp_path / "layouts").glob("*/*.npy"))]
+        assert len(cached) == 4 and all(c.shape == (5, RES, RES) for c in cached)
+        assert all(
+            np.array_equal(c.sum(0), np.ones((RES, RES))) and set(np.unique(c)) <= {0.0, 1.0} for c in cached
+        )
+    elif condition == "layout":
         assert (tmp_path / "pca.safetensors").is_file()
         assert card["layout"]["num_components"] == 4 and len(card["pca_sha256"]) == 64
         cached = list((tmp_path / "layouts").glob("*/*.npy"))

@@ -1,8 +1,10 @@
-"""Neural layouts: backbone features (sd, dinov2, dino, clip) reduced by a dataset-level PCA to N channels.
+"""Neural layouts: backbone features (sd, dinov2, dino, clip) reduced by a dataset-level PCA to N channels,
+or clustered by k-means into K-channel proxy masks (``layouts.kind: clustered``).
 
 Modules: ``backbones/`` (registry by name; ``sd.py``, ``vit.py``, ``base.py``), ``pca.py`` (streaming PCA),
-``project.py`` (projection, ``fit_pca``, layout spec), ``fit.py`` (a run's PCA: fit once, then load),
-``cache.py``, ``preview.py``, ``tiny_sd.py``.
+``kmeans.py`` (streaming k-means), ``project.py`` (extractors, ``fit_pca``, ``fit_kmeans``, layout spec),
+``fit.py`` (a run's PCA or k-means: fit once, then load), ``mapper.py`` (label map / sketch / scribble ->
+layout), ``cache.py``, ``preview.py``, ``tiny_sd.py``.
 
 Typical use::
 
@@ -25,30 +27,48 @@ from pipeline.layouts.backbones import (
     resolve_device,
 )
 from pipeline.layouts.cache import LayoutCache
-from pipeline.layouts.fit import fit_or_load_pca
+from pipeline.layouts.fit import fit_or_load_kmeans, fit_or_load_pca, fit_or_load_reducer, reducer_file
+from pipeline.layouts.kmeans import KMeans, KMeansFitter
 from pipeline.layouts.pca import PCA, PCAFitter
 from pipeline.layouts.preview import layout_to_rgb, preview_grid, save_preview
-from pipeline.layouts.project import LayoutExtractor, fit_pca, images_to_tensor, layout_spec, layout_spec_hash
+from pipeline.layouts.project import (
+    LayoutExtractor,
+    ProxyMaskExtractor,
+    build_extractor,
+    fit_kmeans,
+    fit_pca,
+    images_to_tensor,
+    layout_spec,
+    layout_spec_hash,
+)
 
 __all__ = [
     "BACKBONES",
     "PCA",
     "Backbone",
+    "KMeans",
+    "KMeansFitter",
     "LayoutCache",
     "LayoutExtractor",
     "PCAFitter",
+    "ProxyMaskExtractor",
     "SDBackbone",
     "SDComponents",
     "SDModel",
     "ViTBackbone",
     "build_backbone",
+    "build_extractor",
+    "fit_kmeans",
+    "fit_or_load_kmeans",
     "fit_or_load_pca",
+    "fit_or_load_reducer",
     "fit_pca",
     "images_to_tensor",
     "layout_spec",
     "layout_spec_hash",
     "layout_to_rgb",
     "preview_grid",
+    "reducer_file",
     "resolve_device",
     "save_preview",
 ]

@@ -1,4 +1,5 @@
-"""Colour previews of neural layouts: the first three components as RGB, next to the input image."""
+"""Colour previews of neural layouts: the first three components as RGB (proxy masks: each cluster in its
+own colour), next to the input image and its seg labels."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from PIL import Image
 
 from pipeline.viz import colorize_seg, image_grid, save_png
 
-__all__ = ["layout_to_rgb", "preview_grid", "save_preview"]
+__all__ = ["layout_to_rgb", "preview_grid", "proxy_to_rgb", "save_preview"]
 
 
 def layout_to_rgb(layouts: np.ndarray, stretch: bool = True) -> np.ndarray:
@@ -44,6 +45,19 @@ def layout_to_rgb(layouts: np.ndarray, stretch: bool = True) -> np.ndarray:
     return out[0] if single else out
 
 
+def proxy_to_rgb(masks: np.ndarray) -> np.ndarray:
+    """(B, K, H, W) or (K, H, W) proxy masks (one-hot or soft) -> uint8 colour images of the argmax
+    cluster, one palette colour per cluster."""
+    x = np.asarray(masks, dtype=np.float32)
+    if x.ndim not in (3, 4) or x.shape[-3] < 1:
+        raise ValueError(f"proxy masks must be (B, K, H, W) or (K, H, W), got {x.shape}")
+    ids = x.argmax(axis=-3)
+    k = x.shape[-3]
+    if ids.ndim == 2:
+        return colorize_seg(ids, k)
+    return np.stack([colorize_seg(i, k) for i in ids])
+
+
 def _upscale(tile: np.ndarray, factor: int) -> np.ndarray:
     if factor <= 1:
         return tile
@@ -57,8 +71,11 @@ def preview_grid(
     segs: Sequence[np.ndarray | None] | None = None,
     num_classes: int = 0,
     min_tile: int = 128,
+    proxy: bool = False,
 ) -> np.ndarray:
     """A grid with one row per image: input | layout (first 3 components) [| seg, when given].
+
+    With ``proxy`` the layouts are k-means proxy masks, shown as the colour of each pixel's cluster.
 
     Args:
         images: (H, W, 3) uint8 inputs.
@@ -76,11 +93,13 @@ def preview_grid(
         )
     h, w = images[0].shape[:2]
     factor = max(1, -(-min_tile // h))
-    colour = layout_to_rgb(np.stack([np.asarray(x, dtype=np.float32) for x in layouts]))
+    stacked = np.stack([np.asarray(x, dtype=np.float32) for x in layouts])
+    colour = proxy_to_rgb(stacked) if proxy else layout_to_rgb(stacked)
     show_seg = segs is not None and any(s is not None for s in segs)
     rows = []
     for i, image in enumerate(images):
-        tiles = [image, np.asarray(Image.fromarray(colour[i]).resize((w, h), Image.Resampling.BILINEAR))]
+        resample = Image.Resampling.NEAREST if proxy else Image.Resampling.BILINEAR
+        tiles = [image, np.asarray(Image.fromarray(colour[i]).resize((w, h), resample))]
         if show_seg and segs is not None:
             seg = segs[i]
             tiles.append(
@@ -90,7 +109,8 @@ def preview_grid(
             )
         rows.append([_upscale(t, factor) for t in tiles])
     n = layouts[0].shape[0]
-    headers = ["input", f"layout PC1-{min(n, 3)} of {n}"] + (["seg"] if show_seg else [])
+    title = f"proxy mask (K={n})" if proxy else f"layout PC1-{min(n, 3)} of {n}"
+    headers = ["input", title] + (["seg"] if show_seg else [])
     return image_grid(rows, headers=headers)
 
 
@@ -101,7 +121,8 @@ def save_preview(
     segs: Sequence[np.ndarray | None] | None = None,
     num_classes: int = 0,
     min_tile: int = 128,
+    proxy: bool = False,
 ) -> Path:
     """Write :func:`preview_grid` as a PNG, atomically; returns the path."""
-    save_png(path, preview_grid(images, layouts, segs, num_classes, min_tile))
+    save_png(path, preview_grid(images, layouts, segs, num_classes, min_tile, proxy=proxy))
     return Path(path)

@@ -20,7 +20,6 @@ from pipeline.data import Quarantine, build_dataset
 from pipeline.data.sample import SampleSource
 from pipeline.device import resolve_device
 from pipeline.io import sha256_file
-from pipeline.layouts.pca import PCA_FILE
 from pipeline.lumen.base import BaseComponents
 from pipeline.lumen.distill import load_student
 from pipeline.lumen.generate import LumenGenerator
@@ -32,6 +31,7 @@ from pipeline.lumen.stages import (
     generation_size,
     load_run_base,
     lumen_folder,
+    shipped_reducer,
     student_folder,
 )
 from pipeline.synthesis.judging import JudgeFactory
@@ -169,14 +169,12 @@ def _build_context(
     cn_folder = lumen_folder(cfg, run_dir)
     controlnet, card = _load_controlnet(cn_folder, device)
     source = build_dataset(cfg.data, "train")
-    shipped_pca = cn_folder / PCA_FILE
-    make_conditions, cond_meta = condition_maker(
-        cfg, base, base_id, source, run_dir, pca_path=shipped_pca if shipped_pca.is_file() else None
-    )
+    reducer = shipped_reducer(cfg, cn_folder)
+    make_conditions, cond_meta = condition_maker(cfg, base, base_id, source, run_dir, reducer_path=reducer)
     if card.get("condition") == "layout" and card.get("layout") != cond_meta.get("layout"):
         raise ValueError(
             "the layouts this run would make differ from those the ControlNet was trained on "
-            f"({cn_folder / 'lumen.json'}); retrain it or restore the run's pca.safetensors"
+            f"({cn_folder / 'lumen.json'}); retrain it or restore the run's pca.safetensors (kmeans.safetensors)"
         )
     models = {
         "base": {"id": base_id, "sha256": _weights_sha(base_folder(base_id, run_dir), "unet")},
@@ -200,8 +198,7 @@ def _build_context(
         own_base, _ = load_run_base(cfg, run_dir)
         own_base.to(device)
         own_cn, _ = _load_controlnet(cn_folder, device)
-        pca = shipped_pca if shipped_pca.is_file() else None
-        make, _ = condition_maker(cfg, own_base, base_id, source, run_dir, pca_path=pca)
+        make, _ = condition_maker(cfg, own_base, base_id, source, run_dir, reducer_path=reducer)
         return GenerationWorker(make, generator(own_base, own_cn))
 
     quality = None

@@ -29,9 +29,11 @@ __all__ = [
     "load_run_base",
     "lumen_folder",
     "run_distill",
+    "run_reducer_path",
     "run_train_base",
     "run_train_lumen",
     "shipped_base",
+    "shipped_reducer",
     "student_folder",
 ]
 
@@ -200,7 +202,8 @@ def _lumen_asset_fits(cfg: LumenConfig, meta: dict[str, Any], base_name: str) ->
     )
     if fits and cfg.lumen.condition == "layout":
         fits = (
-            cfg.layouts.backbone == lay.get("backbone", "sd")
+            cfg.layouts.kind == lay.get("kind", "pca")
+            and cfg.layouts.backbone == lay.get("backbone", "sd")
             and cfg.layouts.num_components == lay.get("num_components")
             and (cfg.layouts.layer or "up_blocks.1") == lay.get("layer", "up_blocks.1")
             and cfg.layouts.timestep == lay.get("timestep", 261)
@@ -268,26 +271,33 @@ def condition_maker(
     base_id: str,
     fit_data: SampleSource,
     run_dir: Path,
-    pca_path: Path | None = None,
+    reducer_path: Path | None = None,
 ) -> tuple[ConditionFn, dict[str, Any]]:
     """A function from samples to their (B, C, H, W) float16 conditions, and what defines them.
 
-    ``layout``: the backbone is the base model's UNet (or ``layouts.backbone``); the PCA is read from
-    ``pca_path`` (default ``RunPaths(run_dir).pca``) or fitted on ``fit_data`` and saved there; layouts are
-    cached on disk under their spec hash (``RunPaths(run_dir).layouts``). Comparison conditions are computed
-    from the labels; the random masks of ``seg_sparse`` are seeded per sample key, so they do not depend on
-    how work is chunked.
+    ``layout``: the backbone is the base model's UNet (or ``layouts.backbone``); the PCA (or, for
+    ``layouts.kind: clustered``, the proxy-mask k-means) is read from ``reducer_path`` (default: the
+    run's ``pca.safetensors`` / ``kmeans.safetensors``) or fitted on ``fit_data`` and saved there; layouts
+    are cached on disk under their spec hash (``RunPaths(run_dir).layouts``). Comparison conditions are
+    computed from the labels; the random masks of ``seg_sparse`` are seeded per sample key, so they do not
+    depend on how work is chunked.
     """
     from pipeline.conditions import CONDITIONS
 
     name = cfg.lumen.condition
     if name == "layout":
-        return _layout_maker(cfg, base, base_id, fit_data, run_dir, pca_path)
+        return _layout_maker(cfg, base, base_id, fit_data, run_dir, reducer_path)
     if name not in CONDITIONS:
         raise ValueError(
             f"lumen.condition={name!r} has no ControlNet (valid: layout, {', '.join(CONDITIONS)})"
         )
     return _label_maker(cfg, fit_data.info)
+
+
+def run_reducer_path(cfg: LumenConfig, run_dir: Path) -> Path:
+    """The run's own PCA (``pca.safetensors``) or, for ``layouts.kind: clustered``, its k-means."""
+    paths = RunPaths(run_dir)
+    return paths.kmeans if cfg.layouts.kind == "clustered" else paths.pca
 
 
 def _layout_maker(
@@ -296,25 +306,36 @@ def _layout_maker(
     base_id: str,
     fit_data: SampleSource,
     run_dir: Path,
-    pca_path: Path | None,
+    reducer_path: Path | None,
 ) -> tuple[ConditionFn, dict[str, Any]]:
-    """:func:`condition_maker` for ``layout``: backbone, the run's PCA (fitted once), extractor, cache."""
-    from pipeline.layouts import LayoutCache, LayoutExtractor, build_backbone, fit_or_load_pca
+    """:func:`condition_maker` for ``layout``: backbone, the run's PCA or k-means (fitted once),
+    extractor, cache."""
+    from pipeline.layouts import LayoutCache, build_backbone, build_extractor, fit_or_load_reducer
 
     device = resolve_device(cfg.device)
     backbone = build_backbone(cfg.layouts, device=device, components=base, model_id=base_id)
-    pca_path = pca_path or RunPaths(run_dir).pca
-    pca = fit_or_load_pca(
-        pca_path, backbone, fit_data, cfg.layouts, metadata={"config_hash": config_hash(cfg)}
+    reducer_path = reducer_path or run_reducer_path(cfg, run_dir)
+    reducer = fit_or_load_reducer(
+        reducer_path, backbone, fit_data, cfg.layouts, metadata={"config_hash": config_hash(cfg)}
     )
-    extractor = LayoutExtractor.from_config(cfg.layouts, backbone, pca, size=generation_size(cfg, base))
+    extractor = build_extractor(cfg.layouts, backbone, reducer, size=generation_size(cfg, base))
     cache = LayoutCache(RunPaths(run_dir).layouts, extractor.spec()) if cfg.layouts.cache else None
 
     def layouts(samples: Sequence[Sample]) -> np.ndarray:
         out = extractor.layouts_for(list(samples), cache=cache, batch_size=cfg.layouts.batch_size)
         return np.stack(out).astype(np.float16)
 
-    return layouts, {"layout": extractor.spec(), "pca_sha256": sha256_file(pca_path)}
+    digest = "kmeans_sha256" if cfg.layouts.kind == "clustered" else "pca_sha256"
+    return layouts, {"layout": extractor.spec(), digest: sha256_file(reducer_path)}
+
+
+def shipped_reducer(cfg: LumenConfig, cn_folder: Path) -> Path | None:
+    """The PCA (or k-means) saved beside a ControlNet, as shipped assets carry it; None if absent (then
+    the run's own is used)."""
+    from pipeline.layouts import reducer_file
+
+    path = cn_folder / reducer_file(cfg.layouts)
+    return path if path.is_file() else None
 
 
 def _label_maker(cfg: LumenConfig, info: DatasetInfo) -> tuple[ConditionFn, dict[str, Any]]:
@@ -425,8 +446,7 @@ def run_distill(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> dict[
         cfg, generation_size(cfg, base), Quarantine(RunPaths(run_dir).quarantine), progress=progress,
         workers=cfg.data.load_workers,
     )  # fmt: skip
-    pca = cn_folder / "pca.safetensors"
-    make, _ = condition_maker(cfg, base, base_id, data, run_dir, pca_path=pca if pca.is_file() else None)
+    make, _ = condition_maker(cfg, base, base_id, data, run_dir, reducer_path=shipped_reducer(cfg, cn_folder))
     conds = make(list(data)).astype(np.float32)
     if conds.shape[1] != controlnet.config.conditioning_channels:
         raise ValueError(f"conditions have {conds.shape[1]} channels, the ControlNet takes "

@@ -18,7 +18,7 @@ from pipeline.data import build_dataset, resize_sample
 from pipeline.data.memory import InMemoryDataset
 from pipeline.data.sample import Sample, SampleError
 from pipeline.io import sha256_file
-from pipeline.layouts.pca import PCA_FILE
+from pipeline.layouts.fit import reducer_file
 from pipeline.lumen.base import BaseComponents, load_base
 from pipeline.runs import RunPaths
 
@@ -210,14 +210,15 @@ def open_run(spec: RunSpec, cfg: LumenConfig, bases: BaseModels, default: tuple[
     card = json.loads((lumen_dir / "lumen.json").read_text())
     base_id = str(card.get("base_model") or default[1])
     base = bases.get(base_id, run_dir, fallback=base_dir)
-    # 'layout' needs the PCA it was trained with; nothing is written into the run folder.
-    pca = next((p for p in (RunPaths(run_dir).pca, lumen_dir / PCA_FILE) if p.is_file()), None)
+    # 'layout' needs the PCA (or k-means) it was trained with; nothing is written into the run folder.
+    name = reducer_file(run_cfg.layouts)
+    pca = next((p for p in (run_dir / name, lumen_dir / name) if p.is_file()), None)
     if run_cfg.lumen.condition == "layout" and pca is None:
-        raise FileNotFoundError(f"{run_dir} has no pca.safetensors: the layouts cannot be reproduced")
+        raise FileNotFoundError(f"{run_dir} has no {name}: the layouts cannot be reproduced")
     no_cache = run_cfg.model_copy(update={"layouts": run_cfg.layouts.model_copy(update={"cache": False})})
-    make, _ = condition_maker(no_cache, base, base_id, val, run_dir, pca_path=pca)
+    make, _ = condition_maker(no_cache, base, base_id, val, run_dir, reducer_path=pca)
     controlnet = ControlNetModel.from_pretrained(lumen_dir).to(bases.device).eval()
-    n = run_cfg.layouts.num_components if run_cfg.lumen.condition == "layout" else None
+    n = run_cfg.layouts.channels if run_cfg.lumen.condition == "layout" else None
     weights = sha256_file(lumen_dir / "diffusion_pytorch_model.safetensors")
     return OpenedRun(spec, run_cfg.lumen.condition, n, base, base_id, controlnet, make, card, weights)
 
