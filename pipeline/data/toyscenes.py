@@ -35,6 +35,7 @@ __all__ = [
     "Camera",
     "Scene",
     "ToyScenes",
+    "mirror_scene",
     "render_scene",
     "restyle_scene",
     "sample_scene",
@@ -390,6 +391,29 @@ def restyle_scene(scene: Scene, rng: np.random.Generator, domain: str) -> Scene:
 # --------------------------------------------------------------------------------------------------
 # Ray casting
 # --------------------------------------------------------------------------------------------------
+
+
+def mirror_scene(scene: Scene) -> Scene:
+    """The scene mirrored in the world's x: rendered, it is the original's render flipped left-right
+    (seg and depth exactly; normals with x negated). The oracle of the ``hflip`` layout edit."""
+    swap = {"left": "right", "right": "left"}
+    cam = scene.camera
+    objects = [
+        Obj(o.shape, (-o.center[0], o.center[1], o.center[2]), o.size, -o.yaw, o.material, o.color_name)
+        for o in scene.objects
+    ]
+    lx, ly, lz = scene.light_dir
+    return Scene(
+        **{
+            **{f: getattr(scene, f) for f in scene.__dataclass_fields__},
+            "camera": Camera(
+                (-cam.position[0], cam.position[1], cam.position[2]), -cam.yaw, cam.pitch, cam.fov_x_deg
+            ),
+            "light_dir": (-lx, ly, lz),
+            "walls": {swap.get(k, k): v for k, v in scene.walls.items()},
+            "objects": objects,
+        }
+    )
 
 
 def _yaw_matrix(yaw: float) -> np.ndarray:
