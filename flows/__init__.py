@@ -14,6 +14,7 @@ from flows.stages import (
     run_flow,
     train_base_flow,
     train_lumen_flow,
+    train_mapper_flow,
 )
 
 _forksafe.install()
@@ -28,4 +29,5 @@ __all__ = [
     "run_flow",
     "train_base_flow",
     "train_lumen_flow",
+    "train_mapper_flow",
 ]

@@ -1,4 +1,4 @@
-"""The Prefect flows: ``train_base``, ``train_lumen``, ``distill``, ``expand``, ``evaluate``, ``gains`` and
+"""The Prefect flows: ``train_base``, ``train_lumen``, ``distill``, ``train_mapper``, ``expand``, ``evaluate``, ``gains`` and
 ``run`` (end to end).
 
 Flows only orchestrate: the work is done by the stage functions of :mod:`pipeline` and
@@ -54,6 +54,7 @@ __all__ = [
     "run_flow",
     "train_base_flow",
     "train_lumen_flow",
+    "train_mapper_flow",
 ]
 
 _TRANSIENT = (OSError, TimeoutError, ConnectionError)
@@ -138,6 +139,20 @@ def distill_task(cfg: LumenConfig, run_dir: Path) -> dict[int, str]:
     configure_threads(cfg)
     with device_slot(cfg.runner):
         return {k: str(v) for k, v in run_distill(cfg, run_dir).items()}
+
+
+@_task("train-mapper", retries=1)
+def train_mapper_task(cfg: LumenConfig, run_dir: Path) -> str:
+    """Train the semantic mapper for ``mapper.input`` (skipped when saved)."""
+    from pipeline.lumen.mapping import run_train_mapper
+
+    folder = RunPaths(run_dir).mapper / cfg.mapper.input
+    if (folder / "mapper.json").is_file():
+        stage_logger(__name__).info("semantic mapper already trained: %s", folder)
+        return str(folder)
+    configure_threads(cfg)
+    with device_slot(cfg.runner):
+        return str(run_train_mapper(cfg, run_dir))
 
 
 @_task("generate-chunk")
@@ -250,6 +265,13 @@ def distill_flow(config: str, overrides: Sequence[str] = (), out: str | None = N
         return distill_task(cfg, run_dir)
 
 
+@flow(name="lumen-train-mapper")
+def train_mapper_flow(config: str, overrides: Sequence[str] = (), out: str | None = None) -> str:
+    """Train the semantic mapper: label map / sketch / scribble -> the run's layouts (``mapper``)."""
+    with opened_run(config, overrides, out, "train-mapper") as (cfg, run_dir):
+        return str(train_mapper_task(cfg, run_dir))
+
+
 @flow(name="lumen-expand")
 def expand_flow(
     config: str, overrides: Sequence[str] = (), out: str | None = None, progress: bool = True
@@ -310,6 +332,8 @@ def _run(cfg: LumenConfig, run_dir: Path, progress: bool, t0: float) -> dict[str
         timed("train_lumen", lambda: train_lumen_task(cfg, run_dir))
     if cfg.generate.model == "student":  # the run's own student: distil it (saved rounds are reused)
         timed("distill", lambda: distill_task(cfg, run_dir))
+    if cfg.generate.source == "labels" and cfg.generate.mapper is None:  # the run's own mapper
+        timed("train_mapper", lambda: train_mapper_task(cfg, run_dir))
     expand = timed("expand", lambda: _expand(cfg, run_dir, progress))
     evaluate = timed("evaluate", lambda: _evaluate(cfg, run_dir, progress))
     timings["total"] = round(time.time() - t0, 1)
@@ -349,6 +373,7 @@ FLOWS: dict[str, Any] = {
     "train-base": train_base_flow,
     "train-lumen": train_lumen_flow,
     "distill": distill_flow,
+    "train-mapper": train_mapper_flow,
     "expand": expand_flow,
     "evaluate": evaluate_flow,
     "gains": gains_flow,

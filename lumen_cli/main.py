@@ -142,6 +142,12 @@ def _cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_mapper(args: argparse.Namespace) -> int:
+    out = Path(str(_flow("train-mapper", args)))
+    print(f"semantic mapper: {out} (generate from label maps with generate.source=labels)")
+    return 0
+
+
 def _cmd_expand(args: argparse.Namespace) -> int:
     s = _flow("expand", args)
     assert isinstance(s, dict)
@@ -211,6 +217,11 @@ def build_parser() -> argparse.ArgumentParser:
             "distill",
             _cmd_distill,
             "distil the generator into few-step students (progressive distillation, guidance included)",
+        ),
+        (
+            "train-mapper",
+            _cmd_train_mapper,
+            "train the semantic mapper: label map / sketch / scribble -> layout (for generate.source=labels)",
         ),
         ("expand", _cmd_expand, "generate synthetic variants and shard real + synthetic samples"),
         ("evaluate", _cmd_evaluate, "train perception models of every arm and report the gains"),

@@ -33,6 +33,7 @@ __all__ = [
     "LayoutConfig",
     "LumenConfig",
     "LumenTrainConfig",
+    "MapperConfig",
     "PerceptionConfig",
     "RunnerConfig",
     "ShardConfig",
@@ -327,13 +328,59 @@ class DistillConfig(_Section):
         return out
 
 
+class MapperConfig(_Section):
+    """The semantic mapper (``lumen train-mapper``, docs/synthesis.md): a user input (a label map, a sketch
+    or scribbles) -> the layout (or, for ``layouts.kind: clustered``, the proxy mask) of the run."""
+
+    input: Literal["seg", "sketch", "scribble"] = Field(
+        "seg", description="seg: one-hot label map; sketch: class boundaries; scribble: strokes per class"
+    )
+    shots: int | None = Field(
+        None, ge=1, description="(label map, image) pairs it learns from (seeded choice); null = all"
+    )
+    train_steps: int = Field(1000, ge=1)
+    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(1e-3, gt=0)
+    width: int = Field(64, ge=8, description="hidden channels (multiple of 8)")
+    depth: int = Field(6, ge=2, description="3x3 conv blocks (dilations 1, 2, 4 repeat)")
+    seed: int = 0
+
+    @field_validator("width")
+    @classmethod
+    def _groups(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"mapper.width must be a multiple of 8 (GroupNorm of 8 groups), got {v}")
+        return v
+
+
 class GenerateConfig(_Section):
-    """Variant generation from layouts."""
+    """Variant generation from layouts (of real images, or of label maps through the mapper)."""
 
     model: str = Field(
         "lumen",
         description="lumen: the base model + LUMEN ControlNet; student: the run's distilled student for "
         "`steps` (`lumen distill`); or the folder of a saved student",
+    )
+    source: Literal["images", "labels"] = Field(
+        "images",
+        description="images: layouts of the real training images; labels: label maps without images "
+        "(label_dir, or the dataset's seg maps), mapped to layouts by the mapper (`lumen train-mapper`)",
+    )
+    label_dir: Path | None = Field(
+        None,
+        description="source=labels: a folder of PNG label maps holding class ids; null = the dataset's seg",
+    )
+    mapper: str | None = Field(
+        None, description="source=labels: a mapper folder; null = the run's mapper for mapper.input"
+    )
+    edits: list[Literal["hflip", "shift", "scale", "copy_paste"]] = Field(
+        default_factory=list,
+        description="source=labels: layout edits drawn for the edited copies of each map (docs/synthesis.md)",
+    )
+    edited_per_map: int = Field(0, ge=0, description="source=labels: edited copies made of each label map")
+    keep_unedited: bool = Field(True, description="source=labels: also generate from each map as it is")
+    edit_classes: list[str] | None = Field(
+        None, description="classes whose objects edits move, scale or paste; null = any small component"
     )
     variants: int = Field(4, ge=1)
     steps: int = Field(20, ge=1)
@@ -363,6 +410,17 @@ class GenerateConfig(_Section):
         gt=0,
         description="pixel mode: ignore pixels whose loss exceeds factor x their class's median loss",
     )
+
+    @model_validator(mode="after")
+    def _label_source(self) -> GenerateConfig:
+        if self.edited_per_map and not self.edits:
+            raise ValueError("generate.edited_per_map > 0 needs generate.edits, e.g. [hflip, shift, scale]")
+        if self.source == "labels" and not self.keep_unedited and not self.edited_per_map:
+            raise ValueError(
+                "generate.source=labels with keep_unedited=false needs generate.edited_per_map > 0: "
+                "else there is nothing to generate from"
+            )
+        return self
 
 
 class ShardConfig(_Section):
@@ -536,6 +594,7 @@ class LumenConfig(_Section):
     base: BaseModelConfig = Field(default_factory=BaseModelConfig)
     lumen: LumenTrainConfig = Field(default_factory=LumenTrainConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+    mapper: MapperConfig = Field(default_factory=MapperConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     shards: ShardConfig = Field(default_factory=ShardConfig)
     perception: PerceptionConfig = Field(default_factory=PerceptionConfig)

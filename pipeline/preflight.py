@@ -35,6 +35,7 @@ __all__ = [
     "STAGES",
     "PreflightReport",
     "check_adapter_settings",
+    "check_label_source",
     "label_advice",
     "preflight",
     "resolve_config",
@@ -42,10 +43,19 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Stage = Literal["train-base", "train-lumen", "distill", "expand", "evaluate", "gains", "run"]
-STAGES: tuple[Stage, ...] = ("train-base", "train-lumen", "distill", "expand", "evaluate", "gains", "run")
+Stage = Literal["train-base", "train-lumen", "distill", "train-mapper", "expand", "evaluate", "gains", "run"]
+STAGES: tuple[Stage, ...] = (
+    "train-base", "train-lumen", "distill", "train-mapper", "expand", "evaluate", "gains", "run"
+)  # fmt: skip
 _EVALUATES = ("evaluate", "gains", "run")  # stages that train perception models on train + val
-_GENERATES = ("train-lumen", "distill", "expand", "gains", "run")  # stages that run the ControlNet
+_GENERATES = (
+    "train-lumen",
+    "distill",
+    "train-mapper",
+    "expand",
+    "gains",
+    "run",
+)  # run the generator's models
 SAMPLES_CHECKED = 3
 """Training samples loaded by the preflight (the first keys)."""
 
@@ -117,9 +127,45 @@ def preflight(cfg: LumenConfig, stage: Stage = "run", run_dir: Path | None = Non
     # 6. A distilled student fits the generation settings (before anything is trained or generated).
     if stage in ("expand", "gains", "run") and cfg.generate.model != "lumen":
         report.checks.append(check_student_settings(cfg))
+    # 7. The semantic mapper's settings (train-mapper, and expand from label maps).
+    if stage == "train-mapper" or (stage in ("expand", "gains", "run") and cfg.generate.source == "labels"):
+        report.checks.append(check_label_source(cfg, stage, info, run_dir))
     report.seconds = round(time.time() - t0, 2)
     log.info("preflight (%s) passed in %.2f s: %s", stage, report.seconds, "; ".join(report.checks))
     return report
+
+
+def check_label_source(cfg: LumenConfig, stage: Stage, info: DatasetInfo, run_dir: Path | None) -> str:
+    """The mapper maps seg maps to layouts: the ControlNet must take layouts, the data (or label_dir) give
+    seg maps, edit classes exist, and ``lumen expand`` from labels finds a trained mapper."""
+    g = cfg.generate
+    if cfg.lumen.condition != "layout":
+        raise ConfigError(
+            f"the semantic mapper maps label maps to neural layouts; lumen.condition={cfg.lumen.condition!r} "
+            "takes labels directly (set lumen.condition=layout)"
+        )
+    if "seg" not in info.labels:
+        raise ConfigError(
+            f"the mapper learns from seg maps; dataset {info.name} has labels {list(info.labels)}"
+        )
+    unknown = [c for c in g.edit_classes or [] if c not in info.classes]
+    if unknown:
+        raise ConfigError(
+            f"generate.edit_classes {unknown} are not classes of {info.name}: {list(info.classes)}"
+        )
+    if g.label_dir is not None and not Path(g.label_dir).is_dir():
+        raise ConfigError(f"generate.label_dir={g.label_dir} is not a folder")
+    if stage == "train-mapper":
+        return f"mapper: {cfg.mapper.input} -> {cfg.layouts.kind} layouts, shots {cfg.mapper.shots or 'all'}"
+    folder = Path(g.mapper) if g.mapper is not None else None
+    if folder is None and run_dir is not None:
+        folder = RunPaths(run_dir).mapper / cfg.mapper.input
+    if stage == "expand" and folder is not None and not (folder / "mapper.json").is_file():
+        raise ConfigError(
+            f"generate.source=labels: no semantic mapper in {folder}; run `lumen train-mapper CONFIG --out RUN` "
+            "first (or set generate.mapper to a mapper folder)"
+        )
+    return f"generate.source=labels: maps from {g.label_dir or 'the dataset seg'}, mapper {folder or 'of the run'}"
 
 
 def check_student_settings(cfg: LumenConfig) -> str:

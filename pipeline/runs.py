@@ -38,6 +38,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "base": ("base",),
     "lumen": ("layouts", "lumen"),
     "distill": ("distill",),
+    "mapper": ("mapper",),
     "expand": ("generate", "shards"),
     "evaluate": ("perception", "gains"),
 }
@@ -51,6 +52,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "base": ("base",),
     "lumen": ("lumen", "lumen_train", "pca.safetensors", "kmeans.safetensors", "layouts"),
     "distill": ("distill",),
+    "mapper": ("mapper",),
     "expand": ("shards", "work", "quality_filter", "summaries/expand.*"),
     "evaluate": (
         "perception",
@@ -127,6 +129,12 @@ class RunPaths:
         """Progressive distillation: one folder per round (checkpoints, loss log, validation grid and the
         saved ``student/``)."""
         return self.root / "distill"
+
+    @property
+    def mapper(self) -> Path:
+        """Semantic mappers (``lumen train-mapper``): one folder per input kind (``seg``, ``sketch``,
+        ``scribble``) with ``mapper.safetensors`` and ``mapper.json``."""
+        return self.root / "mapper"
 
     @property
     def quality_filter(self) -> Path:

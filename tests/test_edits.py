@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.data.edits import (
     EDITS,
-    LabelMap,
+    EditMap,
     apply_random_edit,
     background_class,
     hflip,
@@ -23,8 +23,8 @@ from pipeline.data.toyscenes import BOX, FLOOR, SPHERE, ToyScenes, mirror_scene,
 H, W = 48, 64
 
 
-def _map(out: dict[str, np.ndarray]) -> LabelMap:
-    return LabelMap(out["seg"], out["image"], out["depth"], out["normal"])
+def _map(out: dict[str, np.ndarray]) -> EditMap:
+    return EditMap(out["seg"], out["image"], out["depth"], out["normal"])
 
 
 def test_hflip_equals_the_render_of_the_mirrored_scene() -> None:
@@ -67,13 +67,13 @@ def test_depth_aware_copy_paste_equals_the_render_with_the_object_added() -> Non
     assert occluded >= 1  # at least one paste was cut by an object in front of it: depth mattered
 
 
-def _disc_map(shape=(40, 40), centre=(20, 12), r=5, cls=SPHERE, ground=FLOOR) -> tuple[LabelMap, np.ndarray]:
+def _disc_map(shape=(40, 40), centre=(20, 12), r=5, cls=SPHERE, ground=FLOOR) -> tuple[EditMap, np.ndarray]:
     yy, xx = np.mgrid[0 : shape[0], 0 : shape[1]]
     mask = (yy - centre[0]) ** 2 + (xx - centre[1]) ** 2 <= r * r
     seg = np.full(shape, ground, np.uint8)
     seg[:10] = 0  # a band of sky (25% of the map: not an object)
     seg[mask] = cls
-    return LabelMap(seg), mask
+    return EditMap(seg), mask
 
 
 def test_shift_moves_one_object_and_fills_its_old_place_with_its_background() -> None:
@@ -106,7 +106,7 @@ def test_random_edits_are_seeded_recorded_and_keep_class_ids() -> None:
     toy = ToyScenes(num_images=3, image_size=(H, W), seed=1)
     maps = [_map(render_scene(toy.scene(i), H, W)) for i in range(3)]
 
-    def donor(rng: np.random.Generator) -> tuple[str, LabelMap]:
+    def donor(rng: np.random.Generator) -> tuple[str, EditMap]:
         j = int(rng.integers(1, 3))
         return f"scene-{j}", maps[j]
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import tarfile
 from pathlib import Path
 
@@ -244,3 +245,97 @@ def test_distill_then_expand_with_the_student_on_sparse_labels(tmp_path: Path) -
 
     with pytest.raises(ConfigError, match=r"generate.steps=3"):
         preflight(cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"steps": 3})}), "expand")
+
+
+@pytest.mark.parametrize("kind", ["pca", "clustered"])
+def test_train_mapper_then_generate_from_label_maps(tmp_path: Path, kind: str) -> None:
+    """``lumen train-mapper`` then ``lumen expand`` with generate.source=labels: shards hold only synthetic
+    samples whose seg equals the input (or edited) map exactly, with the edits in their provenance; a
+    folder of label PNGs works the same; without a mapper the preflight stops before any work."""
+    from PIL import Image
+
+    from pipeline.config import ConfigError
+    from pipeline.data.label_maps import LabelMapSource
+    from pipeline.lumen.expand import run_expand
+    from pipeline.lumen.mapping import run_train_mapper
+    from pipeline.preflight import preflight
+    from pipeline.shards.reader import iter_samples, read_shards
+    from pipeline.shards.verify import verify_shard_set
+
+    base_cfg = _cfg("layout", kind).model_dump(mode="json", include={"data", "base", "layouts", "lumen"})
+    cfg = build_config(
+        {
+            **base_cfg,
+            "mapper": {
+                "input": "scribble",
+                "shots": 3,
+                "train_steps": 3,
+                "batch_size": 2,
+                "width": 8,
+                "depth": 2,
+            },
+            "generate": {
+                "source": "labels",
+                "edits": ["hflip", "shift", "copy_paste"],
+                "edited_per_map": 2,
+                "variants": 2,
+                "steps": 2,
+                "chunk_size": 5,
+            },
+        }
+    )
+    data = collect_samples(cfg, (RES, RES), Quarantine(None), progress=False)
+    build_tiny_components(build_tokenizer([s.caption for s in data], max_length=16), RES, preset=PRESET).save(
+        tmp_path / "base"
+    )
+    run_train_lumen(cfg, tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="lumen train-mapper"):
+        preflight(cfg, "expand", tmp_path)
+    folder = run_train_mapper(cfg, tmp_path, progress=False)
+    card = json.loads((folder / "mapper.json").read_text())
+    assert folder == tmp_path / "mapper" / "scribble"
+    assert card["shots"] == 3 and card["target"] == ("proxy" if kind == "clustered" else "layout")
+    preflight(cfg, "expand", tmp_path)
+
+    summary = run_expand(cfg, tmp_path, progress=False)
+    maps = LabelMapSource((RES, RES), data.info, base=data, edits=list(cfg.generate.edits), edited_per_map=2,
+                          seed=cfg.seed)  # fmt: skip
+    assert len(maps) == 4 * 3 and (summary.real, summary.synthetic) == (0, 4 * 3 * 2)
+    syn = verify_shard_set(tmp_path / "shards" / "synthetic")
+    assert syn.ok, syn.problems
+    assert sorted(syn.keys) == sorted(f"{k}-v{v:02d}" for k in maps.keys() for v in range(2))
+    for sample in iter_samples(tmp_path / "shards" / "synthetic"):
+        label_map = maps.load(sample.key.rsplit("-v", 1)[0])
+        assert np.array_equal(sample.seg, label_map.seg)  # the label is the input map, edits included
+        assert sample.depth is None and sample.image.std() > 0  # a generated image, not the placeholder
+    records = {d["__key__"]: d["json"] for d in read_shards(tmp_path / "shards" / "synthetic")}
+    edited = [r for k, r in records.items() if "-e" in k]
+    assert edited and all(len(r["edits"]) == 1 and r["label_source"] == "dataset-seg" for r in edited)
+    assert {r["edits"][0]["op"] for r in edited} <= {"hflip", "shift", "copy_paste"}
+    assert all(r["models"]["mapper"]["id"] == "run/mapper/scribble" for r in records.values())
+    assert not list((tmp_path / "shards" / "real").glob("*.tar"))
+
+    # A folder of label PNGs: the maps' own ids, no edits.
+    label_dir = tmp_path / "maps"
+    label_dir.mkdir()
+    for i in range(2):
+        seg = np.zeros((RES, RES), np.uint8)
+        seg[RES // 2 :] = 1
+        seg[4 + i : 12, 6:14] = 3
+        Image.fromarray(seg).save(label_dir / f"drawn-{i}.png")
+    cfg2 = build_config(
+        {
+            **cfg.model_dump(mode="json", exclude={"generate"}),
+            "generate": {"source": "labels", "label_dir": str(label_dir), "variants": 1, "steps": 2},
+        }
+    )
+    run2 = tmp_path / "run2"
+    for name in ("base", "lumen", "mapper"):
+        shutil.copytree(tmp_path / name, run2 / name)
+    for name in ("pca.safetensors", "kmeans.safetensors"):
+        if (tmp_path / name).is_file():
+            shutil.copy(tmp_path / name, run2 / name)
+    assert run_expand(cfg2, run2, progress=False).synthetic == 2
+    out = {s.key: s for s in iter_samples(run2 / "shards" / "synthetic")}
+    assert sorted(out) == ["drawn-0-v00", "drawn-1-v00"]
+    assert np.array_equal(out["drawn-1-v00"].seg, np.asarray(Image.open(label_dir / "drawn-1.png")))

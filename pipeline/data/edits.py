@@ -27,7 +27,7 @@ import numpy as np
 
 __all__ = [
     "EDITS",
-    "LabelMap",
+    "EditMap",
     "apply_random_edit",
     "background_class",
     "hflip",
@@ -41,7 +41,7 @@ EDITS = ("hflip", "shift", "scale", "copy_paste")
 
 
 @dataclass(frozen=True)
-class LabelMap:
+class EditMap:
     """A seg map with the image and dense labels that go with it, where known.
 
     Attributes:
@@ -64,8 +64,8 @@ class LabelMap:
             if arr is not None and arr.shape[:2] != self.seg.shape:
                 raise ValueError(f"{name} is {arr.shape[:2]}, seg is {self.seg.shape}")
 
-    def seg_only(self, seg: np.ndarray) -> LabelMap:
-        return LabelMap(seg)
+    def seg_only(self, seg: np.ndarray) -> EditMap:
+        return EditMap(seg)
 
 
 def object_masks(
@@ -106,13 +106,13 @@ def background_class(seg: np.ndarray, mask: np.ndarray, ring: int = 2) -> int:
     return int(ids[counts.argmax()])
 
 
-def hflip(m: LabelMap) -> LabelMap:
+def hflip(m: EditMap) -> EditMap:
     """Mirror left-right: seg, image, depth and normals (whose x component changes sign)."""
     normal = None
     if m.normal is not None:
         normal = m.normal[:, ::-1].copy()
         normal[..., 0] *= -1
-    return LabelMap(
+    return EditMap(
         m.seg[:, ::-1].copy(),
         None if m.image is None else m.image[:, ::-1].copy(),
         None if m.depth is None else m.depth[:, ::-1].copy(),
@@ -131,7 +131,7 @@ def _move(mask: np.ndarray, dy: int, dx: int) -> np.ndarray:
     return out
 
 
-def shift_object(m: LabelMap, mask: np.ndarray, cls: int, dy: int, dx: int) -> LabelMap:
+def shift_object(m: EditMap, mask: np.ndarray, cls: int, dy: int, dx: int) -> EditMap:
     """Move one object (``mask``, class ``cls``) by (dy, dx); its old place takes its background class.
     Returns a seg-only map (see the module doc)."""
     seg = m.seg.copy()
@@ -140,7 +140,7 @@ def shift_object(m: LabelMap, mask: np.ndarray, cls: int, dy: int, dx: int) -> L
     return m.seg_only(seg)
 
 
-def scale_object(m: LabelMap, mask: np.ndarray, cls: int, factor: float) -> LabelMap:
+def scale_object(m: EditMap, mask: np.ndarray, cls: int, factor: float) -> EditMap:
     """Grow or shrink one object by ``factor`` about its centroid (nearest-neighbour); its old place
     takes its background class. Returns a seg-only map."""
     if factor <= 0:
@@ -160,9 +160,7 @@ def scale_object(m: LabelMap, mask: np.ndarray, cls: int, factor: float) -> Labe
     return m.seg_only(seg)
 
 
-def paste_object(
-    m: LabelMap, donor: LabelMap, mask: np.ndarray, cls: int, dy: int = 0, dx: int = 0
-) -> LabelMap:
+def paste_object(m: EditMap, donor: EditMap, mask: np.ndarray, cls: int, dy: int = 0, dx: int = 0) -> EditMap:
     """Paste the donor's object (``mask``, class ``cls``) into ``m``, moved by (dy, dx).
 
     Where both maps have depth the paste is depth-aware: the object covers only the pixels where it is
@@ -189,20 +187,20 @@ def paste_object(
         out[target] = b[src_y, src_x]
         return out
 
-    return LabelMap(
+    return EditMap(
         seg, pasted(m.image, donor.image), pasted(m.depth, donor.depth), pasted(m.normal, donor.normal)
     )
 
 
 def apply_random_edit(
     op: str,
-    m: LabelMap,
+    m: EditMap,
     rng: np.random.Generator,
-    donor: Callable[[np.random.Generator], tuple[str, LabelMap]] | None = None,
+    donor: Callable[[np.random.Generator], tuple[str, EditMap]] | None = None,
     classes: Sequence[int] | None = None,
     max_shift: float = 0.25,
     scale_range: tuple[float, float] = (0.6, 1.5),
-) -> tuple[LabelMap, dict[str, Any]]:
+) -> tuple[EditMap, dict[str, Any]]:
     """Apply edit ``op`` with random parameters drawn from ``rng``; returns the map and its record.
 
     ``donor(rng)`` gives ``(key, map)`` of another map for ``copy_paste``. ``classes`` restricts the

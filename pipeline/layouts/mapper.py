@@ -15,26 +15,38 @@ proxy-mask cluster (``target="proxy"``, cross-entropy).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import Literal
+import json
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
+from safetensors.torch import save as st_save
 from torch import nn
 
 from pipeline.conditions import seg_onehot
+from pipeline.io import atomic_write_bytes, atomic_write_json
 
 __all__ = [
+    "MAPPER_CARD",
     "MAPPER_INPUTS",
     "SemanticMapper",
     "fit_mapper",
     "label_sketch",
+    "load_mapper",
     "mapper_input",
+    "outputs_to_condition",
     "predict",
+    "save_mapper",
     "scribbles",
 ]
 
 MAPPER_INPUTS = ("seg", "sketch", "scribble")
+MAPPER_CARD = "mapper.json"
+MAPPER_WEIGHTS = "mapper.safetensors"
 
 
 def label_sketch(seg: np.ndarray) -> np.ndarray:
@@ -100,6 +112,7 @@ class SemanticMapper(nn.Module):
 
     def __init__(self, in_channels: int, out_channels: int, width: int = 64, depth: int = 4) -> None:
         super().__init__()
+        self.depth = depth
         layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, padding=1), nn.SiLU()]
         for i in range(depth - 1):
             d = 2 ** (i % 3)
@@ -121,18 +134,25 @@ def fit_mapper(
     batch_size: int = 8,
     width: int = 64,
     seed: int = 0,
+    depth: int = 4,
+    out_classes: int | None = None,
+    on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[SemanticMapper, list[float]]:
     """Train a mapper on (inputs (B, C_in, H, W), targets) pairs; returns it (eval mode) and the losses.
 
     ``target="layout"``: targets are (B, N, H, W) layouts, MSE. ``target="proxy"``: (B, H, W) int cluster
-    ids in [0, K), or (B, K, H, W) proxy masks (argmax is taken), cross-entropy.
+    ids in [0, K), or (B, K, H, W) proxy masks (argmax is taken), cross-entropy; ``out_classes`` = K
+    (default: the largest id seen + 1, or the masks' K). ``on_step(step, loss)`` is called after each step
+    (e.g. a progress bar).
     """
     torch.manual_seed(seed)
     x = torch.as_tensor(np.asarray(inputs), dtype=torch.float32)
     y = torch.as_tensor(np.asarray(targets))
     if target == "proxy":
+        if y.ndim == 4 and out_classes is None:
+            out_classes = int(y.shape[1])
         y = (y.argmax(1) if y.ndim == 4 else y).long()
-        out_channels = int(y.max()) + 1 if y.numel() else 1
+        out_channels = out_classes if out_classes is not None else (int(y.max()) + 1 if y.numel() else 1)
         loss_fn: nn.Module = nn.CrossEntropyLoss()
     elif target == "layout":
         y = y.float()
@@ -142,7 +162,7 @@ def fit_mapper(
         raise ValueError(f"target must be 'layout' or 'proxy', got {target!r}")
     if x.ndim != 4 or len(x) != len(y) or x.shape[-2:] != y.shape[-2:]:
         raise ValueError(f"inputs {tuple(x.shape)} and targets {tuple(y.shape)} do not pair up")
-    model = SemanticMapper(x.shape[1], out_channels, width=width)
+    model = SemanticMapper(x.shape[1], out_channels, width=width, depth=depth)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
@@ -152,7 +172,9 @@ def fit_mapper(
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
+        if on_step is not None:
+            on_step(len(losses), losses[-1])
     return model.eval(), losses
 
 
@@ -160,3 +182,47 @@ def predict(model: SemanticMapper, inputs: Sequence[np.ndarray] | np.ndarray) ->
     """Mapper outputs (B, C_out, H, W) float32 for a batch of inputs."""
     with torch.no_grad():
         return model(torch.as_tensor(np.asarray(inputs), dtype=torch.float32)).numpy()
+
+
+def outputs_to_condition(outputs: np.ndarray, target: str, temperature: float | None = None) -> np.ndarray:
+    """Mapper outputs (B, C, H, W) -> the ControlNet condition: a layout clipped to [0, 1], or for a
+    proxy-mask mapper the one-hot argmax (or, with ``temperature``, the softmax of logits / T)."""
+    x = np.asarray(outputs, dtype=np.float32)
+    if target == "layout":
+        return np.clip(x, 0.0, 1.0)
+    if target != "proxy":
+        raise ValueError(f"target must be 'layout' or 'proxy', got {target!r}")
+    if temperature is not None:
+        z = x / temperature
+        z = np.exp(z - z.max(axis=1, keepdims=True))
+        return (z / z.sum(axis=1, keepdims=True)).astype(np.float32)
+    return np.eye(x.shape[1], dtype=np.float32)[x.argmax(axis=1)].transpose(0, 3, 1, 2).copy()
+
+
+def save_mapper(model: SemanticMapper, folder: str | os.PathLike[str], card: Mapping[str, Any]) -> Path:
+    """Write ``mapper.safetensors`` and ``mapper.json`` (the card: input, target, channels, width, depth,
+    and what it was trained on) atomically; the card is written last, so it marks a complete mapper."""
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    first = next(m for m in model.net if isinstance(m, nn.Conv2d))
+    arch = {"in_channels": first.in_channels, "out_channels": model.net[-1].out_channels,
+            "width": first.out_channels, "depth": model.depth}  # fmt: skip
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    atomic_write_bytes(out / MAPPER_WEIGHTS, st_save(weights))
+    atomic_write_json(out / MAPPER_CARD, {**dict(card), **arch})
+    return out
+
+
+def load_mapper(folder: str | os.PathLike[str]) -> tuple[SemanticMapper, dict[str, Any]]:
+    """A mapper saved by :func:`save_mapper` (eval mode) and its card."""
+    folder = Path(folder)
+    if not (folder / MAPPER_CARD).is_file():
+        raise FileNotFoundError(
+            f"no semantic mapper in {folder} (no {MAPPER_CARD}); run `lumen train-mapper` first"
+        )
+    card: dict[str, Any] = json.loads((folder / MAPPER_CARD).read_text())
+    model = SemanticMapper(
+        card["in_channels"], card["out_channels"], width=card["width"], depth=card["depth"]
+    )
+    model.load_state_dict(load_file(str(folder / MAPPER_WEIGHTS)))
+    return model.eval(), card

@@ -191,7 +191,8 @@ def chunk_written(
     if record.get("cache_key") != _cache_key(ctx, keys):
         return False
     kept = [v["out_key"] for v in record["variants"] if v.get("keep", True)]
-    return set(record["valid"]) <= real_w.done_keys and set(kept) <= syn_w.done_keys
+    real_done = ctx.cfg.generate.source == "labels" or set(record["valid"]) <= real_w.done_keys
+    return real_done and set(kept) <= syn_w.done_keys
 
 
 def generate_chunk(
@@ -320,7 +321,8 @@ def write_chunk(
         "timestamp": _run_timestamp(ctx.run_dir),
     }
     n_real = n_syn = n_filtered = 0
-    for key in record["valid"]:
+    from_labels = g.source == "labels"  # label maps have no real image: only their variants are written
+    for key in [] if from_labels else record["valid"]:
         if key not in real_w.done_keys:
             real_w.write(samples[key], {**common, "source_key": key, "synthetic": False})
             n_real += 1
@@ -343,6 +345,10 @@ def write_chunk(
                 "models": ctx.models, "layout": ctx.layout_meta}  # fmt: skip
         if "quality" in v:
             prov["quality"] = v["quality"]
+        if from_labels:
+            prov["source_key"] = src.meta.get("source_key", src.key)
+            prov["label_source"], prov["edits"] = src.meta.get("label_source"), src.meta.get("edits", [])
+            syn.meta = {"source_key": prov["source_key"], "label_map": src.key}
         syn_w.write(syn, prov)
         n_syn += 1
         if i == 0:

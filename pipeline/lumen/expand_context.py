@@ -69,10 +69,13 @@ def _controlnet_id(folder: Path, run_dir: Path) -> str:
 
 
 def stage_hash(cfg: LumenConfig) -> str:
-    """Hash of what determines the synthetic images: seed, data, layouts, condition, generation, base."""
+    """Hash of what determines the synthetic images: seed, data, layouts, condition, generation, base
+    (and the mapper, when generating from label maps)."""
     d = config_dict(cfg)
     keep = {k: d[k] for k in ("seed", "data", "layouts", "base", "generate")}
     keep["condition"] = d["lumen"]["condition"]
+    if cfg.generate.source == "labels":
+        keep["mapper"] = d["mapper"]
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -139,6 +142,31 @@ def expand_slots(cfg: LumenConfig) -> int:
     return cfg.runner.gpu_concurrency if cfg.runner.kind == "thread" else 1
 
 
+def _label_source(
+    cfg: LumenConfig, run_dir: Path, data: SampleSource, size: tuple[int, int], cond_meta: dict[str, Any]
+) -> tuple[SampleSource, ConditionFn, dict[str, Any], dict[str, str | None]]:
+    """generate.source=labels: (label-map source with edits, mapper conditions, their meta, mapper id)."""
+    from pipeline.data.label_maps import LabelMapSource
+    from pipeline.lumen.mapping import mapper_condition_maker, mapper_folder, mapper_identity
+
+    g = cfg.generate
+    classes = None
+    if g.edit_classes is not None:
+        unknown = [c for c in g.edit_classes if c not in data.info.classes]
+        if unknown:
+            raise ValueError(
+                f"generate.edit_classes {unknown} are not classes of {data.info.name}: {data.info.classes}"
+            )
+        classes = [data.info.classes.index(c) for c in g.edit_classes]
+    maps = LabelMapSource(
+        size, data.info, base=data, label_dir=g.label_dir, edits=list(g.edits), edited_per_map=g.edited_per_map,
+        keep_unedited=g.keep_unedited, edit_classes=classes, seed=cfg.seed,
+    )  # fmt: skip
+    folder = mapper_folder(cfg, run_dir)
+    make, meta = mapper_condition_maker(cfg, folder, data.info, cond_meta["layout"])
+    return maps, make, {**meta, "label_source": maps.origin}, mapper_identity(folder, run_dir)
+
+
 _CONTEXTS: dict[tuple[str, str], ExpandContext] = {}
 _CONTEXTS_LOCK = threading.Lock()
 
@@ -168,7 +196,7 @@ def _build_context(
     base.to(device)
     cn_folder = lumen_folder(cfg, run_dir)
     controlnet, card = _load_controlnet(cn_folder, device)
-    source = build_dataset(cfg.data, "train")
+    source: SampleSource = build_dataset(cfg.data, "train")
     reducer = shipped_reducer(cfg, cn_folder)
     make_conditions, cond_meta = condition_maker(cfg, base, base_id, source, run_dir, reducer_path=reducer)
     if card.get("condition") == "layout" and card.get("layout") != cond_meta.get("layout"):
@@ -180,6 +208,11 @@ def _build_context(
         "base": {"id": base_id, "sha256": _weights_sha(base_folder(base_id, run_dir), "unet")},
         "controlnet": {"id": _controlnet_id(cn_folder, run_dir), "sha256": _weights_sha(cn_folder)},
     }
+    from_labels = None
+    if cfg.generate.source == "labels":  # label maps -> mapper -> layouts; the images are all generated
+        from_labels = _label_source(cfg, run_dir, source, generation_size(cfg, base), cond_meta)
+        source, make_conditions, mapper_meta, models["mapper"] = from_labels
+        cond_meta = {**cond_meta, **mapper_meta}
     # A distilled student (generate.model) generates; the teacher's base still makes the layouts.
     student = student_folder(cfg, run_dir)
     if student is not None:
@@ -198,6 +231,8 @@ def _build_context(
         own_base, _ = load_run_base(cfg, run_dir)
         own_base.to(device)
         own_cn, _ = _load_controlnet(cn_folder, device)
+        if from_labels is not None:  # the mapper is stateless at inference: shared
+            return GenerationWorker(from_labels[1], generator(own_base, own_cn))
         make, _ = condition_maker(cfg, own_base, base_id, source, run_dir, reducer_path=reducer)
         return GenerationWorker(make, generator(own_base, own_cn))
 

@@ -115,6 +115,12 @@ class Provenance(BaseModel):
     )
     timestamp: str | None = None
     quality: dict[str, float] | None = None
+    label_source: str | None = Field(
+        None, description="generated from a label map (no real image): 'dataset-seg' or 'label_dir:<folder>'"
+    )
+    edits: list[dict[str, Any]] | None = Field(
+        None, description="layout edits that made the label map from its source map (op and parameters)"
+    )
 
     @model_validator(mode="after")
     def _synthetic_needs_variant(self) -> Provenance:
