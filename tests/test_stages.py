@@ -300,7 +300,7 @@ def test_train_mapper_then_generate_from_label_maps(tmp_path: Path, kind: str) -
     summary = run_expand(cfg, tmp_path, progress=False)
     maps = LabelMapSource((RES, RES), data.info, base=data, edits=list(cfg.generate.edits), edited_per_map=2,
                           seed=cfg.seed)  # fmt: skip
-    assert len(maps) == 4 * 3 and (summary.real, summary.synthetic) == (0, 4 * 3 * 2)
+    assert len(maps) == 4 * 3 and (summary.real, summary.synthetic) == (4, 4 * 3 * 2)
     syn = verify_shard_set(tmp_path / "shards" / "synthetic")
     assert syn.ok, syn.problems
     assert sorted(syn.keys) == sorted(f"{k}-v{v:02d}" for k in maps.keys() for v in range(2))
@@ -313,7 +313,9 @@ def test_train_mapper_then_generate_from_label_maps(tmp_path: Path, kind: str) -
     assert edited and all(len(r["edits"]) == 1 and r["label_source"] == "dataset-seg" for r in edited)
     assert {r["edits"][0]["op"] for r in edited} <= {"hflip", "shift", "copy_paste"}
     assert all(r["models"]["mapper"]["id"] == "run/mapper/scribble" for r in records.values())
-    assert not list((tmp_path / "shards" / "real").glob("*.tar"))
+    real = {s.key: s for s in iter_samples(tmp_path / "shards" / "real")}  # the images the maps come from
+    assert sorted(real) == sorted(data.keys())
+    assert np.array_equal(real[data.keys()[0]].image, data.load(data.keys()[0]).image)
 
     # A folder of label PNGs: the maps' own ids, no edits.
     label_dir = tmp_path / "maps"
@@ -335,7 +337,27 @@ def test_train_mapper_then_generate_from_label_maps(tmp_path: Path, kind: str) -
     for name in ("pca.safetensors", "kmeans.safetensors"):
         if (tmp_path / name).is_file():
             shutil.copy(tmp_path / name, run2 / name)
-    assert run_expand(cfg2, run2, progress=False).synthetic == 2
+    result = run_expand(cfg2, run2, progress=False)
+    assert (result.real, result.synthetic) == (0, 2)  # drawn maps have no real image
     out = {s.key: s for s in iter_samples(run2 / "shards" / "synthetic")}
     assert sorted(out) == ["drawn-0-v00", "drawn-1-v00"]
     assert np.array_equal(out["drawn-1-v00"].seg, np.asarray(Image.open(label_dir / "drawn-1.png")))
+
+    # Re-rendered images plus edited maps in one expansion (generate.source=images, edited_per_map=1).
+    cfg3 = build_config(
+        {
+            **cfg.model_dump(mode="json", exclude={"generate"}),
+            "generate": {"edits": ["scale"], "edited_per_map": 1, "variants": 1, "steps": 2, "chunk_size": 3},
+        }
+    )
+    run3 = tmp_path / "run3"
+    shutil.copytree(run2, run3, ignore=shutil.ignore_patterns("shards", "work", "layouts", "summaries"))
+    result = run_expand(cfg3, run3, progress=False)
+    assert (result.real, result.synthetic) == (4, 8)
+    syn3 = {d["__key__"]: d["json"] for d in read_shards(run3 / "shards" / "synthetic")}
+    assert sorted(syn3) == sorted([f"{k}-v00" for k in data.keys()] + [f"{k}-e00-v00" for k in data.keys()])
+    assert all(bool(r.get("edits")) == ("-e00" in k) for k, r in syn3.items())
+    rerendered = next(
+        s for s in iter_samples(run3 / "shards" / "synthetic") if s.key == f"{data.keys()[0]}-v00"
+    )
+    assert np.array_equal(rerendered.seg, data.load(data.keys()[0]).seg) and rerendered.depth is not None

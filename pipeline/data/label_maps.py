@@ -1,4 +1,5 @@
-"""A dataset of label maps without images: the source of generate-from-labels (``generate.source: labels``).
+"""A dataset of label maps without images: the source of generate-from-labels (``generate.source: labels``),
+and of the edited maps added to a run's real images (``generate.edited_per_map`` with ``source: images``).
 
 The maps are a folder of PNG class-id maps (``generate.label_dir``) or the seg maps of the run's training
 data. Each map gives its key as it is (``generate.keep_unedited``) and ``generate.edited_per_map`` edited
@@ -135,3 +136,31 @@ class LabelMapSource:
         blank = np.full((*self.size, 3), PLACEHOLDER_GREY, np.uint8)
         meta = {"source_key": base_key, "label_source": self.origin, "edits": records}
         return Sample(key, blank, seg=seg, caption=caption, meta=meta)
+
+
+class MixedSource:
+    """Two sources as one: the keys of ``first`` then those of ``second`` (keys must not clash); ``load``
+    asks the source that owns the key. Used to add edited label maps to the real images of a run."""
+
+    def __init__(self, first: SampleSource, second: SampleSource) -> None:
+        self.first, self.second, self.info = first, second, first.info
+        self._first = set(first.keys())
+        clash = self._first.intersection(second.keys())
+        if clash:
+            raise ValueError(f"the sources share keys, e.g. {sorted(clash)[:3]}")
+
+    def owns_first(self, key: str) -> bool:
+        return key in self._first
+
+    def keys(self) -> list[str]:
+        return [*self.first.keys(), *self.second.keys()]
+
+    def __len__(self) -> int:
+        return len(self.first) + len(self.second)
+
+    def __iter__(self) -> Iterator[Sample]:
+        for key in self.keys():
+            yield self.load(key)
+
+    def load(self, key: str) -> Sample:
+        return self.first.load(key) if key in self._first else self.second.load(key)

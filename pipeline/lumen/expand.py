@@ -321,11 +321,14 @@ def write_chunk(
         "timestamp": _run_timestamp(ctx.run_dir),
     }
     n_real = n_syn = n_filtered = 0
-    from_labels = g.source == "labels"  # label maps have no real image: only their variants are written
-    for key in [] if from_labels else record["valid"]:
+    for key in _real_keys(ctx, [samples[k] for k in record["valid"]]):
         if key not in real_w.done_keys:
-            real_w.write(samples[key], {**common, "source_key": key, "synthetic": False})
-            n_real += 1
+            real = samples.get(key) if key in samples and "label_source" not in samples[key].meta else None
+            if real is None and ctx.real_source is not None:  # the real image behind a label map
+                real = resize_sample(ctx.real_source.load(key), ctx.size)
+            if real is not None:
+                real_w.write(real, {**common, "source_key": key, "synthetic": False})
+                n_real += 1
     for i, v in enumerate(record["variants"]):
         if not v.get("keep", True):
             n_filtered += 1
@@ -345,7 +348,7 @@ def write_chunk(
                 "models": ctx.models, "layout": ctx.layout_meta}  # fmt: skip
         if "quality" in v:
             prov["quality"] = v["quality"]
-        if from_labels:
+        if "label_source" in src.meta:  # made from a label map (edited, or as it is)
             prov["source_key"] = src.meta.get("source_key", src.key)
             prov["label_source"], prov["edits"] = src.meta.get("label_source"), src.meta.get("edits", [])
             syn.meta = {"source_key": prov["source_key"], "label_map": src.key}
@@ -355,6 +358,19 @@ def write_chunk(
             kill_point("chunk-writing", record["index"])  # mid-chunk, inside an open shard
     kill_point("chunk-written", record["index"])
     return n_real, n_syn, n_filtered
+
+
+def _real_keys(ctx: ExpandContext, samples: Sequence[Sample]) -> list[str]:
+    """The real samples a chunk brings into the real shards, in order, once each: the real images
+    themselves, and for maps taken from the dataset's seg (``source: labels``) the images they come from.
+    A folder of label maps (``generate.label_dir``) brings none."""
+    out: list[str] = []
+    for s in samples:
+        origin = s.meta.get("label_source")
+        key = s.key if origin is None else (s.meta.get("source_key") if origin == "dataset-seg" else None)
+        if isinstance(key, str) and key not in out:
+            out.append(key)
+    return out
 
 
 SubmitChunk = Callable[[LumenConfig, Path, int, list[str]], Future[ChunkResult]]

@@ -9,7 +9,7 @@ import hashlib
 import json
 import logging
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,7 +17,7 @@ from typing import Any
 
 from pipeline.config import LumenConfig, config_dict, config_hash
 from pipeline.data import Quarantine, build_dataset
-from pipeline.data.sample import SampleSource
+from pipeline.data.sample import Sample, SampleSource
 from pipeline.device import resolve_device
 from pipeline.io import sha256_file
 from pipeline.lumen.base import BaseComponents
@@ -36,7 +36,7 @@ from pipeline.lumen.stages import (
 )
 from pipeline.synthesis.judging import JudgeFactory
 
-__all__ = ["ExpandContext", "GenerationWorker", "expand_context", "expand_slots", "stage_hash"]
+__all__ = ["ExpandContext", "GenerationWorker", "expand_context", "expand_slots", "stage_hash", "uses_mapper"]
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ def stage_hash(cfg: LumenConfig) -> str:
     d = config_dict(cfg)
     keep = {k: d[k] for k in ("seed", "data", "layouts", "base", "generate")}
     keep["condition"] = d["lumen"]["condition"]
-    if cfg.generate.source == "labels":
+    if uses_mapper(cfg):
         keep["mapper"] = d["mapper"]
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -90,6 +90,7 @@ class ExpandContext:
     models: dict[str, Any]
     layout_meta: dict[str, Any]
     stage_hash: str
+    real_source: SampleSource | None = None  # the real images (source itself unless label maps are in it)
     quality: Any = None  # a pipeline.synthesis.filter.QualityFilter when generate.quality_filter is on
     slots: int = 1
     build_worker: Callable[[], GenerationWorker] | None = None
@@ -142,11 +143,45 @@ def expand_slots(cfg: LumenConfig) -> int:
     return cfg.runner.gpu_concurrency if cfg.runner.kind == "thread" else 1
 
 
+def uses_mapper(cfg: LumenConfig) -> bool:
+    """Whether expansion maps label maps to layouts: ``source: labels``, or edited maps beside the images."""
+    return cfg.generate.source == "labels" or cfg.generate.edited_per_map > 0
+
+
+def _with_maps(
+    source: SampleSource, image_conditions: ConditionFn, map_conditions: ConditionFn
+) -> ConditionFn:
+    """Conditions of a mixed chunk: image layouts for the real images, the mapper for the label maps."""
+    from pipeline.data.label_maps import MixedSource
+
+    if not isinstance(source, MixedSource):
+        return map_conditions
+
+    def conditions(samples: Sequence[Sample]) -> Any:
+        import numpy as np
+
+        real = [i for i, s in enumerate(samples) if source.owns_first(s.key)]
+        maps = [i for i, s in enumerate(samples) if not source.owns_first(s.key)]
+        parts: dict[int, Any] = {}
+        for idx, fn in ((real, image_conditions), (maps, map_conditions)):
+            if idx:
+                parts.update(zip(idx, fn([samples[i] for i in idx]), strict=True))
+        return np.stack([parts[i] for i in range(len(samples))])
+
+    return conditions
+
+
 def _label_source(
-    cfg: LumenConfig, run_dir: Path, data: SampleSource, size: tuple[int, int], cond_meta: dict[str, Any]
-) -> tuple[SampleSource, ConditionFn, dict[str, Any], dict[str, str | None]]:
-    """generate.source=labels: (label-map source with edits, mapper conditions, their meta, mapper id)."""
-    from pipeline.data.label_maps import LabelMapSource
+    cfg: LumenConfig,
+    run_dir: Path,
+    data: SampleSource,
+    size: tuple[int, int],
+    cond_meta: dict[str, Any],
+    image_conditions: ConditionFn,
+) -> tuple[SampleSource, ConditionFn, dict[str, Any], dict[str, str | None], ConditionFn]:
+    """The label maps of a run: (its source, conditions, their meta, the mapper's id, the mapper's own
+    conditions). ``source: labels``: the maps alone; else the real images and their edited maps."""
+    from pipeline.data.label_maps import LabelMapSource, MixedSource
     from pipeline.lumen.mapping import mapper_condition_maker, mapper_folder, mapper_identity
 
     g = cfg.generate
@@ -158,13 +193,22 @@ def _label_source(
                 f"generate.edit_classes {unknown} are not classes of {data.info.name}: {data.info.classes}"
             )
         classes = [data.info.classes.index(c) for c in g.edit_classes]
+    only_maps = g.source == "labels"
     maps = LabelMapSource(
-        size, data.info, base=data, label_dir=g.label_dir, edits=list(g.edits), edited_per_map=g.edited_per_map,
-        keep_unedited=g.keep_unedited, edit_classes=classes, seed=cfg.seed,
+        size, data.info, base=data, label_dir=g.label_dir if only_maps else None, edits=list(g.edits),
+        edited_per_map=g.edited_per_map, keep_unedited=g.keep_unedited and only_maps, edit_classes=classes,
+        seed=cfg.seed,
     )  # fmt: skip
     folder = mapper_folder(cfg, run_dir)
     make, meta = mapper_condition_maker(cfg, folder, data.info, cond_meta["layout"])
-    return maps, make, {**meta, "label_source": maps.origin}, mapper_identity(folder, run_dir)
+    source: SampleSource = maps if only_maps else MixedSource(data, maps)
+    return (
+        source,
+        _with_maps(source, image_conditions, make),
+        {**meta, "label_source": maps.origin},
+        mapper_identity(folder, run_dir),
+        make,
+    )
 
 
 _CONTEXTS: dict[tuple[str, str], ExpandContext] = {}
@@ -209,9 +253,12 @@ def _build_context(
         "controlnet": {"id": _controlnet_id(cn_folder, run_dir), "sha256": _weights_sha(cn_folder)},
     }
     from_labels = None
-    if cfg.generate.source == "labels":  # label maps -> mapper -> layouts; the images are all generated
-        from_labels = _label_source(cfg, run_dir, source, generation_size(cfg, base), cond_meta)
-        source, make_conditions, mapper_meta, models["mapper"] = from_labels
+    real_source = source
+    if uses_mapper(cfg):  # label maps -> mapper -> layouts (maps only, or edited maps beside the images)
+        from_labels = _label_source(
+            cfg, run_dir, source, generation_size(cfg, base), cond_meta, make_conditions
+        )
+        source, make_conditions, mapper_meta, models["mapper"], _ = from_labels
         cond_meta = {**cond_meta, **mapper_meta}
     # A distilled student (generate.model) generates; the teacher's base still makes the layouts.
     student = student_folder(cfg, run_dir)
@@ -231,9 +278,9 @@ def _build_context(
         own_base, _ = load_run_base(cfg, run_dir)
         own_base.to(device)
         own_cn, _ = _load_controlnet(cn_folder, device)
-        if from_labels is not None:  # the mapper is stateless at inference: shared
-            return GenerationWorker(from_labels[1], generator(own_base, own_cn))
-        make, _ = condition_maker(cfg, own_base, base_id, source, run_dir, reducer_path=reducer)
+        make, _ = condition_maker(cfg, own_base, base_id, real_source, run_dir, reducer_path=reducer)
+        if from_labels is not None:  # the mapper is stateless at inference; the layout extractor is not
+            make = _with_maps(source, make, from_labels[4])
         return GenerationWorker(make, generator(own_base, own_cn))
 
     quality = None
@@ -252,6 +299,7 @@ def _build_context(
         models=models,
         layout_meta={"condition": card.get("condition"), **cond_meta},
         stage_hash=stage_hash(cfg),
+        real_source=real_source,
         quality=quality,
         slots=expand_slots(cfg),
         build_worker=build_worker,
