@@ -341,8 +341,11 @@ class MapperConfig(_Section):
     train_steps: int = Field(1000, ge=1)
     batch_size: int = Field(16, ge=1)
     learning_rate: float = Field(1e-3, gt=0)
-    width: int = Field(64, ge=8, description="hidden channels (multiple of 8)")
+    width: int = Field(32, ge=8, description="hidden channels (multiple of 8)")
     depth: int = Field(6, ge=2, description="3x3 conv blocks (dilations 1, 2, 4 repeat)")
+    downsample: int = Field(
+        2, ge=1, description="the mapper works at 1/downsample of the map size (layouts are smooth)"
+    )
     seed: int = 0
 
     @field_validator("width")

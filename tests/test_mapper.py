@@ -48,3 +48,29 @@ def test_the_mapper_overfits_a_tiny_fixed_set(kind: str) -> None:
     proxy, _ = fit_mapper(inputs, np.stack(segs), "proxy", steps=300, batch_size=4, width=32)
     accuracy = (predict(proxy, inputs).argmax(1) == np.stack(segs)).mean()
     assert accuracy > 0.97, accuracy
+
+
+def test_a_saved_mapper_loads_with_the_same_outputs_and_conditions_are_valid(tmp_path) -> None:
+    from pipeline.layouts.mapper import load_mapper, outputs_to_condition, save_mapper
+
+    segs = np.stack([_seg(s) for s in range(2)])
+    inputs = np.stack([mapper_input("seg", s, 3, np.random.default_rng(0)) for s in segs])
+    model, _ = fit_mapper(inputs, segs, "proxy", steps=5, batch_size=2, width=16, depth=3, downsample=2)
+    save_mapper(model, tmp_path / "m", {"input": "seg", "target": "proxy"})
+    loaded, card = load_mapper(tmp_path / "m")
+    assert (card["in_channels"], card["out_channels"], card["width"], card["depth"], card["downsample"]) == (
+        3,
+        3,
+        16,
+        3,
+        2,
+    )
+    assert np.array_equal(predict(loaded, inputs), predict(model, inputs))
+    assert predict(model, inputs).shape == (2, 3, 16, 16)  # downsampled inside, full size out
+    one_hot = outputs_to_condition(predict(model, inputs), "proxy")
+    assert np.array_equal(one_hot.sum(1), np.ones((2, 16, 16))) and set(np.unique(one_hot)) <= {0.0, 1.0}
+    soft = outputs_to_condition(predict(model, inputs), "proxy", temperature=0.5)
+    assert np.allclose(soft.sum(1), 1.0, atol=1e-5) and soft.min() > 0
+    assert outputs_to_condition(np.array([[[[-1.0, 0.5, 2.0]]]]), "layout").tolist() == [[[[0.0, 0.5, 1.0]]]]
+    with pytest.raises(FileNotFoundError, match="train-mapper"):
+        load_mapper(tmp_path / "missing")

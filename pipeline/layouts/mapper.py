@@ -108,11 +108,18 @@ class SemanticMapper(nn.Module):
         out_channels: the layout's N components, or the K proxy-mask clusters.
         width: hidden channels.
         depth: 3x3 conv blocks (each GroupNorm + SiLU); dilations grow to widen the receptive field.
+        downsample: the input is average-pooled by this factor and the output upsampled back
+            (bilinear): layouts are smooth (backbone features at 1/4 of the image or coarser), so a
+            coarser mapper loses little and trains factor^2 times faster.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, width: int = 64, depth: int = 4) -> None:
+    def __init__(
+        self, in_channels: int, out_channels: int, width: int = 64, depth: int = 4, downsample: int = 1
+    ) -> None:
         super().__init__()
-        self.depth = depth
+        if downsample < 1:
+            raise ValueError(f"downsample must be >= 1, got {downsample}")
+        self.depth, self.downsample = depth, downsample
         layers: list[nn.Module] = [nn.Conv2d(in_channels, width, 3, padding=1), nn.SiLU()]
         for i in range(depth - 1):
             d = 2 ** (i % 3)
@@ -121,7 +128,12 @@ class SemanticMapper(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        size = x.shape[-2:]
+        if self.downsample > 1:
+            x = nn.functional.avg_pool2d(x, self.downsample, ceil_mode=True)
         out: torch.Tensor = self.net(x)
+        if out.shape[-2:] != size:
+            out = nn.functional.interpolate(out, size=size, mode="bilinear", align_corners=False)
         return out
 
 
@@ -136,6 +148,7 @@ def fit_mapper(
     seed: int = 0,
     depth: int = 4,
     out_classes: int | None = None,
+    downsample: int = 1,
     on_step: Callable[[int, float], None] | None = None,
 ) -> tuple[SemanticMapper, list[float]]:
     """Train a mapper on (inputs (B, C_in, H, W), targets) pairs; returns it (eval mode) and the losses.
@@ -162,7 +175,7 @@ def fit_mapper(
         raise ValueError(f"target must be 'layout' or 'proxy', got {target!r}")
     if x.ndim != 4 or len(x) != len(y) or x.shape[-2:] != y.shape[-2:]:
         raise ValueError(f"inputs {tuple(x.shape)} and targets {tuple(y.shape)} do not pair up")
-    model = SemanticMapper(x.shape[1], out_channels, width=width, depth=depth)
+    model = SemanticMapper(x.shape[1], out_channels, width=width, depth=depth, downsample=downsample)
     opt = torch.optim.AdamW(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     losses: list[float] = []
@@ -206,7 +219,7 @@ def save_mapper(model: SemanticMapper, folder: str | os.PathLike[str], card: Map
     out.mkdir(parents=True, exist_ok=True)
     first = next(m for m in model.net if isinstance(m, nn.Conv2d))
     arch = {"in_channels": first.in_channels, "out_channels": model.net[-1].out_channels,
-            "width": first.out_channels, "depth": model.depth}  # fmt: skip
+            "width": first.out_channels, "depth": model.depth, "downsample": model.downsample}  # fmt: skip
     weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     atomic_write_bytes(out / MAPPER_WEIGHTS, st_save(weights))
     atomic_write_json(out / MAPPER_CARD, {**dict(card), **arch})
@@ -222,7 +235,8 @@ def load_mapper(folder: str | os.PathLike[str]) -> tuple[SemanticMapper, dict[st
         )
     card: dict[str, Any] = json.loads((folder / MAPPER_CARD).read_text())
     model = SemanticMapper(
-        card["in_channels"], card["out_channels"], width=card["width"], depth=card["depth"]
-    )
+        card["in_channels"], card["out_channels"], width=card["width"], depth=card["depth"],
+        downsample=int(card.get("downsample", 1)),
+    )  # fmt: skip
     model.load_state_dict(load_file(str(folder / MAPPER_WEIGHTS)))
     return model.eval(), card

@@ -121,6 +121,7 @@ def run_train_mapper(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> 
     model, losses = fit_mapper(
         inputs, targets, target, steps=m.train_steps, lr=m.learning_rate, batch_size=m.batch_size, width=m.width,
         seed=m.seed, depth=m.depth, out_classes=layouts.shape[1] if target == "proxy" else None, on_step=step,
+        downsample=m.downsample,
     )  # fmt: skip
     bar.close()
     card = {
