@@ -40,6 +40,7 @@ from perception.stages import EvalInputs
 from pipeline.config import LumenConfig, config_hash, load_config
 from pipeline.io import atomic_write_text
 from pipeline.lumen.expand import ChunkResult
+from pipeline.lumen.expand_context import uses_mapper
 from pipeline.lumen.plan import models_to_train
 from pipeline.preflight import STAGES, Stage
 from pipeline.report.tables import markdown_table
@@ -332,7 +333,7 @@ def _run(cfg: LumenConfig, run_dir: Path, progress: bool, t0: float) -> dict[str
         timed("train_lumen", lambda: train_lumen_task(cfg, run_dir))
     if cfg.generate.model == "student":  # the run's own student: distil it (saved rounds are reused)
         timed("distill", lambda: distill_task(cfg, run_dir))
-    if cfg.generate.source == "labels" and cfg.generate.mapper is None:  # the run's own mapper
+    if uses_mapper(cfg) and cfg.generate.mapper is None:  # the run's own mapper
         timed("train_mapper", lambda: train_mapper_task(cfg, run_dir))
     expand = timed("expand", lambda: _expand(cfg, run_dir, progress))
     evaluate = timed("evaluate", lambda: _evaluate(cfg, run_dir, progress))

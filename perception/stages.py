@@ -223,6 +223,16 @@ def _eval_splits(cfg: LumenConfig, run_dir: Path, progress: bool) -> tuple[list[
     return list(collect_samples(cfg, size, quarantine, split="val", progress=progress)), None  # type: ignore[arg-type]
 
 
+def _train_mapper_if_needed(cfg: LumenConfig, run_dir: Path, progress: bool) -> None:
+    """A setting that generates from label maps trains its own semantic mapper first (once)."""
+    from pipeline.lumen.expand_context import uses_mapper
+    from pipeline.lumen.mapping import run_train_mapper
+
+    saved = RunPaths(run_dir).mapper / cfg.mapper.input / "mapper.json"
+    if uses_mapper(cfg) and cfg.generate.mapper is None and not saved.is_file():
+        run_train_mapper(cfg, run_dir, progress)
+
+
 def setting_facts(
     cfg: LumenConfig, inputs: EvalInputs, models: dict[str, Any], settings: dict[str, float | None]
 ) -> dict[str, dict[str, Any]]:
@@ -390,6 +400,7 @@ def run_gains(
         sdir = prepare_run_dir(scfg, RunPaths(run_dir).setting(name).root)
         log.info("gains setting %s: %s", name, sdir)
         if "real+synthetic" in scfg.perception.arms:
+            _train_mapper_if_needed(scfg, sdir, progress)
             run_expand(scfg, sdir, progress, submit=submit_chunk, tracker=tracker, judge_factory=fit_judge)
         inputs, results = perception_runs(scfg, sdir, progress, submit, tracker)
         write_report(scfg, sdir, results, inputs.real, inputs.synthetic, inputs.info)

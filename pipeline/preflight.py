@@ -128,7 +128,8 @@ def preflight(cfg: LumenConfig, stage: Stage = "run", run_dir: Path | None = Non
     if stage in ("expand", "gains", "run") and cfg.generate.model != "lumen":
         report.checks.append(check_student_settings(cfg))
     # 7. The semantic mapper's settings (train-mapper, and expand from label maps).
-    if stage == "train-mapper" or (stage in ("expand", "gains", "run") and cfg.generate.source == "labels"):
+    maps = cfg.generate.source == "labels" or cfg.generate.edited_per_map > 0
+    if stage == "train-mapper" or (stage in ("expand", "gains", "run") and maps):
         report.checks.append(check_label_source(cfg, stage, info, run_dir))
     report.seconds = round(time.time() - t0, 2)
     log.info("preflight (%s) passed in %.2f s: %s", stage, report.seconds, "; ".join(report.checks))
@@ -165,7 +166,8 @@ def check_label_source(cfg: LumenConfig, stage: Stage, info: DatasetInfo, run_di
             f"generate.source=labels: no semantic mapper in {folder}; run `lumen train-mapper CONFIG --out RUN` "
             "first (or set generate.mapper to a mapper folder)"
         )
-    return f"generate.source=labels: maps from {g.label_dir or 'the dataset seg'}, mapper {folder or 'of the run'}"
+    where = g.label_dir if g.source == "labels" and g.label_dir else "the dataset's seg"
+    return f"label maps from {where}, mapper {folder or 'of the run'}"
 
 
 def check_student_settings(cfg: LumenConfig) -> str:
