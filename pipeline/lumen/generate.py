@@ -317,6 +317,7 @@ class LumenGenerator:
         batch_size: int = 16,
         conditioning_scale: float = 1.0,
         size: tuple[int, int] | None = None,
+        feature_edit: Any = None,
     ) -> np.ndarray:
         """Generate ``len(prompts)`` images; returns (B, H, W, 3) uint8.
 
@@ -331,6 +332,8 @@ class LumenGenerator:
             conditioning_scale: ControlNet residual scale.
             size: (H, W) of the images without a ControlNet (default: the base model's resolution,
                 square); with one, the conditions' size.
+            feature_edit: a :class:`pipeline.lumen.controls.FeatureEdit` over this generator's UNet with
+                one row per prompt (class-specific appearance edits; the fast path only).
         """
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -351,8 +354,12 @@ class LumenGenerator:
         self.timings = {"text": 0.0, "denoise": 0.0, "decode": 0.0, "total": 0.0}
         out = []
         t0 = time.perf_counter()
-        with self._lock, _num_threads(self.threads), torch.inference_mode():
+        if feature_edit is not None and not self.fast:
+            raise ValueError("class edits (feature_edit) need the fast generation path")
+        with self._lock, _num_threads(self.threads), torch.inference_mode(), feature_edit or nullcontext():
             for i in range(0, len(prompts), batch_size):
+                if feature_edit is not None:
+                    feature_edit.select(i, i + batch_size)
                 cond = None if cond_t is None else cond_t[i : i + batch_size]
                 batch = (list(prompts[i : i + batch_size]), [int(s) for s in seeds[i : i + batch_size]])
                 if self.fast:
