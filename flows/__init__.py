@@ -13,6 +13,7 @@ from flows.stages import (
     gains_flow,
     run_flow,
     train_base_flow,
+    train_controls_flow,
     train_lumen_flow,
     train_mapper_flow,
 )
@@ -28,6 +29,7 @@ __all__ = [
     "gains_flow",
     "run_flow",
     "train_base_flow",
+    "train_controls_flow",
     "train_lumen_flow",
     "train_mapper_flow",
 ]

@@ -1,4 +1,4 @@
-"""The Prefect flows: ``train_base``, ``train_lumen``, ``distill``, ``train_mapper``, ``expand``, ``evaluate``, ``gains`` and
+"""The Prefect flows: ``train_base``, ``train_lumen``, ``distill``, ``train_mapper``, ``train_controls``, ``expand``, ``evaluate``, ``gains`` and
 ``run`` (end to end).
 
 Flows only orchestrate: the work is done by the stage functions of :mod:`pipeline` and
@@ -54,6 +54,7 @@ __all__ = [
     "gains_flow",
     "run_flow",
     "train_base_flow",
+    "train_controls_flow",
     "train_lumen_flow",
     "train_mapper_flow",
 ]
@@ -154,6 +155,20 @@ def train_mapper_task(cfg: LumenConfig, run_dir: Path) -> str:
     configure_threads(cfg)
     with device_slot(cfg.runner):
         return str(run_train_mapper(cfg, run_dir))
+
+
+@_task("train-controls", retries=1)
+def train_controls_task(cfg: LumenConfig, run_dir: Path) -> str:
+    """Find the class-specific appearance directions (skipped when saved)."""
+    from pipeline.lumen.controls import CONTROLS_FILE, run_train_controls
+
+    path = RunPaths(run_dir).controls / CONTROLS_FILE
+    if path.is_file():
+        stage_logger(__name__).info("class directions already found: %s", path)
+        return str(path)
+    configure_threads(cfg)
+    with device_slot(cfg.runner):
+        return str(run_train_controls(cfg, run_dir))
 
 
 @_task("generate-chunk")
@@ -273,6 +288,13 @@ def train_mapper_flow(config: str, overrides: Sequence[str] = (), out: str | Non
         return str(train_mapper_task(cfg, run_dir))
 
 
+@flow(name="lumen-train-controls")
+def train_controls_flow(config: str, overrides: Sequence[str] = (), out: str | None = None) -> str:
+    """Find class-specific appearance directions for the run's generator (``controls``)."""
+    with opened_run(config, overrides, out, "train-controls") as (cfg, run_dir):
+        return str(train_controls_task(cfg, run_dir))
+
+
 @flow(name="lumen-expand")
 def expand_flow(
     config: str, overrides: Sequence[str] = (), out: str | None = None, progress: bool = True
@@ -335,6 +357,8 @@ def _run(cfg: LumenConfig, run_dir: Path, progress: bool, t0: float) -> dict[str
         timed("distill", lambda: distill_task(cfg, run_dir))
     if uses_mapper(cfg) and cfg.generate.mapper is None:  # the run's own mapper
         timed("train_mapper", lambda: train_mapper_task(cfg, run_dir))
+    if cfg.generate.class_edits.classes and cfg.generate.class_edits.file is None:  # the run's own directions
+        timed("train_controls", lambda: train_controls_task(cfg, run_dir))
     expand = timed("expand", lambda: _expand(cfg, run_dir, progress))
     evaluate = timed("evaluate", lambda: _evaluate(cfg, run_dir, progress))
     timings["total"] = round(time.time() - t0, 1)
@@ -375,6 +399,7 @@ FLOWS: dict[str, Any] = {
     "train-lumen": train_lumen_flow,
     "distill": distill_flow,
     "train-mapper": train_mapper_flow,
+    "train-controls": train_controls_flow,
     "expand": expand_flow,
     "evaluate": evaluate_flow,
     "gains": gains_flow,

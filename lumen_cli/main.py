@@ -148,6 +148,12 @@ def _cmd_train_mapper(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_train_controls(args: argparse.Namespace) -> int:
+    out = Path(str(_flow("train-controls", args)))
+    print(f"class directions: {out} (previews: {out.parent}/preview-<class>.png; use generate.class_edits)")
+    return 0
+
+
 def _cmd_expand(args: argparse.Namespace) -> int:
     s = _flow("expand", args)
     assert isinstance(s, dict)
@@ -222,6 +228,11 @@ def build_parser() -> argparse.ArgumentParser:
             "train-mapper",
             _cmd_train_mapper,
             "train the semantic mapper: label map / sketch / scribble -> layout (for generate.source=labels)",
+        ),
+        (
+            "train-controls",
+            _cmd_train_controls,
+            "find class-specific appearance directions (for generate.class_edits)",
         ),
         ("expand", _cmd_expand, "generate synthetic variants and shard real + synthetic samples"),
         ("evaluate", _cmd_evaluate, "train perception models of every arm and report the gains"),

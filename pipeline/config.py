@@ -26,7 +26,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BaseModelConfig",
+    "ClassEditConfig",
     "ConfigError",
+    "ControlsConfig",
     "DataConfig",
     "GainsConfig",
     "GenerateConfig",
@@ -356,6 +358,47 @@ class MapperConfig(_Section):
         return v
 
 
+class ControlsConfig(_Section):
+    """Class-specific appearance directions (``lumen train-controls``, docs/synthesis.md)."""
+
+    classes: list[str] | None = Field(None, description="classes to find directions for; null = every class")
+    directions_per_class: int = Field(5, ge=2, description="K directions per class")
+    layer: str = Field("up_blocks.1", description="the UNet block whose output is edited")
+    feature_layer: str = Field(
+        "up_blocks.2", description="the later block whose features the triplet loss compares"
+    )
+    t_min: int = Field(500, ge=0, le=999, description="edits apply at timesteps t_min..t_max (early steps)")
+    t_max: int = Field(999, ge=0, le=999)
+    strength: float = Field(1.0, gt=0, description="training strength, in units of the block's feature norm")
+    train_steps: int = Field(300, ge=1)
+    batch_size: int = Field(4, ge=1, description="image pairs per step")
+    learning_rate: float = Field(0.05, gt=0)
+    triplet_weight: float = Field(1.0, ge=0)
+    area_weight: float = Field(1.0, ge=0)
+    margin: float = Field(0.5, ge=0)
+    num_images: int = Field(256, ge=2, description="training images the directions are fitted on")
+    min_pixels: int = Field(16, ge=1, description="a class counts in an image with at least this many pixels")
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def _range(self) -> ControlsConfig:
+        if self.t_min > self.t_max:
+            raise ValueError(f"controls.t_min ({self.t_min}) must not exceed t_max ({self.t_max})")
+        return self
+
+
+class ClassEditConfig(_Section):
+    """Class-specific appearance edits of the variants (``generate.class_edits``)."""
+
+    classes: list[str] = Field(default_factory=list, description="classes edited; empty = no edits")
+    directions: Literal["random"] | list[int] = Field("random", description="direction indices, or random")
+    strengths: list[float] = Field(
+        default_factory=lambda: [1.0], min_length=1, description="drawn per variant"
+    )
+    share: float = Field(1.0, ge=0, le=1, description="share of variants that get an edit")
+    file: str | None = Field(None, description="a directions.safetensors; null = the run's (train-controls)")
+
+
 class GenerateConfig(_Section):
     """Variant generation from layouts (of real images, or of label maps through the mapper)."""
 
@@ -384,6 +427,9 @@ class GenerateConfig(_Section):
     keep_unedited: bool = Field(True, description="source=labels: also generate from each map as it is")
     edit_classes: list[str] | None = Field(
         None, description="classes whose objects edits move, scale or paste; null = any small component"
+    )
+    class_edits: ClassEditConfig = Field(
+        default_factory=ClassEditConfig, description="class-specific appearance edits (lumen train-controls)"
     )
     variants: int = Field(4, ge=1)
     steps: int = Field(20, ge=1)
@@ -598,6 +644,7 @@ class LumenConfig(_Section):
     lumen: LumenTrainConfig = Field(default_factory=LumenTrainConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
     mapper: MapperConfig = Field(default_factory=MapperConfig)
+    controls: ControlsConfig = Field(default_factory=ControlsConfig)
     generate: GenerateConfig = Field(default_factory=GenerateConfig)
     shards: ShardConfig = Field(default_factory=ShardConfig)
     perception: PerceptionConfig = Field(default_factory=PerceptionConfig)

@@ -35,6 +35,7 @@ __all__ = [
     "STAGES",
     "PreflightReport",
     "check_adapter_settings",
+    "check_class_edits",
     "check_label_source",
     "label_advice",
     "preflight",
@@ -43,9 +44,11 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-Stage = Literal["train-base", "train-lumen", "distill", "train-mapper", "expand", "evaluate", "gains", "run"]
+Stage = Literal[
+    "train-base", "train-lumen", "distill", "train-mapper", "train-controls", "expand", "evaluate", "gains", "run"
+]  # fmt: skip
 STAGES: tuple[Stage, ...] = (
-    "train-base", "train-lumen", "distill", "train-mapper", "expand", "evaluate", "gains", "run"
+    "train-base", "train-lumen", "distill", "train-mapper", "train-controls", "expand", "evaluate", "gains", "run"
 )  # fmt: skip
 _EVALUATES = ("evaluate", "gains", "run")  # stages that train perception models on train + val
 _GENERATES = (
@@ -127,7 +130,12 @@ def preflight(cfg: LumenConfig, stage: Stage = "run", run_dir: Path | None = Non
     # 6. A distilled student fits the generation settings (before anything is trained or generated).
     if stage in ("expand", "gains", "run") and cfg.generate.model != "lumen":
         report.checks.append(check_student_settings(cfg))
-    # 7. The semantic mapper's settings (train-mapper, and expand from label maps).
+    # 7. Class directions: their classes exist; expand finds the directions file.
+    if stage == "train-controls" or (
+        stage in ("expand", "gains", "run") and cfg.generate.class_edits.classes
+    ):
+        report.checks.append(check_class_edits(cfg, stage, info, run_dir))
+    # 8. The semantic mapper's settings (train-mapper, and expand from label maps).
     maps = cfg.generate.source == "labels" or cfg.generate.edited_per_map > 0
     if stage == "train-mapper" or (stage in ("expand", "gains", "run") and maps):
         report.checks.append(check_label_source(cfg, stage, info, run_dir))
@@ -168,6 +176,37 @@ def check_label_source(cfg: LumenConfig, stage: Stage, info: DatasetInfo, run_di
         )
     where = g.label_dir if g.source == "labels" and g.label_dir else "the dataset's seg"
     return f"label maps from {where}, mapper {folder or 'of the run'}"
+
+
+def check_class_edits(cfg: LumenConfig, stage: Stage, info: DatasetInfo, run_dir: Path | None) -> str:
+    """``controls.classes`` and ``generate.class_edits.classes`` are classes of the data (which has seg
+    maps); ``lumen expand`` with class edits finds a directions file."""
+    if "seg" not in info.labels:
+        raise ConfigError(
+            f"class directions need seg masks; dataset {info.name} has labels {list(info.labels)}"
+        )
+    for key, names in (
+        ("controls.classes", cfg.controls.classes or []),
+        ("generate.class_edits.classes", cfg.generate.class_edits.classes),
+    ):
+        unknown = [c for c in names if c not in info.classes]
+        if unknown:
+            raise ConfigError(f"{key} {unknown} are not classes of {info.name}: {list(info.classes)}")
+    e = cfg.generate.class_edits
+    if stage == "expand" and e.classes:
+        path = (
+            Path(e.file)
+            if e.file
+            else (RunPaths(run_dir).controls / "directions.safetensors" if run_dir else None)
+        )
+        if path is not None and not path.is_file():
+            raise ConfigError(
+                f"generate.class_edits: no class directions at {path}; run `lumen train-controls CONFIG --out RUN` "
+                "first (or set generate.class_edits.file)"
+            )
+    return (
+        f"class directions: controls.classes {cfg.controls.classes or 'all'}, edits of {e.classes or 'none'}"
+    )
 
 
 def check_student_settings(cfg: LumenConfig) -> str:

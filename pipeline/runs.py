@@ -39,6 +39,7 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "lumen": ("layouts", "lumen"),
     "distill": ("distill",),
     "mapper": ("mapper",),
+    "controls": ("controls",),
     "expand": ("generate", "shards"),
     "evaluate": ("perception", "gains"),
 }
@@ -53,6 +54,7 @@ STAGE_OUTPUTS: dict[str, tuple[str, ...]] = {
     "lumen": ("lumen", "lumen_train", "pca.safetensors", "kmeans.safetensors", "layouts"),
     "distill": ("distill",),
     "mapper": ("mapper",),
+    "controls": ("controls",),
     "expand": ("shards", "work", "quality_filter", "summaries/expand.*"),
     "evaluate": (
         "perception",
@@ -135,6 +137,12 @@ class RunPaths:
         """Semantic mappers (``lumen train-mapper``): one folder per input kind (``seg``, ``sketch``,
         ``scribble``) with ``mapper.safetensors`` and ``mapper.json``."""
         return self.root / "mapper"
+
+    @property
+    def controls(self) -> Path:
+        """Class-specific appearance directions (``lumen train-controls``): ``directions.safetensors`` and
+        a preview grid per class."""
+        return self.root / "controls"
 
     @property
     def quality_filter(self) -> Path:

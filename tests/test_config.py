@@ -119,7 +119,7 @@ def test_run_dir_supersedes_only_the_stages_whose_config_changed(tmp_path: Path)
 
     prepare_run_dir(build_config({"seed": 2, "perception": {"steps": 9}}), run)  # data: everything
     entry = json.loads((run / "stages.json").read_text())["superseded"][-1]
-    assert entry["stages"] == ["data", "base", "lumen", "distill", "mapper", "expand", "evaluate"]
+    assert entry["stages"] == ["data", "base", "lumen", "distill", "mapper", "controls", "expand", "evaluate"]
     assert not (run / "base").exists() and not (run / "shards").exists()
 
 

@@ -361,3 +361,78 @@ def test_train_mapper_then_generate_from_label_maps(tmp_path: Path, kind: str) -
         s for s in iter_samples(run3 / "shards" / "synthetic") if s.key == f"{data.keys()[0]}-v00"
     )
     assert np.array_equal(rerendered.seg, data.load(data.keys()[0]).seg) and rerendered.depth is not None
+
+
+def test_train_controls_then_expand_with_class_edits(tmp_path: Path) -> None:
+    """``lumen train-controls`` writes directions + a preview per class; expand with class edits records
+    each variant's edit; a variant planned with strength 0 is the unedited image bit for bit."""
+    from pipeline.config import ConfigError
+    from pipeline.lumen.controls import ClassDirections
+    from pipeline.lumen.expand import run_expand
+    from pipeline.lumen.expand_context import _CONTEXTS
+    from pipeline.preflight import preflight
+    from pipeline.shards.reader import iter_samples, read_shards
+
+    cfg = build_config(
+        {
+            **_cfg("layout").model_dump(mode="json", include={"data", "base", "layouts", "lumen"}),
+            "controls": {
+                "classes": ["floor", "sky"],
+                "directions_per_class": 2,
+                "layer": "up_blocks.0",
+                "feature_layer": "up_blocks.1",
+                "train_steps": 3,
+                "batch_size": 2,
+                "min_pixels": 4,
+                "num_images": 4,
+            },
+            "generate": {
+                "variants": 2,
+                "steps": 2,
+                "chunk_size": 4,
+                "class_edits": {"classes": ["floor"], "strengths": [2.0]},
+            },
+        }
+    )
+    data = collect_samples(cfg, (RES, RES), Quarantine(None), progress=False)
+    build_tiny_components(build_tokenizer([s.caption for s in data], max_length=16), RES, preset=PRESET).save(
+        tmp_path / "base"
+    )
+    run_train_lumen(cfg, tmp_path, progress=False)
+    with pytest.raises(ConfigError, match="lumen train-controls"):
+        preflight(cfg, "expand", tmp_path)
+    from pipeline.lumen.controls import run_train_controls
+
+    path = run_train_controls(cfg, tmp_path, progress=False)
+    found = ClassDirections.load(path)
+    assert found.class_names == ["floor", "sky"] and found.directions.shape[:2] == (2, 2)
+    assert (tmp_path / "controls" / "preview-floor.png").is_file()
+    summary = run_expand(cfg, tmp_path, progress=False)
+    assert summary.synthetic == 8
+    records = {d["__key__"]: d["json"] for d in read_shards(tmp_path / "shards" / "synthetic")}
+    edits = [r["class_edit"] for r in records.values() if r.get("class_edit")]
+    assert edits and all(
+        e["class"] == "floor" and e["strength"] == 2.0 and e["direction"] in (0, 1) for e in edits
+    )
+    assert all(
+        r["models"]["controls"]["id"] == "run/controls/directions.safetensors" for r in records.values()
+    )
+    edited = {s.key: s.image for s in iter_samples(tmp_path / "shards" / "synthetic")}
+
+    # strength 0: the same variants as without class edits, bit for bit
+    zero = cfg.model_copy(update={"generate": cfg.generate.model_copy(
+        update={"class_edits": cfg.generate.class_edits.model_copy(update={"strengths": [0.0]})})})  # fmt: skip
+    plain = cfg.model_copy(update={"generate": cfg.generate.model_copy(
+        update={"class_edits": cfg.generate.class_edits.model_copy(update={"classes": []})})})  # fmt: skip
+    images = {}
+    for name, c in (("zero", zero), ("plain", plain)):
+        run = tmp_path / name
+        shutil.copytree(
+            tmp_path, run, ignore=shutil.ignore_patterns("shards", "work", "summaries", "zero", "plain")
+        )
+        _CONTEXTS.clear()
+        run_expand(c, run, progress=False)
+        images[name] = {s.key: s.image for s in iter_samples(run / "shards" / "synthetic")}
+    assert images["zero"].keys() == images["plain"].keys() == edited.keys()
+    assert all(np.array_equal(images["zero"][k], images["plain"][k]) for k in edited)
+    assert any(not np.array_equal(edited[k], images["plain"][k]) for k in edited)

@@ -47,7 +47,12 @@ __all__ = [
     "ControlsSettings",
     "FeatureEdit",
     "area_loss",
+    "edit_tensors",
     "masked_mean",
+    "outline",
+    "plan_class_edits",
+    "preview_directions",
+    "run_train_controls",
     "triplet_loss",
 ]
 
@@ -110,7 +115,9 @@ class ClassDirections:
         if self.directions.ndim != 3 or self.directions.shape[0] != len(self.classes):
             raise ValueError(f"directions must be (len(classes), K, C), got {tuple(self.directions.shape)}")
         d = self.directions.detach().float()
-        if not torch.allclose(d.norm(dim=2), torch.ones(d.shape[:2]), atol=1e-5):  # unit already: kept bit for bit
+        if not torch.allclose(
+            d.norm(dim=2), torch.ones(d.shape[:2]), atol=1e-5
+        ):  # unit already: kept bit for bit
             d = F.normalize(d, dim=2)
         self.directions = d.contiguous()
 
@@ -436,3 +443,165 @@ class ControlTrainer:
         finally:
             hook.remove()
         return int(store["h"].shape[1])
+
+
+def outline(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """``image`` with the boundary of ``mask`` drawn in white."""
+    m = mask.astype(bool)
+    edge = np.zeros_like(m)
+    edge[1:] |= m[1:] != m[:-1]
+    edge[:, 1:] |= m[:, 1:] != m[:, :-1]
+    out = image.copy()
+    out[edge & m] = 255
+    return out
+
+
+def preview_directions(
+    generator: Any,
+    directions: ClassDirections,
+    cls: int,
+    condition: np.ndarray | None,
+    seg: np.ndarray,
+    prompt: str,
+    strengths: Sequence[float] = (0.0, 1.0, 2.0, 3.0),
+    steps: int = 20,
+    guidance_scale: float = 3.0,
+    conditioning_scale: float = 1.0,
+    seed: int = 0,
+) -> np.ndarray:
+    """A grid for one class: rows are its directions, columns strengths, the class mask outlined."""
+    from pipeline.viz import image_grid
+
+    k_all, s_all = directions.num_directions, list(strengths)
+    n = k_all * len(s_all)
+    vecs = torch.stack(
+        [directions.vector(cls, k) * s * directions.scale for k in range(k_all) for s in s_all]
+    )
+    mask = torch.from_numpy(seg == cls).float()[None, None].repeat(n, 1, 1, 1)
+    edit = FeatureEdit(generator.base.unet, directions.layer, vecs, mask, directions.t_range)
+    conds = None if condition is None else np.repeat(condition[None], n, 0)
+    size = None if condition is not None else tuple(seg.shape)
+    images = generator.generate(conds, [prompt] * n, [seed] * n, steps=steps, guidance_scale=guidance_scale,
+                                conditioning_scale=conditioning_scale, size=size, feature_edit=edit)  # fmt: skip
+    rows = [
+        [outline(images[k * len(s_all) + j], seg == cls) for j in range(len(s_all))] for k in range(k_all)
+    ]
+    return image_grid(rows, headers=[f"strength {s:g}" for s in s_all])
+
+
+def run_train_controls(cfg: Any, run_dir: Path, progress: bool = True) -> Path:
+    """Find class directions for the run's generator on its training images (``controls.*``); writes
+    ``<run>/controls/directions.safetensors`` and ``preview-<class>.png`` per class; returns the file."""
+    from diffusers import ControlNetModel
+
+    from pipeline.config import ConfigError, config_hash
+    from pipeline.data import Quarantine
+    from pipeline.device import resolve_device
+    from pipeline.execution import progress_bar
+    from pipeline.lumen.generate import LumenGenerator
+    from pipeline.lumen.stages import (
+        collect_samples,
+        condition_maker,
+        generation_size,
+        load_run_base,
+        lumen_folder,
+        shipped_reducer,
+    )
+    from pipeline.runs import RunPaths
+    from pipeline.viz import save_png
+
+    c = cfg.controls
+    base, base_id = load_run_base(cfg, run_dir)
+    device = resolve_device(cfg.device)
+    data = collect_samples(
+        cfg, generation_size(cfg, base), Quarantine(RunPaths(run_dir).quarantine), progress=progress
+    )
+    if "seg" not in data.info.labels:
+        raise ConfigError(f"class directions need seg masks; {data.info.name} has {list(data.info.labels)}")
+    names = list(data.info.classes)
+    unknown = [n for n in c.classes or [] if n not in names]
+    if unknown:
+        raise ConfigError(f"controls.classes {unknown} are not classes of {data.info.name}: {names}")
+    classes = [names.index(n) for n in c.classes] if c.classes else list(range(len(names)))
+    samples = [data.load(k) for k in data.keys()[: c.num_images]]
+    cn_dir = lumen_folder(cfg, run_dir)
+    controlnet = ControlNetModel.from_pretrained(cn_dir, torch_dtype=torch.float32).eval()
+    make, _ = condition_maker(cfg, base, base_id, data, run_dir, reducer_path=shipped_reducer(cfg, cn_dir))
+    conds = make(samples).astype(np.float32)
+    settings = ControlsSettings(
+        directions_per_class=c.directions_per_class, layer=c.layer, feature_layer=c.feature_layer,
+        t_range=(c.t_min, c.t_max), strength=c.strength, steps=c.train_steps, batch_size=c.batch_size,
+        lr=c.learning_rate, triplet_weight=c.triplet_weight, area_weight=c.area_weight, margin=c.margin,
+        min_pixels=c.min_pixels, seed=c.seed,
+    )  # fmt: skip
+    trainer = ControlTrainer(base, controlnet, settings, device=device)
+    bar = progress_bar(total=c.train_steps, desc="class directions", unit="step", enabled=progress)
+
+    def step(i: int, losses: dict[str, float]) -> None:
+        bar.update(1)
+        if i % 25 == 0:
+            bar.set_postfix(triplet=f"{losses['triplet']:.3f}", area=f"{losses['area']:.3f}")
+
+    segs = np.stack([np.asarray(s.seg) for s in samples])
+    found = trainer.fit(np.stack([s.image for s in samples]), segs, [s.caption for s in samples], conds, classes,
+                        names, on_step=step)  # fmt: skip
+    bar.close()
+    found.metadata.update(base_model=base_id, controlnet=str(cn_dir), config_hash=config_hash(cfg))
+    out = RunPaths(run_dir).controls
+    path = found.save(out / CONTROLS_FILE)
+    generator = LumenGenerator(base, controlnet, scheduler=cfg.generate.scheduler, device=device)
+    for cls, name in zip(found.classes, found.class_names, strict=True):
+        i = int(np.argmax((segs == cls).reshape(len(segs), -1).sum(1)))
+        grid = preview_directions(generator, found, cls, conds[i], segs[i], samples[i].caption,
+                                  steps=cfg.generate.steps, guidance_scale=cfg.generate.guidance_scale,
+                                  conditioning_scale=cfg.generate.conditioning_scale)  # fmt: skip
+        save_png(out / f"preview-{name}.png", grid)
+    return path
+
+
+def plan_class_edits(
+    directions: ClassDirections,
+    segs: Sequence[np.ndarray],
+    seeds: Sequence[int],
+    classes: Sequence[int],
+    choice: str | Sequence[int] = "random",
+    strengths: Sequence[float] = (1.0,),
+    share: float = 1.0,
+    min_pixels: int = 16,
+) -> list[dict[str, Any] | None]:
+    """One edit per variant (or None): a class of ``classes`` present in its seg map (at least
+    ``min_pixels``), a direction (``random`` or one of ``choice``) and a strength, drawn from a generator
+    seeded by the variant's seed, so a rerun plans the same edits."""
+    plans: list[dict[str, Any] | None] = []
+    for seg, seed in zip(segs, seeds, strict=True):
+        rng = np.random.default_rng([int(seed), 7])
+        if rng.random() >= share:
+            plans.append(None)
+            continue
+        present = [c for c in classes if c in directions.classes and int((seg == c).sum()) >= min_pixels]
+        if not present:
+            plans.append(None)
+            continue
+        cls = present[int(rng.integers(len(present)))]
+        options = list(range(directions.num_directions)) if choice == "random" else [int(k) for k in choice]
+        k = options[int(rng.integers(len(options)))]
+        s = float(strengths[int(rng.integers(len(strengths)))])
+        name = directions.class_names[directions.classes.index(cls)]
+        plans.append({"class": name, "class_id": cls, "direction": k, "strength": s})
+    return plans
+
+
+def edit_tensors(
+    directions: ClassDirections, plans: Sequence[dict[str, Any] | None], segs: Sequence[np.ndarray]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C) scaled vectors and (B, 1, H, W) masks of planned edits (zeros where a plan is None)."""
+    c = int(directions.directions.shape[2])
+    vecs = torch.zeros(len(plans), c)
+    masks = torch.zeros(len(plans), 1, *np.asarray(segs[0]).shape)
+    for i, (plan, seg) in enumerate(zip(plans, segs, strict=True)):
+        if plan is not None:
+            vecs[i] = (
+                directions.vector(plan["class_id"], plan["direction"]) * plan["strength"] * directions.scale
+            )
+            masks[i, 0] = torch.from_numpy(np.asarray(seg) == plan["class_id"]).float()
+    return vecs, masks

@@ -216,18 +216,22 @@ def generate_chunk(
     specs = plan_variants([s.key for s in samples], [s.caption for s in samples], g.variants, cfg.seed,
                           g.prompt_template, g.variation_prompts)  # fmt: skip
     images = np.zeros((0, *ctx.size, 3), np.uint8)
+    by_key = {s.key: s for s in samples}
+    plans = _class_edit_plans(ctx, [by_key[sp.key] for sp in specs], [sp.seed for sp in specs])
     if specs:
         with ctx.worker() as worker:  # up to expand_slots(cfg) chunks at once, each on its own models
             conds = dict(zip((s.key for s in samples), worker.make_conditions(samples), strict=True))
+            edit = _feature_edit(ctx, worker.generator, plans, [by_key[sp.key] for sp in specs])
             images = worker.generator.generate(
                 np.stack([conds[sp.key] for sp in specs]).astype(np.float32), [sp.prompt for sp in specs],
                 [sp.seed for sp in specs], steps=g.steps, guidance_scale=g.guidance_scale, batch_size=g.batch_size,
-                conditioning_scale=g.conditioning_scale,
+                conditioning_scale=g.conditioning_scale, feature_edit=edit,
             )  # fmt: skip
     variants = [
-        {"out_key": sp.out_key, "key": sp.key, "variant": sp.variant, "seed": sp.seed, "prompt": sp.prompt}
-        for sp in specs
-    ]
+        {"out_key": sp.out_key, "key": sp.key, "variant": sp.variant, "seed": sp.seed, "prompt": sp.prompt,
+         **({"class_edit": {k: v for k, v in plan.items() if k != "class_id"}} if plan else {})}
+        for sp, plan in zip(specs, plans, strict=True)
+    ]  # fmt: skip
     arrays: dict[str, np.ndarray] = {"images": images}
     if ctx.quality is not None and specs:
         masks = _score_quality(ctx, samples, specs, images, variants)
@@ -252,6 +256,34 @@ def generate_chunk(
     }
     atomic_write_json(meta, record)
     return ChunkResult(index, meta, reused=False, seconds=time.time() - t0, record=record)
+
+
+def _class_edit_plans(
+    ctx: ExpandContext, sources: list[Sample], seeds: list[int]
+) -> list[dict[str, Any] | None]:
+    """The class-specific appearance edit of each variant (``generate.class_edits``), or None each."""
+    if ctx.controls is None:
+        return [None] * len(seeds)
+    from pipeline.lumen.controls import plan_class_edits
+
+    e = ctx.cfg.generate.class_edits
+    ids = [ctx.source.info.classes.index(c) for c in e.classes]
+    segs = [np.asarray(s.seg) if s.seg is not None else np.zeros(ctx.size, np.int64) for s in sources]
+    return plan_class_edits(ctx.controls, segs, seeds, ids, e.directions, e.strengths, e.share,
+                            ctx.cfg.controls.min_pixels)  # fmt: skip
+
+
+def _feature_edit(
+    ctx: ExpandContext, generator: Any, plans: list[dict[str, Any] | None], sources: list[Sample]
+) -> Any:
+    """The FeatureEdit that applies ``plans`` on ``generator``'s UNet (None when nothing is edited)."""
+    if ctx.controls is None or not any(plans):
+        return None
+    from pipeline.lumen.controls import FeatureEdit, edit_tensors
+
+    segs = [np.asarray(s.seg) for s in sources]
+    vecs, masks = edit_tensors(ctx.controls, plans, segs)
+    return FeatureEdit(generator.base.unet, ctx.controls.layer, vecs, masks, ctx.controls.t_range)
 
 
 def _score_quality(
@@ -348,6 +380,8 @@ def write_chunk(
                 "models": ctx.models, "layout": ctx.layout_meta}  # fmt: skip
         if "quality" in v:
             prov["quality"] = v["quality"]
+        if "class_edit" in v:
+            prov["class_edit"] = v["class_edit"]
         if "label_source" in src.meta:  # made from a label map (edited, or as it is)
             prov["source_key"] = src.meta.get("source_key", src.key)
             prov["label_source"], prov["edits"] = src.meta.get("label_source"), src.meta.get("edits", [])

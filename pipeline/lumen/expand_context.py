@@ -91,6 +91,7 @@ class ExpandContext:
     layout_meta: dict[str, Any]
     stage_hash: str
     real_source: SampleSource | None = None  # the real images (source itself unless label maps are in it)
+    controls: Any = None  # pipeline.lumen.controls.ClassDirections when generate.class_edits names classes
     quality: Any = None  # a pipeline.synthesis.filter.QualityFilter when generate.quality_filter is on
     slots: int = 1
     build_worker: Callable[[], GenerationWorker] | None = None
@@ -141,6 +142,28 @@ def expand_slots(cfg: LumenConfig) -> int:
     """Chunks one process generates at once: ``runner.gpu_concurrency`` under the thread runner (each
     Dask worker process holds one device slot, so 1 there)."""
     return cfg.runner.gpu_concurrency if cfg.runner.kind == "thread" else 1
+
+
+def _class_directions(
+    cfg: LumenConfig, run_dir: Path, classes: Sequence[str]
+) -> tuple[Any, dict[str, str | None]]:
+    """The class directions ``generate.class_edits`` uses, checked against its classes, and their id."""
+    from pipeline.lumen.controls import CONTROLS_FILE, ClassDirections
+    from pipeline.runs import RunPaths
+
+    e = cfg.generate.class_edits
+    path = Path(e.file) if e.file else RunPaths(run_dir).controls / CONTROLS_FILE
+    directions = ClassDirections.load(path)
+    missing = [c for c in e.classes if c not in directions.class_names]
+    if missing:
+        raise ValueError(f"generate.class_edits.classes {missing} have no directions in {path} "
+                         f"(trained: {directions.class_names}); add them to controls.classes")  # fmt: skip
+    if e.directions != "random" and max(e.directions) >= directions.num_directions:
+        raise ValueError(
+            f"generate.class_edits.directions {e.directions}: {path} has {directions.num_directions} per class"
+        )
+    ident = _controlnet_id(path.parent, run_dir) + f"/{path.name}"
+    return directions, {"id": ident, "sha256": sha256_file(path)}
 
 
 def uses_mapper(cfg: LumenConfig) -> bool:
@@ -283,6 +306,9 @@ def _build_context(
             make = _with_maps(source, make, from_labels[4])
         return GenerationWorker(make, generator(own_base, own_cn))
 
+    controls = None
+    if cfg.generate.class_edits.classes:
+        controls, models["controls"] = _class_directions(cfg, run_dir, source.info.classes)
     quality = None
     if cfg.generate.quality_filter:
         from pipeline.synthesis.filter import QualityFilter
@@ -300,6 +326,7 @@ def _build_context(
         layout_meta={"condition": card.get("condition"), **cond_meta},
         stage_hash=stage_hash(cfg),
         real_source=real_source,
+        controls=controls,
         quality=quality,
         slots=expand_slots(cfg),
         build_worker=build_worker,

@@ -121,6 +121,9 @@ class Provenance(BaseModel):
     edits: list[dict[str, Any]] | None = Field(
         None, description="layout edits that made the label map from its source map (op and parameters)"
     )
+    class_edit: dict[str, Any] | None = Field(
+        None, description="class-specific appearance edit: class, direction, strength (generate.class_edits)"
+    )
 
     @model_validator(mode="after")
     def _synthetic_needs_variant(self) -> Provenance:
