@@ -396,6 +396,11 @@ class ClassEditConfig(_Section):
         default_factory=lambda: [1.0], min_length=1, description="drawn per variant"
     )
     share: float = Field(1.0, ge=0, le=1, description="share of variants that get an edit")
+    weights: Literal["uniform", "hardness"] = Field(
+        "uniform",
+        description="how the edited class is drawn among those present: uniformly, or in proportion to "
+        "1 - IoU of a real-only segmenter on held-out training images (hardness-aware)",
+    )
     file: str | None = Field(None, description="a directions.safetensors; null = the run's (train-controls)")
 
 

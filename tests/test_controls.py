@@ -120,3 +120,25 @@ def test_optimised_directions_change_less_outside_the_mask_than_random_ones(toy)
         area(learned.directions[0]),
         area(random),
     )  # 0.05 vs 0.10
+
+
+def test_hardness_weights_draw_the_harder_class_more_often() -> None:
+    from pipeline.lumen.controls import class_hardness, plan_class_edits
+
+    labels = np.zeros((2, 8, 8), np.int64)
+    labels[:, :4] = 1  # class 1: top half; class 0: bottom half
+    preds = labels.copy()
+    preds[:, 4:6] = 1  # the segmenter eats half of class 0: IoU(0) = 0.5, IoU(1) = 32/48
+    hard = class_hardness(preds, labels, 3, [0, 1, 2])
+    assert hard[0] == pytest.approx(0.5) and hard[1] == pytest.approx(1 - 32 / 48)
+    assert hard[2] == pytest.approx((hard[0] + hard[1]) / 2)  # absent: the mean of the others
+
+    d = ClassDirections(torch.randn(2, 2, 4), [0, 1], ["a", "b"], "up_blocks.0", 1.0, (0, 999))
+    segs = [labels[0]] * 400
+    uniform = plan_class_edits(d, segs, list(range(400)), [0, 1], min_pixels=1)
+    weighted = plan_class_edits(d, segs, list(range(400)), [0, 1], min_pixels=1, weights={0: 0.9, 1: 0.1})
+    share = [np.mean([p["class_id"] == 0 for p in plans if p]) for plans in (uniform, weighted)]
+    assert 0.4 < share[0] < 0.6 and share[1] > 0.8, share
+    assert (
+        plan_class_edits(d, segs[:5], list(range(5)), [0, 1], min_pixels=1) == uniform[:5]
+    )  # seeded per variant

@@ -436,3 +436,26 @@ def test_train_controls_then_expand_with_class_edits(tmp_path: Path) -> None:
     assert images["zero"].keys() == images["plain"].keys() == edited.keys()
     assert all(np.array_equal(images["zero"][k], images["plain"][k]) for k in edited)
     assert any(not np.array_equal(edited[k], images["plain"][k]) for k in edited)
+
+    # hardness-aware: a real-only segmenter on 80% of the training images, 1 - IoU on the other 20%
+    from perception.judges import fit_judge
+
+    hard = build_config({**cfg.model_dump(mode="json", exclude={"generate", "perception"}),
+                         "data": {**cfg.data.model_dump(mode="json"), "num_images": 12},
+                         "perception": {"steps": 2, "batch_size": 2, "encoder_depth": 3, "decoder_channels": [16, 8, 8]},
+                         "generate": {**cfg.generate.model_dump(mode="json"),
+                                      "class_edits": {"classes": ["floor"], "weights": "hardness"}}})  # fmt: skip
+    run = tmp_path / "hard"
+    shutil.copytree(
+        tmp_path, run, ignore=shutil.ignore_patterns("shards", "work", "summaries", "zero", "plain")
+    )
+    _CONTEXTS.clear()
+    run_expand(hard, run, progress=False, judge_factory=fit_judge)
+    report = json.loads((run / "controls" / "hardness.json").read_text())
+    assert set(report["one_minus_iou"]) == {"floor"} and report["held_out"] + report["trained_on"] == 12
+    weights = [
+        d["json"]["class_edit"]["class_weight"]
+        for d in read_shards(run / "shards" / "synthetic")
+        if d["json"].get("class_edit")
+    ]
+    assert weights and all(w == pytest.approx(report["one_minus_iou"]["floor"], abs=1e-4) for w in weights)

@@ -47,6 +47,7 @@ __all__ = [
     "ControlsSettings",
     "FeatureEdit",
     "area_loss",
+    "class_hardness",
     "edit_tensors",
     "masked_mean",
     "outline",
@@ -559,6 +560,28 @@ def run_train_controls(cfg: Any, run_dir: Path, progress: bool = True) -> Path:
     return path
 
 
+def class_hardness(
+    predictions: np.ndarray,
+    labels: np.ndarray,
+    num_classes: int,
+    classes: Sequence[int],
+    ignore_index: int | None = None,
+) -> dict[int, float]:
+    """1 - IoU of each class of ``classes`` for a real-only segmenter's predictions on held-out images
+    (pooled over images); a class absent from both gets the mean hardness of the others."""
+    from pipeline.synthesis.metrics import seg_confusion
+
+    conf = np.sum(
+        [seg_confusion(p, t, num_classes, ignore_index) for p, t in zip(predictions, labels, strict=True)],
+        axis=0,
+    )
+    tp = np.diag(conf).astype(np.float64)
+    union = conf.sum(0) + conf.sum(1) - tp
+    hard = {c: float(1 - tp[c] / union[c]) for c in classes if union[c] > 0}
+    fill = float(np.mean(list(hard.values()))) if hard else 1.0
+    return {c: hard.get(c, fill) for c in classes}
+
+
 def plan_class_edits(
     directions: ClassDirections,
     segs: Sequence[np.ndarray],
@@ -568,10 +591,13 @@ def plan_class_edits(
     strengths: Sequence[float] = (1.0,),
     share: float = 1.0,
     min_pixels: int = 16,
+    weights: dict[int, float] | None = None,
 ) -> list[dict[str, Any] | None]:
     """One edit per variant (or None): a class of ``classes`` present in its seg map (at least
     ``min_pixels``), a direction (``random`` or one of ``choice``) and a strength, drawn from a generator
-    seeded by the variant's seed, so a rerun plans the same edits."""
+    seeded by the variant's seed, so a rerun plans the same edits. With ``weights`` (e.g.
+    :func:`class_hardness`) the class is drawn with probability proportional to its weight among the
+    classes present (hardness-aware), else uniformly."""
     plans: list[dict[str, Any] | None] = []
     for seg, seed in zip(segs, seeds, strict=True):
         rng = np.random.default_rng([int(seed), 7])
@@ -582,7 +608,11 @@ def plan_class_edits(
         if not present:
             plans.append(None)
             continue
-        cls = present[int(rng.integers(len(present)))]
+        if weights is not None:
+            w = np.array([max(weights.get(c, 0.0), 1e-6) for c in present])
+            cls = present[int(rng.choice(len(present), p=w / w.sum()))]
+        else:
+            cls = present[int(rng.integers(len(present)))]
         options = list(range(directions.num_directions)) if choice == "random" else [int(k) for k in choice]
         k = options[int(rng.integers(len(options)))]
         s = float(strengths[int(rng.integers(len(strengths)))])

@@ -269,8 +269,13 @@ def _class_edit_plans(
     e = ctx.cfg.generate.class_edits
     ids = [ctx.source.info.classes.index(c) for c in e.classes]
     segs = [np.asarray(s.seg) if s.seg is not None else np.zeros(ctx.size, np.int64) for s in sources]
-    return plan_class_edits(ctx.controls, segs, seeds, ids, e.directions, e.strengths, e.share,
-                            ctx.cfg.controls.min_pixels)  # fmt: skip
+    plans = plan_class_edits(ctx.controls, segs, seeds, ids, e.directions, e.strengths, e.share,
+                             ctx.cfg.controls.min_pixels, weights=ctx.class_weights)  # fmt: skip
+    if ctx.class_weights is not None:
+        for plan in plans:
+            if plan is not None:
+                plan["class_weight"] = round(ctx.class_weights[plan["class_id"]], 4)
+    return plans
 
 
 def _feature_edit(

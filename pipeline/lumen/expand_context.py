@@ -92,6 +92,7 @@ class ExpandContext:
     stage_hash: str
     real_source: SampleSource | None = None  # the real images (source itself unless label maps are in it)
     controls: Any = None  # pipeline.lumen.controls.ClassDirections when generate.class_edits names classes
+    class_weights: dict[int, float] | None = None  # hardness-aware class edits: class id -> 1 - IoU
     quality: Any = None  # a pipeline.synthesis.filter.QualityFilter when generate.quality_filter is on
     slots: int = 1
     build_worker: Callable[[], GenerationWorker] | None = None
@@ -164,6 +165,45 @@ def _class_directions(
         )
     ident = _controlnet_id(path.parent, run_dir) + f"/{path.name}"
     return directions, {"id": ident, "sha256": sha256_file(path)}
+
+
+HARDNESS_HOLDOUT = 0.2
+"""Share of the training images held out (the lowest key hashes) to measure a real-only segmenter's
+per-class IoU."""
+
+
+def _hardness(
+    cfg: LumenConfig, run_dir: Path, base: BaseComponents, progress: bool, judge_factory: JudgeFactory | None
+) -> dict[int, float]:
+    """1 - IoU per edited class of a real-only segmenter trained on 80% of the training images and
+    scored on the other 20% (never the val or test split); saved to ``controls/hardness.json``."""
+    from pipeline.data.folder import hash_share
+    from pipeline.io import atomic_write_json
+    from pipeline.lumen.controls import class_hardness
+    from pipeline.runs import RunPaths
+
+    if judge_factory is None:
+        raise ValueError("generate.class_edits.weights=hardness needs a judge_factory (the flows pass one)")
+    train = list(collect_samples(cfg, generation_size(cfg, base), Quarantine(None), progress=progress))
+    ordered = sorted(train, key=lambda s: hash_share(s.key))  # stable when images are added
+    n_held = max(1, round(HARDNESS_HOLDOUT * len(ordered)))
+    held, fit = ordered[:n_held], ordered[n_held:]
+    if not fit:
+        raise ValueError(f"hardness-aware class edits need more training images (got {len(train)})")
+    info = build_dataset(cfg.data, "train").info
+    folder = RunPaths(run_dir).controls / "hardness-judge"
+    judge = judge_factory("seg", fit, info, folder, config=cfg.perception, steps=cfg.perception.steps,
+                          seed=cfg.seed, device=resolve_device(cfg.device))  # fmt: skip
+    ids = [info.classes.index(c) for c in cfg.generate.class_edits.classes]
+    import numpy as np
+
+    preds = judge.predict(np.stack([s.image for s in held]))
+    hardness = class_hardness(
+        preds, np.stack([np.asarray(s.seg) for s in held]), info.num_classes, ids, info.ignore_index
+    )
+    atomic_write_json(RunPaths(run_dir).controls / "hardness.json",
+                      {"held_out": len(held), "trained_on": len(fit), "one_minus_iou": {info.classes[c]: v for c, v in hardness.items()}})  # fmt: skip
+    return hardness
 
 
 def uses_mapper(cfg: LumenConfig) -> bool:
@@ -306,9 +346,11 @@ def _build_context(
             make = _with_maps(source, make, from_labels[4])
         return GenerationWorker(make, generator(own_base, own_cn))
 
-    controls = None
+    controls = class_weights = None
     if cfg.generate.class_edits.classes:
         controls, models["controls"] = _class_directions(cfg, run_dir, source.info.classes)
+        if cfg.generate.class_edits.weights == "hardness":
+            class_weights = _hardness(cfg, run_dir, base, progress, judge_factory)
     quality = None
     if cfg.generate.quality_filter:
         from pipeline.synthesis.filter import QualityFilter
@@ -327,6 +369,7 @@ def _build_context(
         stage_hash=stage_hash(cfg),
         real_source=real_source,
         controls=controls,
+        class_weights=class_weights,
         quality=quality,
         slots=expand_slots(cfg),
         build_worker=build_worker,
