@@ -107,7 +107,8 @@ def _flow(name: str, args: argparse.Namespace, **kwargs: object) -> object:
 
 def _cmd_run(args: argparse.Namespace) -> int:
     s = _flow("run", args)
-    assert isinstance(s, dict)
+    if not isinstance(s, dict):
+        raise TypeError(f"the run flow returned {type(s).__name__}, expected its summary dict")
     t = s["timings_s"]
     print(f"\nrun folder: {s['run_dir']} ({t['total']:.0f} s)")
     print(
@@ -156,7 +157,8 @@ def _cmd_train_controls(args: argparse.Namespace) -> int:
 
 def _cmd_expand(args: argparse.Namespace) -> int:
     s = _flow("expand", args)
-    assert isinstance(s, dict)
+    if not isinstance(s, dict):
+        raise TypeError(f"the expand flow returned {type(s).__name__}, expected its summary dict")
     print(
         f"{s['real_samples']} real and {s['synthetic_samples']} synthetic samples "
         f"({s['quarantined']} quarantined, {s['written_this_run']['filtered']} filtered) in {s['seconds']:.0f} s"
@@ -169,7 +171,8 @@ def _cmd_expand(args: argparse.Namespace) -> int:
 
 def _cmd_evaluate(args: argparse.Namespace) -> int:
     s = _flow("evaluate", args)
-    assert isinstance(s, dict)
+    if not isinstance(s, dict):
+        raise TypeError(f"the evaluate flow returned {type(s).__name__}, expected its summary dict")
     print(f"report: {s['report']} (and report.json, figures/)")
     return 0
 
