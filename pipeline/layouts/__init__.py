@@ -27,7 +27,7 @@ from pipeline.layouts.backbones import (
     resolve_device,
 )
 from pipeline.layouts.cache import LayoutCache
-from pipeline.layouts.fit import fit_or_load_kmeans, fit_or_load_pca, fit_or_load_reducer, reducer_file
+from pipeline.layouts.fit import fit_or_load_pca, fit_or_load_reducer, reducer_file
 from pipeline.layouts.kmeans import KMeans, KMeansFitter
 from pipeline.layouts.pca import PCA, PCAFitter
 from pipeline.layouts.preview import layout_to_rgb, preview_grid, save_preview
@@ -59,7 +59,6 @@ __all__ = [
     "build_backbone",
     "build_extractor",
     "fit_kmeans",
-    "fit_or_load_kmeans",
     "fit_or_load_pca",
     "fit_or_load_reducer",
     "fit_pca",

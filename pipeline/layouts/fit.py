@@ -21,53 +21,7 @@ from pipeline.layouts.kmeans import KMEANS_FILE, KMeans
 from pipeline.layouts.pca import PCA, PCA_FILE
 from pipeline.layouts.project import fit_kmeans, fit_pca
 
-__all__ = ["fit_or_load_kmeans", "fit_or_load_pca", "fit_or_load_reducer", "reducer_file"]
-
-
-def fit_or_load_pca(
-    path: str | os.PathLike[str],
-    backbone: Backbone,
-    source: SampleSource,
-    cfg: LayoutConfig,
-    metadata: Mapping[str, Any] | None = None,
-) -> PCA:
-    """The PCA at ``path`` if the file exists; else :func:`fit_pca` over ``source``, saved to ``path``.
-
-    Args:
-        path: the PCA file, usually ``RunPaths(run_dir).pca``.
-        backbone: the layout backbone (used only when fitting).
-        source: the dataset to fit on (used only when fitting).
-        cfg: the layout config (number of components, images and vectors sampled, seed).
-        metadata: extra header entries of a newly fitted PCA (e.g. the config hash); a loaded PCA keeps
-            the metadata it was saved with.
-    """
-    path = Path(path)
-    if path.is_file():
-        return PCA.load(path)
-    pca = fit_pca(backbone, source, cfg, metadata=metadata)
-    pca.save(path)
-    return pca
-
-
-def fit_or_load_kmeans(
-    path: str | os.PathLike[str],
-    backbone: Backbone,
-    source: SampleSource,
-    cfg: LayoutConfig,
-    metadata: Mapping[str, Any] | None = None,
-) -> KMeans:
-    """The proxy-mask k-means at ``path`` if the file exists; else :func:`fit_kmeans`, saved to ``path``."""
-    path = Path(path)
-    if path.is_file():
-        return KMeans.load(path)
-    kmeans = fit_kmeans(backbone, source, cfg, metadata=metadata)
-    kmeans.save(path)
-    return kmeans
-
-
-def reducer_file(cfg: LayoutConfig) -> str:
-    """The file name of what reduces features to layouts: ``pca.safetensors`` or ``kmeans.safetensors``."""
-    return KMEANS_FILE if cfg.kind == "clustered" else PCA_FILE
+__all__ = ["fit_or_load_pca", "fit_or_load_reducer", "reducer_file"]
 
 
 def fit_or_load_reducer(
@@ -77,7 +31,40 @@ def fit_or_load_reducer(
     cfg: LayoutConfig,
     metadata: Mapping[str, Any] | None = None,
 ) -> PCA | KMeans:
-    """:func:`fit_or_load_kmeans` for ``layouts.kind: clustered``, else :func:`fit_or_load_pca`."""
-    if cfg.kind == "clustered":
-        return fit_or_load_kmeans(path, backbone, source, cfg, metadata)
-    return fit_or_load_pca(path, backbone, source, cfg, metadata)
+    """The run's reducer at ``path`` if the file exists; else fitted over ``source`` and saved to ``path``:
+    :func:`fit_kmeans` for ``layouts.kind: clustered``, :func:`fit_pca` otherwise.
+
+    Args:
+        path: the reducer file, usually ``RunPaths(run_dir).pca`` (or ``.kmeans``).
+        backbone: the layout backbone (used only when fitting).
+        source: the dataset to fit on (used only when fitting).
+        cfg: the layout config (kind, components or clusters, images and vectors sampled, seed).
+        metadata: extra header entries of a newly fitted reducer (e.g. the config hash); a loaded one
+            keeps the metadata it was saved with.
+    """
+    path = Path(path)
+    clustered = cfg.kind == "clustered"
+    if path.is_file():
+        return KMeans.load(path) if clustered else PCA.load(path)
+    reducer = (fit_kmeans if clustered else fit_pca)(backbone, source, cfg, metadata=metadata)
+    reducer.save(path)
+    return reducer
+
+
+def fit_or_load_pca(
+    path: str | os.PathLike[str],
+    backbone: Backbone,
+    source: SampleSource,
+    cfg: LayoutConfig,
+    metadata: Mapping[str, Any] | None = None,
+) -> PCA:
+    """:func:`fit_or_load_reducer` for a PCA (``layouts.kind: pca``)."""
+    pca = fit_or_load_reducer(path, backbone, source, cfg.model_copy(update={"kind": "pca"}), metadata)
+    if not isinstance(pca, PCA):  # pragma: no cover - fit_or_load_reducer returns a PCA for kind pca
+        raise TypeError(f"expected a PCA, got {type(pca).__name__}")
+    return pca
+
+
+def reducer_file(cfg: LayoutConfig) -> str:
+    """The file name of what reduces features to layouts: ``pca.safetensors`` or ``kmeans.safetensors``."""
+    return KMEANS_FILE if cfg.kind == "clustered" else PCA_FILE

@@ -341,8 +341,10 @@ def _build_context(
         own_base, _ = load_run_base(cfg, run_dir)
         own_base.to(device)
         own_cn, _ = _load_controlnet(cn_folder, device)
+        if cfg.generate.source == "labels" and from_labels is not None:  # maps only: the mapper is shared
+            return GenerationWorker(from_labels[1], generator(own_base, own_cn))
         make, _ = condition_maker(cfg, own_base, base_id, real_source, run_dir, reducer_path=reducer)
-        if from_labels is not None:  # the mapper is stateless at inference; the layout extractor is not
+        if from_labels is not None:  # images + edited maps: this worker's own extractor, the shared mapper
             make = _with_maps(source, make, from_labels[4])
         return GenerationWorker(make, generator(own_base, own_cn))
 
