@@ -27,7 +27,7 @@ __all__ = ["main"]
 log = logging.getLogger("lumen")
 
 # Sub-packages that contribute command groups through a ``register(subparsers)`` function.
-_PLUGINS = ("lumen_cli.layouts", "lumen_cli.shards", "lumen_cli.synthesis")
+_PLUGINS = ("lumen_cli.layouts", "lumen_cli.shards", "lumen_cli.synthesis", "lumen_cli.plan")
 
 
 def add_config_args(p: argparse.ArgumentParser, out: bool = True) -> None:

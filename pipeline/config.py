@@ -617,12 +617,23 @@ class PerceptionConfig(_Section):
 
 
 class RunnerConfig(_Section):
-    """How Prefect runs tasks."""
+    """How Prefect runs tasks, and how many processes train (data-parallel, docs/scaling.md)."""
 
     kind: Literal["thread", "dask"] = "thread"
     max_workers: int = Field(2, ge=1)
     dask_address: str | None = None
     gpu_concurrency: int = Field(1, ge=1)
+    devices: int = Field(
+        1, ge=1,
+        description="training processes per node (GPUs, or CPU processes); the base model, ControlNet "
+        "and perception then train data-parallel and their batch sizes are global batches",
+    )  # fmt: skip
+    num_nodes: int = Field(1, ge=1, description="nodes of a multi-node job (started by torchrun or SLURM)")
+    strategy: Literal["auto", "ddp", "ddp_spawn"] = Field(
+        "auto",
+        description="auto: ddp under a launcher (torchrun, SLURM), else ddp_spawn (the pipeline spawns "
+        "runner.devices processes itself)",
+    )
 
 
 class GainsConfig(_Section):

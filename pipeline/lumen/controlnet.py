@@ -5,6 +5,10 @@ RGB): frozen VAE, UNet and text encoder; the ControlNet learns the noise-predict
 (image, condition, caption) triples, with a share of empty captions, horizontal flips applied jointly to
 image and condition, gradient accumulation, mixed precision where the device supports it, a checkpoint
 every K steps that resumes exactly, validation grids and a CSV loss curve.
+
+Data-parallel (:mod:`pipeline.distributed`): ``batch_size`` is the global batch. Every rank draws
+the same global batch and trains on its slice, DDP averages the gradients, rank 0 writes the
+checkpoints, logs, grids and the model, and every rank resumes from the same checkpoint.
 """
 
 from __future__ import annotations
@@ -25,6 +29,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.distributed import SINGLE, DataParallel
 from pipeline.execution import progress_bar
 from pipeline.lumen.base import BaseComponents
 from pipeline.lumen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
@@ -144,8 +149,9 @@ class LumenTrainer:
         base: the frozen base model (moved to ``device``).
         controlnet: the ControlNet to train (see :func:`build_controlnet`).
         out_dir: output folder: ``checkpoints/``, ``validation/``, ``train_log.csv``.
-        settings: hyper-parameters.
-        device: torch device.
+        settings: hyper-parameters (``batch_size`` is the global batch over all processes).
+        device: torch device (a data-parallel rank uses the device its job gives it).
+        parallel: this process's place in a data-parallel job (default: a job of one).
     """
 
     def __init__(
@@ -155,11 +161,14 @@ class LumenTrainer:
         out_dir: str | os.PathLike[str],
         settings: ControlTrainSettings | None = None,
         device: torch.device | str = "cpu",
+        parallel: DataParallel = SINGLE,
     ) -> None:
         self.base = base
         self.controlnet = controlnet
         self.s = settings or ControlTrainSettings()
-        self.device = torch.device(device)
+        self.parallel = parallel
+        self.device = parallel.device or torch.device(device)
+        parallel.local(self.s.batch_size)  # fails early when the batch does not divide over the ranks
         self.out = Path(out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         for m in (base.vae, base.unet, base.text_encoder):
@@ -167,6 +176,7 @@ class LumenTrainer:
             m.eval()
         base.to(self.device)
         controlnet.to(self.device)
+        self.trained = parallel.setup(controlnet)  # DDP-wrapped for the forward; self.controlnet saves
         self.opt = torch.optim.AdamW(controlnet.parameters(), lr=self.s.lr, weight_decay=1e-2)
         self.gen = torch.Generator().manual_seed(self.s.seed)
         self.step = 0
@@ -185,7 +195,9 @@ class LumenTrainer:
     def loss_on(
         self, idx: torch.Tensor, conds: torch.Tensor, flip: torch.Tensor, drop: torch.Tensor
     ) -> torch.Tensor:
-        """Noise-prediction loss of a batch (indices into the prepared data)."""
+        """Noise-prediction loss of this rank's slice of a global batch (indices into the prepared
+        data); the latent, noise and timestep draws are those of the whole batch, so they do not
+        depend on the number of ranks."""
         n = len(self.caption_idx)
         lat_idx = idx + flip.long() * n
         scale = float(self.base.vae.config.scaling_factor)
@@ -195,13 +207,15 @@ class LumenTrainer:
         ) * scale
         noise = torch.randn(z.shape, generator=self.gen)
         t = torch.randint(0, self.base.scheduler.config.num_train_timesteps, (len(idx),), generator=self.gen)
+        part = self.parallel.local(len(idx))
+        z, noise, t, idx, flip, drop, conds = (v[part] for v in (z, noise, t, idx, flip, drop, conds))
         noisy = self.base.scheduler.add_noise(z, noise, t)
         cap = torch.where(drop, torch.full_like(idx, self.empty_idx), self.caption_idx[idx])
         emb = self.text_emb[cap]
         cond = torch.where(flip[:, None, None, None], conds.flip(-1), conds)
         dev = self.device
         noisy, t, emb, cond, noise = noisy.to(dev), t.to(dev), emb.to(dev), cond.to(dev), noise.to(dev)
-        down, mid = self.controlnet(noisy, t, emb, controlnet_cond=cond, return_dict=False)
+        down, mid = self.trained(noisy, t, emb, controlnet_cond=cond, return_dict=False)
         pred = self.base.unet(
             noisy, t, emb, down_block_additional_residuals=down, mid_block_additional_residual=mid
         ).sample
@@ -211,7 +225,8 @@ class LumenTrainer:
         return self.s.lr * min(1.0, (step + 1) / max(1, self.s.warmup_steps))
 
     def resume(self) -> int:
-        """Load the latest checkpoint, if any; returns the step training continues from."""
+        """Load the latest checkpoint, if any; returns the step training continues from. Every rank
+        loads the same one (rank 0 wrote it before the barrier that ends :meth:`checkpoint`)."""
         ckpt = latest_checkpoint(self.out / "checkpoints")
         if ckpt is None:
             return 0
@@ -222,10 +237,14 @@ class LumenTrainer:
         return self.step
 
     def checkpoint(self) -> Path:
-        path = save_checkpoint(
-            self.out / "checkpoints", self.step, {"controlnet": self.controlnet}, {"opt": self.opt}
-        )
-        torch.save(self.gen.get_state(), path / "gen.pt")
+        """Rank 0 writes ``checkpoints/step-N`` (the ranks are identical); every rank waits for it."""
+        path = self.out / "checkpoints" / f"step-{self.step:06d}"
+        if self.parallel.is_main:
+            path = save_checkpoint(
+                self.out / "checkpoints", self.step, {"controlnet": self.controlnet}, {"opt": self.opt}
+            )
+            torch.save(self.gen.get_state(), path / "gen.pt")
+        self.parallel.barrier()
         return path
 
     def fit(
@@ -258,8 +277,9 @@ class LumenTrainer:
             self.scaler = torch.amp.GradScaler(self.device.type)
         self.controlnet.train()
         losses: list[float] = []
-        log_path = self.out / "train_log.csv"
-        new_log = not log_path.exists()
+        main = self.parallel.is_main
+        log_path = self.out / "train_log.csv" if main else Path(os.devnull)
+        new_log = main and not log_path.exists()
         t0 = time.time()
         # 2. Step until done (or ``stop_after``), logging each step; checkpoint and validate when due.
         with open(log_path, "a", newline="") as f:
@@ -267,7 +287,7 @@ class LumenTrainer:
             if new_log:
                 writer.writerow(["step", "loss", "lr", "seconds"])
             bar = progress_bar(
-                total=self.s.steps, initial=self.step, desc="train ControlNet", enabled=progress
+                total=self.s.steps, initial=self.step, desc="train ControlNet", enabled=progress and main
             )
             while self.step < self.s.steps and (stop_after is None or len(losses) < stop_after):
                 lr = self._lr(self.step)
@@ -283,24 +303,28 @@ class LumenTrainer:
                     f.flush()
                     self.checkpoint()
                 if validation is not None and self._due(self.s.validate_every):
-                    self.validate(*validation)
+                    if main:
+                        self.validate(*validation)
+                    self.parallel.barrier()
             bar.close()
         self.controlnet.eval()
         return losses
 
     def _accumulate_gradients(self, num_images: int, conds: torch.Tensor, ctx: Any) -> float:
-        """Forward and backward ``grad_accum`` random batches (draws: indices, flips, caption drops, in
-        that order); returns the step's loss (the sum of the accumulated, scaled-down losses)."""
+        """Forward and backward ``grad_accum`` random global batches (draws: indices, flips, caption
+        drops, in that order), the gradients all-reduced after the last; returns the step's loss (the
+        sum of the accumulated, scaled-down losses, averaged over the ranks)."""
         total = 0.0
-        for _ in range(self.s.grad_accum):
+        for micro in range(self.s.grad_accum):
             idx = torch.randint(0, num_images, (self.s.batch_size,), generator=self.gen)
             flip = (torch.rand(len(idx), generator=self.gen) < 0.5) & self.s.flip
             drop = torch.rand(len(idx), generator=self.gen) < self.s.empty_prompt_prob
-            with ctx:
-                loss = self.loss_on(idx, conds[idx], flip, drop) / self.s.grad_accum
-            (self.scaler.scale(loss) if self.scaler else loss).backward()
+            with self.parallel.no_sync(self.trained, skip=micro < self.s.grad_accum - 1):
+                with ctx:
+                    loss = self.loss_on(idx, conds[idx], flip, drop) / self.s.grad_accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
             total += loss.item()
-        return total
+        return self.parallel.mean(total)
 
     def _optimizer_step(self) -> None:
         """Clip the gradient norm to 1, step (through the fp16 grad scaler when there is one), zero grads."""

@@ -17,6 +17,7 @@ from pipeline.data import Quarantine, build_dataset, iter_valid, resize_sample
 from pipeline.data.memory import InMemoryDataset
 from pipeline.data.sample import DatasetInfo, Sample, SampleSource
 from pipeline.device import resolve_device
+from pipeline.distributed import DataParallel, ParallelSettings, accelerator_of, launch
 from pipeline.execution import progress_bar
 from pipeline.io import sha256_file
 from pipeline.lumen.base import BaseComponents, load_base
@@ -28,6 +29,7 @@ __all__ = [
     "generation_size",
     "load_run_base",
     "lumen_folder",
+    "parallel_settings",
     "run_distill",
     "run_reducer_path",
     "run_train_base",
@@ -272,6 +274,7 @@ def condition_maker(
     fit_data: SampleSource,
     run_dir: Path,
     reducer_path: Path | None = None,
+    device: torch.device | None = None,
 ) -> tuple[ConditionFn, dict[str, Any]]:
     """A function from samples to their (B, C, H, W) float16 conditions, and what defines them.
 
@@ -286,7 +289,7 @@ def condition_maker(
 
     name = cfg.lumen.condition
     if name == "layout":
-        return _layout_maker(cfg, base, base_id, fit_data, run_dir, reducer_path)
+        return _layout_maker(cfg, base, base_id, fit_data, run_dir, reducer_path, device)
     if name not in CONDITIONS:
         raise ValueError(
             f"lumen.condition={name!r} has no ControlNet (valid: layout, {', '.join(CONDITIONS)})"
@@ -307,12 +310,13 @@ def _layout_maker(
     fit_data: SampleSource,
     run_dir: Path,
     reducer_path: Path | None,
+    device: torch.device | None = None,
 ) -> tuple[ConditionFn, dict[str, Any]]:
     """:func:`condition_maker` for ``layout``: backbone, the run's PCA or k-means (fitted once),
     extractor, cache."""
     from pipeline.layouts import LayoutCache, build_backbone, build_extractor, fit_or_load_reducer
 
-    device = resolve_device(cfg.device)
+    device = device or resolve_device(cfg.device)
     backbone = build_backbone(cfg.layouts, device=device, components=base, model_id=base_id)
     reducer_path = reducer_path or run_reducer_path(cfg, run_dir)
     reducer = fit_or_load_reducer(
@@ -358,17 +362,37 @@ def _label_maker(cfg: LumenConfig, info: DatasetInfo) -> tuple[ConditionFn, dict
     return labels, {"condition_params": kw if name == "seg_sparse" else {}}
 
 
+def parallel_settings(cfg: LumenConfig) -> ParallelSettings:
+    """The data-parallel job of the config's ``runner`` (devices, nodes, strategy) on its ``device``."""
+    r = cfg.runner
+    return ParallelSettings(r.devices, r.num_nodes, r.strategy, accelerator_of(cfg.device))
+
+
 def run_train_lumen(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Path:
-    """Train the LUMEN ControlNet (or a comparison condition) on the run's images; returns ``run_dir/lumen``."""
+    """Train the LUMEN ControlNet (or a comparison condition) on the run's images; returns ``run_dir/lumen``.
+
+    With ``runner.devices`` (x ``runner.num_nodes``) above 1 it trains data-parallel
+    (:mod:`pipeline.distributed`): ``lumen.batch_size`` is then the global batch.
+    """
+    return Path(launch(parallel_settings(cfg), _train_lumen, cfg, run_dir, progress))
+
+
+def _train_lumen(parallel: DataParallel, cfg: LumenConfig, run_dir: Path, progress: bool) -> str:
+    """One rank of :func:`run_train_lumen`. Rank 0 loads the data and makes the conditions first (it
+    fits the reducer and fills the layout cache, and records bad samples); the other ranks then read
+    what it saved."""
     from pipeline.lumen.controlnet import ControlTrainSettings, LumenTrainer, build_controlnet
 
-    base, base_id = load_run_base(cfg, run_dir)
-    quarantine = Quarantine(RunPaths(run_dir).quarantine)
-    data = collect_samples(
-        cfg, generation_size(cfg, base), quarantine, progress=progress, workers=cfg.data.load_workers
-    )
-    make, cond_meta = condition_maker(cfg, base, base_id, data, run_dir)
-    conds = make(list(data))
+    main = parallel.is_main
+    with parallel.main_first():
+        base, base_id = load_run_base(cfg, run_dir)
+        quarantine = Quarantine(RunPaths(run_dir).quarantine if main else None)
+        data = collect_samples(
+            cfg, generation_size(cfg, base), quarantine, progress=progress and main,
+            workers=cfg.data.load_workers,
+        )  # fmt: skip
+        make, cond_meta = condition_maker(cfg, base, base_id, data, run_dir, device=parallel.device)
+        conds = make(list(data))
     images = np.stack([s.image for s in data])
     captions = [s.caption for s in data]
     lc = cfg.lumen
@@ -379,11 +403,15 @@ def run_train_lumen(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> P
     )  # fmt: skip
     trainer = LumenTrainer(
         base, build_controlnet(base, conds.shape[1], seed=cfg.seed), RunPaths(run_dir).lumen_train, settings,
-        device=resolve_device(cfg.device),
+        device=resolve_device(cfg.device), parallel=parallel,
     )  # fmt: skip
     trainer.fit(
         images, conds, captions, validation=(conds[:4].astype(np.float32), captions[:4]), progress=progress
     )
+    out = RunPaths(run_dir).lumen
+    if not main:
+        parallel.barrier()  # rank 0 saves the model
+        return str(out)
     card = {
         "condition": lc.condition,
         "channels": int(conds.shape[1]),
@@ -393,9 +421,10 @@ def run_train_lumen(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> P
         "size": list(generation_size(cfg, base)),
         **cond_meta,
     }
-    out = trainer.save(RunPaths(run_dir).lumen, card)
+    trainer.save(out, card)
     log.info("LUMEN ControlNet saved to %s", out)
-    return out
+    parallel.barrier()
+    return str(out)
 
 
 def _round_name(cfg: LumenConfig, steps: int) -> str:
