@@ -88,9 +88,47 @@ def _cmd_data_check(args: argparse.Namespace) -> int:
     return 0 if summary["quarantined"] == 0 else 1
 
 
+_LAUNCHED_STAGES = ("train-base", "train-lumen")
+"""Stages that run as they are, without Prefect, in every process a distributed launcher started."""
+
+
+def _launched_stage(name: str, args: argparse.Namespace) -> object:
+    """One process of ``torchrun ... -m lumen_cli train-lumen CONFIG --out RUN`` (or SLURM, mpirun):
+    every process runs the stage itself (one Prefect flow per process would be N flows), rank 0
+    prepares the run folder first. ``--out`` is required: every process must name the same folder."""
+
+    from pipeline.distributed import global_rank
+    from pipeline.preflight import preflight
+    from pipeline.runs import RunPaths, prepare_run_dir
+
+    if name not in _LAUNCHED_STAGES:
+        raise ConfigError(
+            f"`lumen {name}` does not run under a distributed launcher; only {', '.join(_LAUNCHED_STAGES)} do"
+        )
+    if args.out is None:
+        raise ConfigError(
+            "under a distributed launcher pass --out RUN: every process must use the same folder"
+        )
+    cfg = preflight(config_from_args(args), name, args.out).config  # type: ignore[arg-type]  # a stage name
+    if global_rank() == 0:
+        prepare_run_dir(cfg, args.out)
+    from pipeline.lumen import stages
+
+    run_dir, paths = Path(args.out), RunPaths(Path(args.out))
+    if name == "train-base":
+        return paths.base if paths.has_base() else stages.run_train_base(cfg, run_dir)
+    return paths.lumen if paths.has_lumen() else stages.run_train_lumen(cfg, run_dir)
+
+
 def _flow(name: str, args: argparse.Namespace, **kwargs: object) -> object:
-    """Run the Prefect flow ``name`` (flows/) on the command line's config, overrides and --out."""
+    """Run the Prefect flow ``name`` (flows/) on the command line's config, overrides and --out (or,
+    in a process of a distributed launcher, the stage itself: :func:`_launched_stage`)."""
     import os
+
+    from pipeline.distributed import externally_launched
+
+    if externally_launched():
+        return _launched_stage(name, args)
 
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Without PREFECT_API_URL Prefect starts a local ephemeral server; give it time on a busy machine.

@@ -35,6 +35,7 @@ __all__ = [
     "DataParallel",
     "ParallelSettings",
     "externally_launched",
+    "global_rank",
     "launch",
 ]
 
@@ -52,6 +53,14 @@ def externally_launched() -> bool:
         size = os.environ.get("SLURM_NTASKS") or os.environ.get("OMPI_COMM_WORLD_SIZE") or "1"
         return int(size) > 1
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and "LOCAL_RANK" in os.environ
+
+
+def global_rank() -> int:
+    """This process's rank as its launcher names it (0 without a launcher)."""
+    for var in ("RANK", "SLURM_PROCID", "OMPI_COMM_WORLD_RANK"):
+        if var in os.environ:
+            return int(os.environ[var])
+    return 0
 
 
 @dataclass(frozen=True)

@@ -89,3 +89,16 @@ def read_shard_keys(parallel: DataParallel, shards: Path, out: Path) -> list[str
     (out / f"keys-rank{parallel.rank}.json").write_text(json.dumps(keys))
     parallel.barrier()
     return keys
+
+
+def train_tiny_base(parallel: DataParallel, out: Path) -> str:
+    """Train the tiny base model (both phases, global batches of 4) on 6 toy scenes; rank 0 saves."""
+    from pipeline.lumen.train_base import BaseTrainSettings, train_base
+
+    ds = ToyScenes(num_images=6, image_size=(RES, RES), seed=0)
+    samples = [ds.load(k) for k in ds.keys()]
+    s = BaseTrainSettings(resolution=RES, vae_steps=4, vae_batch_size=4, vae_crop=RES, unet_steps=4, batch_size=4,
+                          warmup_steps=1, checkpoint_every=2, mixed_precision="no")  # fmt: skip
+    train_base(np.stack([x.image for x in samples]), [x.caption for x in samples], out, s, preset=PRESET,
+               progress=False, sample_prompts=[samples[0].caption], parallel=parallel)  # fmt: skip
+    return str(out)

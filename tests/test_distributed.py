@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _ddp_worker import initial_controlnet_state, read_shard_keys, train_controlnet
+from _ddp_worker import initial_controlnet_state, read_shard_keys, train_controlnet, train_tiny_base
 from safetensors.numpy import load_file
 
 from pipeline.config import load_config
@@ -76,6 +76,20 @@ def test_each_rank_reads_disjoint_shards(tmp_path: Path) -> None:
     keys = [set(json.loads((tmp_path / f"keys-rank{r}.json").read_text())) for r in (0, 1)]
     assert keys[0] and keys[1] and not keys[0] & keys[1]
     assert keys[0] | keys[1] == set(ds.keys())
+
+
+def test_base_model_two_processes_equal_one_process(tmp_path: Path) -> None:
+    """Both phases (VAE, then UNet + text encoder with EMA) data-parallel; rank 0 saves the model."""
+    single = Path(train_tiny_base(SINGLE, tmp_path / "single"))
+    ddp = Path(launch(TWO_CPU, train_tiny_base, tmp_path / "ddp"))
+    for part in ("vae", "unet", "text_encoder"):
+        (a,) = (single / part).glob("*.safetensors")
+        b = ddp / part / a.name
+        ta, tb = load_file(a), load_file(b)
+        assert ta.keys() == tb.keys()
+        for k in ta:
+            np.testing.assert_allclose(tb[k], ta[k], rtol=1e-4, atol=1e-5, err_msg=f"{part}.{k}")
+    assert (ddp / "samples.png").is_file() and (ddp / "train_log.csv").is_file()
 
 
 def test_batches_that_do_not_divide_over_the_ranks_fail_early() -> None:

@@ -109,19 +109,31 @@ def _load_chunk(
 
 
 def run_train_base(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Path:
-    """Train the tiny base model on the run's training images and captions; returns ``run_dir/base``."""
-    from pipeline.lumen.train_base import BaseTrainSettings, train_base
+    """Train the tiny base model on the run's training images and captions; returns ``run_dir/base``.
 
+    With ``runner.devices`` (x ``runner.num_nodes``) above 1 it trains data-parallel
+    (:mod:`pipeline.distributed`): ``base.batch_size`` and ``base.vae_batch_size`` are global batches.
+    """
     if cfg.base.source != "tiny":
         raise ValueError(
             "train-base trains the tiny preset (base.source=tiny); a pretrained base needs no training"
         )
+    return Path(launch(parallel_settings(cfg), _train_base, cfg, run_dir, progress))
+
+
+def _train_base(parallel: DataParallel, cfg: LumenConfig, run_dir: Path, progress: bool) -> str:
+    """One rank of :func:`run_train_base` (rank 0 loads the data first and records bad samples)."""
+    from pipeline.lumen.train_base import BaseTrainSettings, train_base
+
     b = cfg.base
-    quarantine = Quarantine(RunPaths(run_dir).quarantine)
     size = (b.resolution, b.resolution)
     if cfg.data.image_size is not None and cfg.data.image_size[0] == b.resolution:
         size = (b.resolution, max(b.resolution, cfg.data.image_size[1]))  # wide: random square windows
-    data = collect_samples(cfg, size, quarantine, progress=progress, workers=cfg.data.load_workers)
+    with parallel.main_first():
+        quarantine = Quarantine(RunPaths(run_dir).quarantine if parallel.is_main else None)
+        data = collect_samples(
+            cfg, size, quarantine, progress=progress and parallel.is_main, workers=cfg.data.load_workers
+        )
     images = np.stack([s.image for s in data])
     captions = [s.caption for s in data]
     from pipeline.lumen.base import PRESETS
@@ -143,9 +155,12 @@ def run_train_base(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Pa
         mixed_precision=b.mixed_precision,
     )
     out = RunPaths(run_dir).base
-    train_base(images, captions, out, settings, preset=PRESETS[b.preset], progress=progress)
-    log.info("base model saved to %s", out)
-    return out
+    train_base(
+        images, captions, out, settings, preset=PRESETS[b.preset], progress=progress, parallel=parallel
+    )
+    if parallel.is_main:
+        log.info("base model saved to %s", out)
+    return str(out)
 
 
 def generation_size(cfg: LumenConfig, base: BaseComponents) -> tuple[int, int]:

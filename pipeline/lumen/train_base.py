@@ -10,6 +10,9 @@ Two phases, each resumable from its latest checkpoint:
 
 The result is a diffusers folder (``StableDiffusionPipeline.from_pretrained`` loads it) plus
 ``train_log.csv`` and ``samples.png``.
+
+Data-parallel (:mod:`pipeline.distributed`): both phases draw global batches and train each rank on its
+slice with DDP; rank 0 writes checkpoints, the log, the model and the samples.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pipeline.distributed import SINGLE, DataParallel
 from pipeline.execution import progress_bar
 from pipeline.io import atomic_write_json
 from pipeline.lumen.base import BaseComponents, build_tiny_components
@@ -88,7 +92,7 @@ class _CsvLog:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.start = time.time()
-        new = not path.exists()
+        new = not path.exists() and path != Path(os.devnull)
         self._f = open(path, "a", newline="")  # noqa: SIM115 - closed in close()
         self._w = csv.writer(self._f)
         if new:
@@ -115,6 +119,32 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         g["lr"] = lr
 
 
+class _VaeLoss(torch.nn.Module):
+    """The VAE's training loss as one forward (DDP all-reduces the gradients of a module's forward)."""
+
+    def __init__(self, vae: Any, s: BaseTrainSettings) -> None:
+        super().__init__()
+        self.vae, self.s = vae, s
+
+    def forward(self, batch: torch.Tensor, eps: Any) -> torch.Tensor:
+        post = self.vae.encode(batch).latent_dist
+        recon = self.vae.decode(post.mean + post.std * eps(post.mean.shape)).sample
+        loss = F.l1_loss(recon, batch) + self.s.kl_weight * post.kl().mean()
+        if self.s.edge_weight > 0:
+            loss = loss + self.s.edge_weight * _edge_l1(recon, batch)
+        return loss
+
+
+def _save_checkpoint(parallel: DataParallel, root: Path, step: int, modules: dict[str, Any],
+                     opt: torch.optim.Optimizer, **states: Any) -> None:  # fmt: skip
+    """Rank 0 writes the checkpoint (plus ``<name>.pt`` of each extra state); every rank waits."""
+    if parallel.is_main:
+        path = save_checkpoint(root, step, modules, {"opt": opt})
+        for name, state in states.items():
+            torch.save(state, path / f"{name}.pt")
+    parallel.barrier()
+
+
 def _train_vae(
     vae: Any,
     x: torch.Tensor,
@@ -122,6 +152,7 @@ def _train_vae(
     ckpt_root: Path,
     logger: _CsvLog,
     progress: bool,
+    parallel: DataParallel = SINGLE,
 ) -> None:
     opt = torch.optim.AdamW(vae.parameters(), lr=s.vae_lr, weight_decay=0.0)
     gen = torch.Generator().manual_seed(s.seed)
@@ -131,13 +162,16 @@ def _train_vae(
         start = int(state["step"])
         gen.set_state(torch.load(ckpt / "gen.pt", weights_only=True))
         log.info("resumed VAE training at step %d from %s", start, ckpt)
-    dev = torch.device(s.device)
+    dev = parallel.device or torch.device(s.device)
     vae.to(dev)
     x = x.to(dev)
     vae.train()
+    step_loss = parallel.setup(_VaeLoss(vae, s))
+    part = parallel.local(s.vae_batch_size)
     bar = progress_bar(
-        range(start, s.vae_steps), initial=start, total=s.vae_steps, desc="train VAE", enabled=progress
-    )
+        range(start, s.vae_steps), initial=start, total=s.vae_steps, desc="train VAE",
+        enabled=progress and parallel.is_main,
+    )  # fmt: skip
     for step in bar:
         lr = _lr_at(step, s.vae_steps, s.vae_lr, s.warmup_steps)
         set_lr(opt, lr)
@@ -148,22 +182,20 @@ def _train_vae(
             top %= x.shape[-2] - s.vae_crop + 1  # wide images (the square case is unchanged)
             batch = batch[..., top : top + s.vae_crop, left : left + s.vae_crop]
         flip = torch.rand(len(idx), generator=gen) < 0.5
-        batch = torch.where(flip.to(dev)[:, None, None, None], batch.flip(-1), batch)
-        post = vae.encode(batch).latent_dist
-        eps = torch.randn(post.mean.shape, generator=gen).to(dev)
-        recon = vae.decode(post.mean + post.std * eps).sample
-        loss = F.l1_loss(recon, batch) + s.kl_weight * post.kl().mean()
-        if s.edge_weight > 0:
-            loss = loss + s.edge_weight * _edge_l1(recon, batch)
+        batch = torch.where(flip.to(dev)[:, None, None, None], batch.flip(-1), batch)[part]
+
+        def eps(shape: torch.Size) -> torch.Tensor:  # drawn for the global batch, sliced to this rank's
+            return torch.randn((s.vae_batch_size, *shape[1:]), generator=gen)[part].to(dev)
+
+        loss = step_loss(batch, eps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % 25 == 0 or step == s.vae_steps - 1:
-            logger.write("vae", step, loss.item(), lr)
+            logger.write("vae", step, parallel.mean(loss.item()), lr)
         if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.vae_steps:
-            path = save_checkpoint(ckpt_root, step + 1, {"vae": vae}, {"opt": opt})
-            torch.save(gen.get_state(), path / "gen.pt")
+            _save_checkpoint(parallel, ckpt_root, step + 1, {"vae": vae}, opt, gen=gen.get_state())
     vae.eval()
 
 
@@ -314,17 +346,23 @@ def _unet_loss(
     s: BaseTrainSettings,
     gen: torch.Generator,
     amp: Any,
+    part: slice = slice(None),
+    models: tuple[Any, Any] | None = None,
 ) -> torch.Tensor:
-    """The min-SNR weighted epsilon loss of the latents ``z`` noised at random timesteps."""
+    """The min-SNR weighted epsilon loss of the latents ``z`` noised at random timesteps: noise and
+    timesteps are drawn for the whole (global) batch, the loss is that of its ``part``; ``models``
+    are the (unet, text encoder) to run, e.g. DDP-wrapped (default: ``comps``')."""
     from diffusers.training_utils import compute_snr
 
     sched, dev = comps.scheduler, z.device
+    unet, text = models or (comps.unet, comps.text_encoder)
     noise = torch.randn(z.shape, generator=gen).to(dev)
     t = torch.randint(0, sched.config.num_train_timesteps, (len(z),), generator=gen).to(dev)
+    z, ids, noise, t = z[part], ids[part], noise[part], t[part]
     a = alphas[t][:, None, None, None]
     noisy = a.sqrt() * z + (1 - a).sqrt() * noise
     with amp:
-        pred = comps.unet(noisy, t, comps.text_encoder(ids)[0]).sample
+        pred = unet(noisy, t, text(ids)[0]).sample
     snr = compute_snr(sched, t.cpu()).to(dev)
     weight = torch.clamp(snr, max=s.snr_gamma) / snr
     return (F.mse_loss(pred.float(), noise, reduction="none").mean(dim=(1, 2, 3)) * weight).mean()
@@ -339,6 +377,7 @@ def _train_unet(
     ckpt_root: Path,
     logger: _CsvLog,
     progress: bool,
+    parallel: DataParallel = SINGLE,
 ) -> Any:
     unet, text = comps.unet, comps.text_encoder
     params, opt, ema, gen, start = _unet_optimisation(unet, text, s, ckpt_root)
@@ -347,23 +386,26 @@ def _train_unet(
         [""], padding="max_length", max_length=comps.tokenizer.model_max_length, return_tensors="pt"
     ).input_ids
     side = s.resolution // comps.vae_scale
-    dev = torch.device(s.device)
+    dev = parallel.device or torch.device(s.device)
     unet.to(dev)
     text.to(dev)
     ema.to(dev)
+    models = (parallel.setup(unet), parallel.setup(text))
+    part = parallel.local(s.batch_size)
     means, stds, token_ids, empty_ids = means.to(dev), stds.to(dev), token_ids.to(dev), empty_ids.to(dev)
     alphas = comps.scheduler.alphas_cumprod.to(dev)
     amp = _autocast(dev, s.mixed_precision)
     unet.train()
     text.train()
     bar = progress_bar(
-        range(start, s.unet_steps), initial=start, total=s.unet_steps, desc="train UNet", enabled=progress
-    )
+        range(start, s.unet_steps), initial=start, total=s.unet_steps, desc="train UNet",
+        enabled=progress and parallel.is_main,
+    )  # fmt: skip
     for step in bar:
         lr = _lr_at(step, s.unet_steps, s.unet_lr, s.warmup_steps)
         set_lr(opt, lr)
         z, ids = _unet_batch(means, stds, token_ids, empty_ids, side, s, gen)
-        loss = _unet_loss(comps, z * scale, ids, alphas, s, gen, amp)
+        loss = _unet_loss(comps, z * scale, ids, alphas, s, gen, amp, part, models)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -371,11 +413,10 @@ def _train_unet(
         ema.step(params)
         bar.set_postfix(loss=f"{loss.item():.4f}")
         if step % 25 == 0 or step == s.unet_steps - 1:
-            logger.write("unet", step, loss.item(), lr)
+            logger.write("unet", step, parallel.mean(loss.item()), lr)
         if (step + 1) % s.checkpoint_every == 0 or step + 1 == s.unet_steps:
-            path = save_checkpoint(ckpt_root, step + 1, {"unet": unet, "text_encoder": text}, {"opt": opt})
-            torch.save(ema.state_dict(), path / "ema.pt")
-            torch.save(gen.get_state(), path / "gen.pt")
+            _save_checkpoint(parallel, ckpt_root, step + 1, {"unet": unet, "text_encoder": text}, opt,
+                             ema=ema.state_dict(), gen=gen.get_state())  # fmt: skip
     ema.copy_to(params)
     unet.eval()
     text.eval()
@@ -391,6 +432,7 @@ def train_base(
     preset: dict[str, dict[str, Any]] | None = None,
     progress: bool = True,
     sample_prompts: Sequence[str] | None = None,
+    parallel: DataParallel = SINGLE,
 ) -> BaseComponents:
     """Train the tiny base model and save it to ``out_dir`` (diffusers layout).
 
@@ -404,6 +446,8 @@ def train_base(
         preset: model sizes (default :data:`~pipeline.lumen.base.TINY_PRESET`).
         progress: show progress bars.
         sample_prompts: prompts of the ``samples.png`` grid written at the end (default: 8 captions).
+        parallel: this process's place in a data-parallel job (batch sizes are then global batches;
+            rank 0 saves).
     """
     s = settings or BaseTrainSettings()
     if (
@@ -418,16 +462,17 @@ def train_base(
         )
     if len(captions) != len(images):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    parallel.local(s.batch_size), parallel.local(s.vae_batch_size)  # fail early if they do not divide
     out = Path(out_dir)
     ckpt = out / "checkpoints"
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(s.seed)
     tokenizer = build_tokenizer(captions)
     comps = build_tiny_components(tokenizer, s.resolution, seed=s.seed, preset=preset)
-    logger = _CsvLog(out / "train_log.csv")
+    logger = _CsvLog(out / "train_log.csv" if parallel.is_main else Path(os.devnull))
     x = images_to_tensor(images)
     try:
-        _train_vae(comps.vae, x, s, ckpt / "vae", logger, progress)
+        _train_vae(comps.vae, x, s, ckpt / "vae", logger, progress, parallel)
         means, stds = _encode_latents(comps.vae, x)
         comps.vae.register_to_config(scaling_factor=float(1.0 / (means.std() + 1e-8)))
         log.info("latent scaling factor %.4f", comps.vae.config.scaling_factor)
@@ -435,12 +480,14 @@ def train_base(
             list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
             return_tensors="pt",
         ).input_ids  # fmt: skip
-        _train_unet(comps, means, stds, token_ids, s, ckpt / "unet", logger, progress)
+        _train_unet(comps, means, stds, token_ids, s, ckpt / "unet", logger, progress, parallel)
     finally:
         logger.close()
-    comps.save(out)
-    atomic_write_json(out / "train_settings.json", asdict(s))
-    _write_samples(comps, list(sample_prompts or captions[:8]), out / "samples.png", s.seed)
+    if parallel.is_main:
+        comps.save(out)
+        atomic_write_json(out / "train_settings.json", asdict(s))
+        _write_samples(comps, list(sample_prompts or captions[:8]), out / "samples.png", s.seed)
+    parallel.barrier()
     return comps
 
 
