@@ -480,7 +480,7 @@ def _perception(cfg: LumenConfig, world: int) -> list[TrainingPlan]:
     return [
         _training(
             f"perception {arm}", p.steps, p.batch_size + (extra if arm != "real" else 0), world, runs=runs,
-            parallel=True,
+            parallel=False,  # one process per run (perception is not data-parallel yet, docs/scaling.md)
             note=f"{settings} setting(s) x {len(p.seeds)} seed(s) x {groups} model(s): {tasks}, {p.encoder}",
         )
         for arm in arms
@@ -660,8 +660,8 @@ def _render(plan: RunPlan) -> str:
                 for t in plan.training]  # fmt: skip
         lines += _grid(["model", "steps", "batch", "runs", "images seen", "per device", "note"], rows)
         lines.append(
-            "  (batch: images per optimisation step, all processes together; the base model, ControlNet and "
-            "perception split each batch over the processes, the others train in one process)"
+            "  (batch: images per optimisation step, all processes together; the base model and the ControlNet "
+            "split each batch over the processes, the others train in one process)"
         )
     else:
         lines.append("  none")
