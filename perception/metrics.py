@@ -8,6 +8,8 @@ the definitions.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 from torchmetrics import Metric
@@ -62,9 +64,12 @@ class SegMetrics(Metric):
     full_state_update = False
     confusion: Tensor
 
-    def __init__(self, num_classes: int, ignore_index: int = IGNORE) -> None:
+    def __init__(
+        self, num_classes: int, ignore_index: int = IGNORE, class_names: Sequence[str] | None = None
+    ) -> None:
         super().__init__()
         self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.class_names = list(class_names) if class_names is not None else None
         self.add_state(
             "confusion", default=torch.zeros(num_classes, num_classes, dtype=torch.long), dist_reduce_fx="sum"
         )
@@ -76,7 +81,7 @@ class SegMetrics(Metric):
         self.confusion += seg_confusion(pred, target, self.num_classes, self.ignore_index)
 
     def compute(self) -> dict[str, float]:
-        return seg_scores(self.confusion)
+        return seg_scores(self.confusion, self.class_names)
 
 
 class DepthMetrics(Metric):

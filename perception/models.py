@@ -127,12 +127,15 @@ class SegHead(TaskHead):
 
     name = "seg"
 
-    def __init__(self, num_classes: int | None = None, **_: Any) -> None:
+    def __init__(
+        self, num_classes: int | None = None, class_names: Sequence[str] | None = None, **_: Any
+    ) -> None:
         if not num_classes or num_classes < 2:
             raise ValueError(
                 f"the seg head needs num_classes >= 2 (the dataset's classes), got {num_classes}"
             )
         self.num_classes = self.channels = int(num_classes)
+        self.class_names = list(class_names) if class_names is not None else None
 
     def predict(self, raw: Tensor) -> Tensor:
         return raw.argmax(1)
@@ -141,7 +144,7 @@ class SegHead(TaskHead):
         return seg_loss(raw, target)
 
     def metric(self) -> Metric:
-        return SegMetrics(self.num_classes)
+        return SegMetrics(self.num_classes, class_names=self.class_names)
 
 
 class DepthHead(TaskHead):
@@ -240,6 +243,7 @@ class PerceptionModule(pl.LightningModule):
         weight_decay: AdamW weight decay.
         depth_loss: ``silog`` or ``l1``; silog_lambda: its scale-invariance weight.
         task_weights: loss weight per task (default 1 each).
+        class_names: the seg classes; given, the seg metrics add each class's IoU (``iou_<name>``).
 
     Batches are dicts: ``image`` (B, 3, H, W) and the targets ``seg`` (B, H, W) int64 (-1 ignored),
     ``depth`` (B, 1, H, W), ``normal`` (B, 3, H, W) (see :func:`perception.transforms.to_tensors`).
@@ -261,6 +265,7 @@ class PerceptionModule(pl.LightningModule):
         depth_loss: str = "silog",
         silog_lambda: float = 0.85,
         task_weights: Mapping[str, float] | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> None:
         super().__init__()
         task_list = [tasks] if isinstance(tasks, str) else list(tasks)
@@ -269,7 +274,13 @@ class PerceptionModule(pl.LightningModule):
         self.save_hyperparameters()
         self.tasks = task_list
         self.heads = {
-            t: build_head(t, num_classes=num_classes, depth_loss=depth_loss, silog_lambda=silog_lambda)
+            t: build_head(
+                t,
+                num_classes=num_classes,
+                depth_loss=depth_loss,
+                silog_lambda=silog_lambda,
+                class_names=class_names,
+            )
             for t in task_list
         }
         self.net = build_net(
@@ -344,12 +355,18 @@ class PerceptionModule(pl.LightningModule):
 
     @classmethod
     def from_config(
-        cls, config: PerceptionConfig, tasks: Sequence[str] | str, num_classes: int | None = None
+        cls,
+        config: PerceptionConfig,
+        tasks: Sequence[str] | str,
+        num_classes: int | None = None,
+        class_names: Sequence[str] | None = None,
     ) -> PerceptionModule:
-        """The module for ``tasks`` with the network and optimisation settings of ``config``."""
+        """The module for ``tasks`` with the network and optimisation settings of ``config``
+        (``class_names``: the dataset's, for ``config.class_iou``)."""
         return cls(
             tasks,
             num_classes=num_classes,
+            class_names=list(class_names) if config.class_iou and class_names is not None else None,
             arch=config.arch,
             encoder=config.encoder,
             encoder_weights=config.encoder_weights,

@@ -233,6 +233,16 @@ def _train_mapper_if_needed(cfg: LumenConfig, run_dir: Path, progress: bool) -> 
         run_train_mapper(cfg, run_dir, progress)
 
 
+def _train_controls_if_needed(cfg: LumenConfig, run_dir: Path, progress: bool) -> None:
+    """A setting with class edits (``generate.class_edits``) finds its own class directions first (once;
+    also the hardness weights when it uses them), unless it names a directions file."""
+    from pipeline.lumen.controls import CONTROLS_FILE, run_train_controls
+
+    edits = cfg.generate.class_edits
+    if edits.classes and edits.file is None and not (RunPaths(run_dir).controls / CONTROLS_FILE).is_file():
+        run_train_controls(cfg, run_dir, progress)
+
+
 def setting_facts(
     cfg: LumenConfig, inputs: EvalInputs, models: dict[str, Any], settings: dict[str, float | None]
 ) -> dict[str, dict[str, Any]]:
@@ -401,6 +411,7 @@ def run_gains(
         log.info("gains setting %s: %s", name, sdir)
         if "real+synthetic" in scfg.perception.arms:
             _train_mapper_if_needed(scfg, sdir, progress)
+            _train_controls_if_needed(scfg, sdir, progress)
             run_expand(scfg, sdir, progress, submit=submit_chunk, tracker=tracker, judge_factory=fit_judge)
         inputs, results = perception_runs(scfg, sdir, progress, submit, tracker)
         write_report(scfg, sdir, results, inputs.real, inputs.synthetic, inputs.info)

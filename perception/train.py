@@ -158,7 +158,12 @@ def _seeded_data_and_model(
             **data_options,
         )
         data.setup("fit")
-        model = PerceptionModule.from_config(config, tasks, num_classes=info.num_classes if info else None)
+        model = PerceptionModule.from_config(
+            config,
+            tasks,
+            num_classes=info.num_classes if info else None,
+            class_names=info.classes if info else None,
+        )
     return data, model
 
 

@@ -516,6 +516,11 @@ class PerceptionConfig(_Section):
         description="models trained: seg, depth, normal; null = every label the dataset has (resolved at "
         "the start of a run, see pipeline/preflight.py)",
     )
+    class_iou: bool = Field(
+        False,
+        description="also report each class's IoU (seg metric iou_<class name>), so the gains report "
+        "gives a gain and CI per class; off by default to keep reports short",
+    )
     multitask: bool = Field(False, description="one shared model for all tasks instead of one per task")
     arch: str = Field("Unet", description="smp architecture: Unet, UnetPlusPlus, FPN, DeepLabV3Plus, ...")
     encoder: str = Field(

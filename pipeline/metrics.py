@@ -25,12 +25,14 @@ shared with the gains report, :data:`pipeline.report.gains.METRICS`.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
 
 __all__ = [
     "ANGLE_THRESHOLDS",
+    "CLASS_IOU_PREFIX",
     "METRIC_NAMES",
     "angular_error",
     "depth_from_sums",
@@ -52,8 +54,14 @@ ANGLE_THRESHOLDS = {"within_11_25": 11.25, "within_22_5": 22.5, "within_30": 30.
 """Normal metric -> its angle threshold in degrees."""
 
 
-def seg_scores(confusion: Tensor) -> dict[str, float]:
-    """``miou`` and ``pixel_acc`` of a confusion matrix (NaN when it holds no pixel)."""
+CLASS_IOU_PREFIX = "iou_"
+"""Seg metric name prefix of one class's IoU: ``iou_<class name>``."""
+
+
+def seg_scores(confusion: Tensor, class_names: Sequence[str] | None = None) -> dict[str, float]:
+    """``miou`` and ``pixel_acc`` of a confusion matrix (NaN when it holds no pixel); with
+    ``class_names`` (one per row) also ``iou_<name>`` per class (NaN for a class absent from both the
+    predictions and the targets)."""
     confusion = confusion.double()
     tp = confusion.diag()
     union = confusion.sum(0) + confusion.sum(1) - tp
@@ -61,7 +69,13 @@ def seg_scores(confusion: Tensor) -> dict[str, float]:
     total = confusion.sum()
     miou = (tp[present] / union[present]).mean().item() if present.any() else math.nan
     acc = (tp.sum() / total).item() if total > 0 else math.nan
-    return {"miou": miou, "pixel_acc": acc}
+    out = {"miou": miou, "pixel_acc": acc}
+    if class_names is not None:
+        if len(class_names) != len(tp):
+            raise ValueError(f"{len(class_names)} class names for a {len(tp)}-class confusion matrix")
+        for name, i, u in zip(class_names, tp.tolist(), union.tolist(), strict=True):
+            out[f"{CLASS_IOU_PREFIX}{name}"] = i / u if u > 0 else math.nan
+    return out
 
 
 def depth_scores(pred: Tensor, target: Tensor) -> dict[str, float]:

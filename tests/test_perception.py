@@ -383,6 +383,14 @@ def test_seg_metrics_match_hand_computed_values() -> None:
     scores = seg_scores(cm)
     assert scores["miou"] == pytest.approx((2 / 4 + 2 / 3 + 1 / 2) / 3)
     assert scores["pixel_acc"] == pytest.approx(5 / 7)
+    assert set(scores) == {"miou", "pixel_acc"}  # per-class IoUs only when asked for
+    names = ["sky", "road", "car", "sign", "pole"]
+    per_class = seg_scores(cm, names)
+    assert per_class["iou_sky"] == pytest.approx(2 / 4) and per_class["iou_road"] == pytest.approx(2 / 3)
+    assert per_class["iou_car"] == pytest.approx(1 / 2)
+    assert math.isnan(per_class["iou_sign"]) and math.isnan(per_class["iou_pole"])
+    with pytest.raises(ValueError, match="class names"):
+        seg_scores(cm, names[:3])
 
 
 def test_depth_metrics_match_hand_computed_values() -> None:
@@ -719,3 +727,16 @@ def test_evaluation_inputs_render_toy_streams_and_oracles_without_shards(tmp_pat
     assert inputs.oracle is not None and {source_key(s) for s in inputs.oracle} == chosen
     assert len(inputs.oracle) == 2 * len(chosen) and {s.meta["domain"] for s in inputs.oracle} == {"evening"}
     assert inputs.synthetic is None
+
+
+def test_class_iou_config_adds_per_class_seg_metrics() -> None:
+    """``perception.class_iou`` names the classes to the seg metric; off, the records keep two seg metrics."""
+    names = ["sky", "road", "car"]
+    on = PerceptionModule.from_config(TINY_CFG.model_copy(update={"class_iou": True}), ["seg"], 3, names)
+    off = PerceptionModule.from_config(TINY_CFG, ["seg"], 3, names)
+    target = torch.tensor([[[0, 1], [2, 2]]])
+    for module in (on, off):
+        module.val_metrics["seg"].update(target.clone(), target)
+    assert on.val_metrics["seg"].compute() == {"miou": 1.0, "pixel_acc": 1.0, "iou_sky": 1.0, "iou_road": 1.0,
+                                               "iou_car": 1.0}  # fmt: skip
+    assert set(off.val_metrics["seg"].compute()) == {"miou", "pixel_acc"}

@@ -146,6 +146,25 @@ def test_every_arm_is_compared_with_real_and_the_oracle_share_is_the_ratio_of_ga
     assert aggregate(noisy)["seg"]["settings"]["low-label"]["oracle_share"]["real+synthetic"]["miou"] is None
 
 
+def test_per_class_iou_gets_a_gain_and_a_directed_test_but_no_figure_panel(tmp_path: Path) -> None:
+    """``iou_<class>`` metrics (perception.class_iou) are compared like mIoU, higher being better; a
+    class absent from one seed's test images (NaN) leaves that seed out of its paired test."""
+    from pipeline.report.figures import _panels
+    from pipeline.report.gains import _metric_label, metric_info
+
+    real = [0.20, 0.25, 0.22, 0.18, 0.24]
+    synth = [0.26, 0.30, 0.27, 0.25, float("nan")]
+    runs = [run("low-label", "real", s, seg={"miou": 0.5, "iou_sign": real[s]}) for s in range(5)]
+    runs += [run("low-label", "real+synthetic", s, seg={"miou": 0.5, "iou_sign": synth[s]}) for s in range(5)]
+    tasks = aggregate(runs)
+    entry = tasks["seg"]["settings"]["low-label"]
+    sig = entry["significance"]["real+synthetic"]["iou_sign"]
+    assert sig["n"] == 4 and sig["verdict"] == "gain"
+    assert entry["gain"]["real+synthetic"]["iou_sign"] == pytest.approx(np.mean(synth[:4]) - np.mean(real))
+    assert _panels(tasks) == [("seg", "miou")]
+    assert _metric_label("iou_sign") == "IoU sign ↑" and metric_info("iou_sign").higher_is_better
+
+
 def test_aggregate_rejects_two_runs_of_the_same_seed() -> None:
     """A duplicated (task, setting, arm, seed) is an error, not silently averaged."""
     runs = runs_fixture()

@@ -20,7 +20,7 @@ from matplotlib.figure import Figure
 
 from pipeline.data.sample import Sample
 from pipeline.io import atomic_write_bytes
-from pipeline.report.gains import ARMS, METRICS, REFERENCE
+from pipeline.report.gains import ARMS, CLASS_IOU_PREFIX, METRICS, REFERENCE
 from pipeline.viz import colorize_depth, colorize_normal, colorize_seg, image_grid, save_png
 
 __all__ = ["plot_curves", "plot_gains", "plot_gallery"]
@@ -34,12 +34,12 @@ _COLORS = {
 
 
 def _panels(tasks: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """(task, metric) pairs in report order."""
+    """(task, metric) pairs in report order (the per-class IoUs are in the tables, not the figure)."""
     panels: list[tuple[str, str]] = []
     for task, body in tasks.items():
         for entry in body["settings"].values():
             for metric in entry.get(REFERENCE, {}):
-                if (task, metric) not in panels:
+                if (task, metric) not in panels and not metric.startswith(CLASS_IOU_PREFIX):
                     panels.append((task, metric))
     return panels
 

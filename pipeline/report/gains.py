@@ -44,6 +44,7 @@ __all__ = [
     "aggregate",
     "build_report",
     "make_report",
+    "metric_info",
     "oracle_share",
     "paired_test",
     "render_markdown",
@@ -86,7 +87,22 @@ METRICS: dict[str, MetricInfo] = {
     "within_22_5": MetricInfo("within 22.5°", True),
     "within_30": MetricInfo("within 30°", True),
 }
-"""Every metric the perception stage reports (shares are fractions in [0, 1])."""
+"""Every metric the perception stage reports (shares are fractions in [0, 1]), but the per-class
+IoUs ``iou_<class>`` of ``perception.class_iou`` (see :func:`metric_info`)."""
+
+
+CLASS_IOU_PREFIX = "iou_"
+"""Name prefix of a class's IoU, as ``pipeline.metrics.seg_scores`` writes it (restated here: the
+report package imports no torch)."""
+
+
+def metric_info(metric: str) -> MetricInfo | None:
+    """How to read ``metric``: :data:`METRICS`, or a class's IoU (``iou_<class>``); None if unknown."""
+    if metric in METRICS:
+        return METRICS[metric]
+    if metric.startswith(CLASS_IOU_PREFIX):
+        return MetricInfo(f"IoU {metric[len(CLASS_IOU_PREFIX) :]}", True)
+    return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -285,7 +301,7 @@ def _compare(arms: Mapping[str, Mapping[str, Mapping[int, float]]], alpha: float
                 for s in set(real[metric]) & set(arms[arm][metric])
                 if math.isfinite(real[metric][s]) and math.isfinite(arms[arm][metric][s])
             )
-            info = METRICS.get(metric)
+            info = metric_info(metric)
             entry["significance"][arm][metric] = paired_test(
                 [real[metric][s] for s in seeds],
                 [arms[arm][metric][s] for s in seeds],
@@ -533,7 +549,7 @@ def _provenance_lines(report: Mapping[str, Any]) -> list[str]:
 
 
 def _metric_label(metric: str) -> str:
-    info = METRICS.get(metric)
+    info = metric_info(metric)
     arrow = "" if info is None else (" ↑" if info.higher_is_better else " ↓")
     return f"{info.label if info else metric}{arrow}"
 
