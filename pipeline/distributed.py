@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -176,7 +177,25 @@ class DataParallel:
 SINGLE = DataParallel()
 
 
-def _entry(fabric: Any, fn: Callable[..., Any], args: tuple[Any, ...]) -> Any:
+def _die_with_parent() -> None:
+    """Linux: have the kernel kill this spawned process when its parent dies (a ``kill -9`` of the
+    command), so no orphaned rank keeps writing checkpoints into a run folder that a resumed run
+    has reopened."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+    import signal
+
+    pr_set_pdeathsig = 1
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() == 1:  # the parent died before the call
+        os._exit(1)
+
+
+def _entry(fabric: Any, fn: Callable[..., Any], args: tuple[Any, ...], spawned: bool) -> Any:
+    if spawned:  # by launch(): die with the command that spawned us
+        _die_with_parent()
     if fabric.device.type == "cpu":  # share the cores between the local processes
         local = max(1, int(fabric.world_size) // max(1, int(getattr(fabric, "num_nodes", 1))))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
@@ -221,4 +240,4 @@ def launch(settings: ParallelSettings, fn: Callable[..., Any], *args: Any) -> An
         "data-parallel training: %d process(es) x %d node(s), strategy %s, accelerator %s",
         settings.devices, settings.num_nodes, strategy, settings.accelerator,
     )  # fmt: skip
-    return fabric.launch(_entry, fn, args)  # type: ignore[arg-type]  # Fabric passes extra args through
+    return fabric.launch(_entry, fn, args, strategy == "ddp_spawn")  # type: ignore[arg-type]  # Fabric passes extra args through

@@ -216,3 +216,15 @@ def test_train_base_writes_a_stock_loadable_model_and_resumes(tmp_path: Path, da
     unet_steps = [int(r["step"]) for r in rows if r["phase"] == "unet"]
     assert unet_steps[-1] == 5 and unet_steps.count(0) == 1  # steps 4-5 were added, none redone
     assert [r for r in rows if r["phase"] == "vae"][-1]["step"] == "3"
+
+
+def test_a_resumed_run_logs_each_step_once(tmp_path: Path, data) -> None:
+    """Steps logged after the last checkpoint of a killed run are dropped when it resumes from it."""
+    images, conds, captions = data
+    first = _trainer(tiny_base(captions), tmp_path, steps=6)
+    first.fit(images, conds, captions, progress=False, stop_after=4)  # checkpoint at 3, "killed" after 4
+    assert (tmp_path / "train_log.csv").read_text().count("\n") == 5
+    resumed = _trainer(tiny_base(captions), tmp_path, steps=6)
+    resumed.fit(images, conds, captions, progress=False)
+    steps = [row.split(",")[0] for row in (tmp_path / "train_log.csv").read_text().splitlines()[1:]]
+    assert steps == ["1", "2", "3", "4", "5", "6"]

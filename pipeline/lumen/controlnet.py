@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from pipeline.distributed import SINGLE, DataParallel
 from pipeline.execution import progress_bar
+from pipeline.io import atomic_write_text
 from pipeline.lumen.base import BaseComponents
 from pipeline.lumen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.lumen.train_base import images_to_tensor, set_lr
@@ -279,6 +280,8 @@ class LumenTrainer:
         losses: list[float] = []
         main = self.parallel.is_main
         log_path = self.out / "train_log.csv" if main else Path(os.devnull)
+        if main:
+            _truncate_log(log_path, self.step)
         new_log = main and not log_path.exists()
         t0 = time.time()
         # 2. Step until done (or ``stop_after``), logging each step; checkpoint and validate when due.
@@ -374,6 +377,19 @@ class LumenTrainer:
         (out / "lumen.json").write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
         (out / "README.md").write_text(_model_card(meta))
         return out
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Drop the rows of steps after ``step`` (logged after the checkpoint a killed run resumes from),
+    so a resumed run's log has each step once."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines(keepends=True)
+    keep = lines[:1] + [
+        ln for ln in lines[1:] if ln.split(",", 1)[0].isdigit() and int(ln.split(",", 1)[0]) <= step
+    ]
+    if len(keep) != len(lines):
+        atomic_write_text(path, "".join(keep))
 
 
 def _model_card(meta: dict[str, Any]) -> str:
