@@ -193,7 +193,16 @@ def _die_with_parent() -> None:
         os._exit(1)
 
 
-def _entry(fabric: Any, fn: Callable[..., Any], args: tuple[Any, ...], spawned: bool) -> Any:
+class _Packed:
+    """Arguments handed to the processes as one opaque object: Fabric walks its launch arguments as
+    collections and refuses frozen dataclasses (configs' parts, dataset infos) among them."""
+
+    def __init__(self, args: tuple[Any, ...]) -> None:
+        self.args = args
+
+
+def _entry(fabric: Any, fn: Callable[..., Any], packed: _Packed, spawned: bool) -> Any:
+    args = packed.args
     if spawned:  # by launch(): die with the command that spawned us
         _die_with_parent()
     if fabric.device.type == "cpu":  # share the cores between the local processes
@@ -240,4 +249,4 @@ def launch(settings: ParallelSettings, fn: Callable[..., Any], *args: Any) -> An
         "data-parallel training: %d process(es) x %d node(s), strategy %s, accelerator %s",
         settings.devices, settings.num_nodes, strategy, settings.accelerator,
     )  # fmt: skip
-    return fabric.launch(_entry, fn, args, strategy == "ddp_spawn")  # type: ignore[arg-type]  # Fabric passes extra args through
+    return fabric.launch(_entry, fn, _Packed(args), strategy == "ddp_spawn")  # type: ignore[arg-type]  # Fabric passes extra args through
