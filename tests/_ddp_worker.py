@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _tiny import PRESET
 from safetensors.torch import save_file
 
 from pipeline.data import ToyScenes
@@ -19,18 +20,6 @@ from pipeline.lumen.base import build_tiny_components
 from pipeline.lumen.controlnet import ControlTrainSettings, LumenTrainer, build_controlnet
 from pipeline.lumen.tokenizer import build_tokenizer
 
-PRESET = {
-    "vae": {"block_out_channels": (8, 16), "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 4},
-    "unet": {
-        "block_out_channels": (8, 16),
-        "layers_per_block": 1,
-        "attention_head_dim": 2,
-        "norm_num_groups": 4,
-        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-    },
-    "text": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},
-}
 RES = 16
 CHANNELS = 5
 

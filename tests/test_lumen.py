@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from _tiny import PRESET
 
 from pipeline.conditions import depth_map, edge_map, seg_onehot, sparse_mask
 from pipeline.data import ToyScenes
@@ -15,18 +16,6 @@ from pipeline.lumen.controlnet import ControlTrainSettings, LumenTrainer, build_
 from pipeline.lumen.generate import LumenGenerator, plan_variants, variant_seed
 from pipeline.lumen.tokenizer import build_tokenizer
 
-PRESET = {
-    "vae": {"block_out_channels": (8, 16), "layers_per_block": 1, "latent_channels": 4, "norm_num_groups": 4},
-    "unet": {
-        "block_out_channels": (8, 16),
-        "layers_per_block": 1,
-        "attention_head_dim": 2,
-        "norm_num_groups": 4,
-        "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
-        "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
-    },
-    "text": {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32},
-}
 RES = 16
 N = 5  # layout channels
 
