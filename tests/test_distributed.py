@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from _ddp_worker import initial_controlnet_state, read_shard_keys, train_controlnet, train_tiny_base
 from safetensors.numpy import load_file
 
@@ -31,7 +32,12 @@ def runs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, object]:
     out = {name: root / name for name in ("single", "ddp", "killed")}
     for p in out.values():
         p.mkdir()
-    single = load_file(train_controlnet(SINGLE, out["single"], GLOBAL_BATCH, STEPS))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the kernels the one-thread ranks run
+    try:
+        single = load_file(train_controlnet(SINGLE, out["single"], GLOBAL_BATCH, STEPS))
+    finally:
+        torch.set_num_threads(threads)
     ddp = load_file(launch(TWO_CPU, train_controlnet, out["ddp"], GLOBAL_BATCH, STEPS))
     launch(TWO_CPU, train_controlnet, out["killed"], GLOBAL_BATCH, STEPS, 3)
     stopped = json.loads((out["killed"] / "steps-rank1.json").read_text())["step"]
@@ -80,7 +86,12 @@ def test_each_rank_reads_disjoint_shards(tmp_path: Path) -> None:
 
 def test_base_model_two_processes_equal_one_process(tmp_path: Path) -> None:
     """Both phases (VAE, then UNet + text encoder with EMA) data-parallel; rank 0 saves the model."""
-    single = Path(train_tiny_base(SINGLE, tmp_path / "single"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the kernels the one-thread ranks run
+    try:
+        single = Path(train_tiny_base(SINGLE, tmp_path / "single"))
+    finally:
+        torch.set_num_threads(threads)
     ddp = Path(launch(TWO_CPU, train_tiny_base, tmp_path / "ddp"))
     for part in ("vae", "unet", "text_encoder"):
         (a,) = (single / part).glob("*.safetensors")
@@ -88,6 +99,8 @@ def test_base_model_two_processes_equal_one_process(tmp_path: Path) -> None:
         ta, tb = load_file(a), load_file(b)
         assert ta.keys() == tb.keys()
         for k in ta:
+            if k.endswith("to_k.bias"):  # softmax ignores a key bias: its gradient is 0 up to rounding,
+                continue  # which Adam turns into steps of +-lr whatever the rounding's size
             np.testing.assert_allclose(tb[k], ta[k], rtol=1e-4, atol=1e-5, err_msg=f"{part}.{k}")
     assert (ddp / "samples.png").is_file() and (ddp / "train_log.csv").is_file()
 
