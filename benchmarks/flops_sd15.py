@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from generation import SD15_UNET, SD15_VAE  # benchmarks/ (the script's folder)
 from torch.utils.flop_counter import FlopCounterMode
 
 REPO = Path(__file__).resolve().parents[1]
@@ -42,19 +43,10 @@ def count(channels: int) -> dict[str, float]:
     from diffusers import AutoencoderKL, ControlNetModel, UNet2DConditionModel
     from transformers import Dinov2Config, Dinov2Model
 
-    with torch.device("meta"):  # the SD 1.5 configuration (as benchmarks/generation.py builds it)
-        unet = UNet2DConditionModel(
-            sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-            block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
-            down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-            up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-        )  # fmt: skip
+    with torch.device("meta"):  # the SD 1.5 configuration of benchmarks/generation.py
+        unet = UNet2DConditionModel(**SD15_UNET)
         cn = ControlNetModel.from_unet(unet, conditioning_channels=channels)
-        vae = AutoencoderKL(
-            in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4,
-        )  # fmt: skip
+        vae = AutoencoderKL(**SD15_VAE)
         seg = smp.Unet("resnet50", encoder_weights=None, encoder_depth=5, classes=19)
         dino = Dinov2Model(Dinov2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
                                         intermediate_size=3072, patch_size=14, image_size=518))  # fmt: skip

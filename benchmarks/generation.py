@@ -93,6 +93,22 @@ def tiny_components() -> tuple[BaseComponents, Any]:
     return base, cn.eval()
 
 
+SD15_UNET: dict[str, Any] = {
+    "sample_size": 64, "in_channels": 4, "out_channels": 4, "layers_per_block": 2,
+    "block_out_channels": (320, 640, 1280, 1280), "attention_head_dim": 8, "cross_attention_dim": 768,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+}  # fmt: skip
+"""The SD 1.5 UNet configuration (``UNet2DConditionModel(**SD15_UNET)``; also benchmarks/flops_sd15.py)."""
+
+SD15_VAE: dict[str, Any] = {
+    "in_channels": 3, "out_channels": 3, "latent_channels": 4, "layers_per_block": 2, "sample_size": 512,
+    "block_out_channels": (128, 256, 512, 512), "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4, "scaling_factor": 0.18215,
+}  # fmt: skip
+"""The SD 1.5 VAE configuration (``AutoencoderKL(**SD15_VAE)``)."""
+
+
 def sd15_components(seed: int = 0, conditioning_channels: int = 8) -> tuple[BaseComponents, Any]:
     """SD 1.5-sized models with random weights: UNet (860 M), VAE (84 M), CLIP ViT-L text encoder (123 M),
     and a ControlNet from the UNet (361 M), from the SD 1.5 configuration. Nothing is downloaded."""
@@ -102,17 +118,8 @@ def sd15_components(seed: int = 0, conditioning_channels: int = 8) -> tuple[Base
     from pipeline.lumen.tokenizer import build_tokenizer
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
-        sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320, 640, 1280, 1280), attention_head_dim=8, cross_attention_dim=768,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )  # fmt: skip
-    vae = AutoencoderKL(
-        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2, sample_size=512,
-        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4, scaling_factor=0.18215,
-    )  # fmt: skip
+    unet = UNet2DConditionModel(**SD15_UNET)
+    vae = AutoencoderKL(**SD15_VAE)
     tokenizer = build_tokenizer(PROMPTS, max_length=77)
     text = CLIPTextModel(
         CLIPTextConfig(
