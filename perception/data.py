@@ -57,6 +57,7 @@ __all__ = [
     "AdditiveSampler",
     "MixedSampler",
     "PerceptionDataModule",
+    "RankSlice",
     "SampleData",
     "ShardSamples",
     "as_samples",
@@ -393,6 +394,44 @@ class AdditiveSampler(Sampler[tuple[int, int, int]]):
                 yield 1, int(extra[i]), int(extra_seeds[i])
 
 
+class RankSlice(Sampler[list[tuple[int, int, int]]]):
+    """One rank's share of every global batch of ``sampler`` (a batch sampler for data-parallel runs).
+
+    Every rank runs the same seeded ``sampler``, groups its draws into the global batches one process
+    would train on (``global_batch`` each, the last partial one dropped), and keeps every
+    ``world_size``-th draw from its ``rank`` on. The ranks' shares of a batch are disjoint, the same
+    size, and together exactly the global batch; strided rather than contiguous, so that in additive
+    mixing every rank holds real and extra samples in the batch's proportion.
+    """
+
+    def __init__(
+        self, sampler: AdditiveSampler | MixedSampler, global_batch: int, rank: int, world_size: int
+    ) -> None:
+        if global_batch % world_size:
+            raise ValueError(
+                f"the perception batch of {global_batch} (batch_size plus the extra samples) does not "
+                f"divide over {world_size} processes; make it a multiple of runner.devices x runner.num_nodes"
+            )
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a world of {world_size}")
+        self.sampler, self.global_batch, self.rank, self.world_size = sampler, global_batch, rank, world_size
+
+    def set_epoch(self, epoch: int) -> None:
+        """Lightning calls this on the batch sampler; the draws follow the epoch."""
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler) // self.global_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
+        batch: list[tuple[int, int, int]] = []
+        for draw in self.sampler:
+            batch.append(draw)
+            if len(batch) == self.global_batch:
+                yield batch[self.rank :: self.world_size]
+                batch = []
+
+
 # --------------------------------------------------------------------------------------------------
 # Datasets and the DataModule
 # --------------------------------------------------------------------------------------------------
@@ -670,7 +709,9 @@ class PerceptionDataModule(pl.LightningDataModule):
             len(self.real_train), len(self.synthetic_train), self.synthetic_ratio, self.batch_size, self.seed
         )
 
-    def train_dataloader(self) -> DataLoader[dict[str, Any]]:
+    def train_dataloader(self, rank: int = 0, world_size: int = 1) -> DataLoader[dict[str, Any]]:
+        """The training batches; in a data-parallel job of ``world_size`` processes, rank ``rank``'s
+        share of each (:class:`RankSlice`), so the job together trains on the batches of one process."""
         self.setup()
         dataset = _TrainDataset(
             (self.real_train, self.synthetic_train),
@@ -679,14 +720,16 @@ class PerceptionDataModule(pl.LightningDataModule):
             self.ignore_index,
             self.pad_multiple,
         )
+        common: dict[str, Any] = {
+            "num_workers": self.num_workers,
+            "persistent_workers": self.num_workers > 0,
+            "generator": self._loader_generator(),
+        }
+        if world_size > 1:
+            shares = RankSlice(self.train_sampler(), self.train_batch_size, rank, world_size)
+            return DataLoader(dataset, batch_sampler=shares, **common)
         return DataLoader(
-            dataset,
-            batch_size=self.train_batch_size,
-            sampler=self.train_sampler(),
-            drop_last=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-            generator=self._loader_generator(),
+            dataset, batch_size=self.train_batch_size, sampler=self.train_sampler(), drop_last=True, **common
         )
 
     def val_dataloader(self) -> DataLoader[dict[str, Any]]:

@@ -38,6 +38,7 @@ from perception.data import SampleData, as_samples, catalog, dataset_info_from_s
 from perception.train import TrainResult, train
 from pipeline.config import PerceptionConfig
 from pipeline.data.sample import DatasetInfo, Sample
+from pipeline.distributed import ParallelSettings
 from pipeline.io import atomic_write_json
 from pipeline.report.gains import ARMS, aggregate
 
@@ -212,6 +213,7 @@ def run_one(
     test: SampleData | None = None,
     out_dir: str | os.PathLike[str] | None = None,
     device: str = "cpu",
+    parallel: ParallelSettings | None = None,
 ) -> dict[str, Any]:
     """Train the run ``spec`` (or reuse its finished ``run.json`` under ``out_dir``) and return its record.
 
@@ -225,6 +227,7 @@ def run_one(
         test: test data; when given, ``metrics`` are test metrics (and ``val_metrics`` validation ones).
         out_dir: where ``<spec.name>/run.json`` and the logs go; None writes nothing.
         device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``.
+        parallel: train data-parallel over these processes (:func:`perception.train.train`).
 
     Returns:
         ``{"tasks", "setting", "label_fraction", "arm", "seed", "mixing", "extra_ratio",
@@ -256,6 +259,7 @@ def run_one(
         val_every=config.val_every,
         out_dir=run_dir,
         device=device,
+        parallel=parallel,
     )
     return _record_run(spec, config, result, ident, has_extra=extra is not None, ratio=ratio,
                        has_test=test_s is not None, run_dir=run_dir)  # fmt: skip

@@ -324,10 +324,11 @@ class EvaluateResult:
 def train_one(cfg: LumenConfig, run_dir: Path, spec: RunSpec, inputs: EvalInputs) -> dict[str, Any]:
     """Train and evaluate one perception run of the protocol (or reuse its finished ``run.json``)."""
     from perception.protocol import run_one
+    from pipeline.lumen.stages import parallel_settings
 
     return run_one(spec, inputs.real, inputs.val, inputs.synthetic, config=cfg.perception, info=inputs.info,
                    oracle=inputs.oracle, test=inputs.test, out_dir=RunPaths(run_dir).perception,
-                   device=str(resolve_device(cfg.device)))  # fmt: skip
+                   device=str(resolve_device(cfg.device)), parallel=parallel_settings(cfg))  # fmt: skip
 
 
 def perception_runs(

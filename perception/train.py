@@ -23,11 +23,13 @@ from typing import Any, NamedTuple
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.plugins.environments import LightningEnvironment
 
-from perception.data import PerceptionDataModule, SampleData, as_samples, dataset_info_from_shards
+from perception.data import PerceptionDataModule, RankSlice, SampleData, as_samples, dataset_info_from_shards
 from perception.models import PerceptionModule
 from pipeline.config import PerceptionConfig
 from pipeline.data.sample import DatasetInfo
+from pipeline.distributed import SINGLE, DataParallel, ParallelSettings, launch
 from pipeline.io import atomic_write_bytes, atomic_write_json
 
 __all__ = ["TrainResult", "state_dict_sha256", "train", "trainer_device"]
@@ -190,29 +192,111 @@ class _Fit(NamedTuple):
     curve: list[dict[str, Any]] | None
 
 
-def _fit_and_validate(
-    model: PerceptionModule,
-    data: PerceptionDataModule,
-    test: SampleData | None,
-    steps: int,
-    val_every: int | None,
-    device: str,
-    out: Path | None,
-) -> _Fit:
-    """Fit for exactly ``steps`` optimizer steps, then validate on the real validation data (and on
-    ``test``, which leaves the test metrics in ``model.val_results``)."""
+class _JoinedJob(LightningEnvironment):
+    """A Lightning cluster environment for a process that is already one rank of a running job (the
+    processes and the process group come from :func:`pipeline.distributed.launch`), so the
+    ``Trainer`` neither starts processes nor initialises the group again."""
+
+    def __init__(self, parallel: DataParallel) -> None:
+        super().__init__()
+        fabric: Any = parallel.fabric
+        self._world, self._rank = parallel.world_size, parallel.rank
+        self._local, self._node = int(fabric.local_rank), int(fabric.node_rank)
+
+    @property
+    def creates_processes_externally(self) -> bool:
+        return True
+
+    def world_size(self) -> int:
+        return self._world
+
+    def global_rank(self) -> int:
+        return self._rank
+
+    def local_rank(self) -> int:
+        return self._local
+
+    def node_rank(self) -> int:
+        return self._node
+
+
+class _SyncBuffers(pl.Callback):
+    """Give every rank rank 0's buffers (batch-norm running statistics) before each validation and at
+    the end of training: DDP broadcasts them only at the start of a training forward, so after one
+    each rank holds statistics of its own share of the batch."""
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _broadcast_buffers(pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        _broadcast_buffers(pl_module)
+
+
+def _broadcast_buffers(module: torch.nn.Module) -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        for buffer in module.buffers():
+            dist.broadcast(buffer.data, src=0)
+
+
+def _csv_logger(out: Path | None) -> CSVLogger | bool:
+    """The run's ``logs/metrics.csv`` (one logger for the fit and the validation after it)."""
+    return CSVLogger(str(out), name="", version="logs") if out is not None else False
+
+
+def _common_trainer_args(device: str, out: Path | None, logger: CSVLogger | bool) -> dict[str, Any]:
     accelerator, devices = trainer_device(device)
-    csv = CSVLogger(str(out), name="", version="logs") if out is not None else False
-    common: dict[str, Any] = {
+    return {
         "accelerator": accelerator,
         "devices": devices,
-        "logger": csv,
+        "logger": logger,
         "enable_checkpointing": False,
         "enable_progress_bar": False,
         "enable_model_summary": False,
         "default_root_dir": str(out) if out is not None else None,
     }
-    loader = data.train_dataloader()
+
+
+def _parallel_trainer_args(parallel: DataParallel) -> dict[str, Any]:
+    """Trainer arguments that join this rank's job: DDP on the job's devices; on CUDA batch norm
+    becomes SyncBatchNorm (statistics over the global batch; PyTorch has it for GPUs only, so CPU
+    processes normalise their own share)."""
+    from pytorch_lightning.strategies import DDPStrategy
+
+    device = parallel.device or torch.device("cpu")
+    cuda = device.type == "cuda"
+    return {
+        "accelerator": "gpu" if cuda else device.type,
+        "devices": parallel.local_world_size,
+        "num_nodes": parallel.num_nodes,
+        "strategy": DDPStrategy(cluster_environment=_JoinedJob(parallel)),
+        "use_distributed_sampler": False,  # the loader already holds this rank's share (RankSlice)
+        "sync_batchnorm": cuda,
+    }
+
+
+def _fit(
+    model: PerceptionModule,
+    data: PerceptionDataModule,
+    steps: int,
+    val_every: int | None,
+    device: str,
+    out: Path | None,
+    logger: CSVLogger | bool,
+    callbacks: Sequence[pl.Callback] = (),
+    parallel: DataParallel = SINGLE,
+) -> tuple[int, list[dict[str, Any]] | None]:
+    """Fit for exactly ``steps`` optimizer steps: ``(steps taken, learning curve or None)``.
+
+    In a data-parallel job every rank trains on its share of each global batch; the curve's
+    validations run the whole validation data on every rank (the metrics' states are summed over the
+    ranks, which leaves their values those of one process)."""
+    common = _common_trainer_args(device, out, logger)
+    loader = data.train_dataloader(parallel.rank, parallel.world_size)
+    if parallel.world_size > 1:
+        common.update(_parallel_trainer_args(parallel))
+        callbacks = [*callbacks, _SyncBuffers()]
     curve = _Curve()
     trainer = pl.Trainer(
         max_steps=steps,
@@ -222,19 +306,117 @@ def _fit_and_validate(
         check_val_every_n_epoch=None if val_every else 1,
         num_sanity_val_steps=0,
         log_every_n_steps=max(1, min(50, len(loader))),
-        callbacks=[curve],
+        callbacks=[curve, *callbacks],
         **common,
     )
     with _quiet_lightning():
         trainer.fit(
             model, train_dataloaders=loader, val_dataloaders=data.val_dataloader() if val_every else None
         )
-        evaluator = pl.Trainer(**common)
+    return int(trainer.global_step), curve.points if val_every else None
+
+
+def _validate(
+    model: PerceptionModule,
+    data: PerceptionDataModule,
+    test: SampleData | None,
+    device: str,
+    out: Path | None,
+    logger: CSVLogger | bool,
+) -> dict[str, dict[str, float]]:
+    """Validate on the real validation data (returned), then on ``test`` when given, which leaves the
+    test metrics in ``model.val_results``."""
+    evaluator = pl.Trainer(**_common_trainer_args(device, out, logger))
+    with _quiet_lightning():
         evaluator.validate(model, dataloaders=data.val_dataloader(), verbose=False)
         val_metrics = model.val_results
         if test is not None:
             evaluator.validate(model, dataloaders=data.eval_dataloader(test), verbose=False)
-    return _Fit(int(trainer.global_step), val_metrics, curve.points if val_every else None)
+    return val_metrics
+
+
+def _fit_and_validate(
+    model: PerceptionModule,
+    data: PerceptionDataModule,
+    test: SampleData | None,
+    steps: int,
+    val_every: int | None,
+    device: str,
+    out: Path | None,
+    callbacks: Sequence[pl.Callback] = (),
+) -> _Fit:
+    """Fit for exactly ``steps`` optimizer steps in this process, then validate (:func:`_validate`)."""
+    logger = _csv_logger(out)
+    taken, curve = _fit(model, data, steps, val_every, device, out, logger, callbacks)
+    return _Fit(taken, _validate(model, data, test, device, out, logger), curve)
+
+
+@dataclass(frozen=True)
+class _RankJob:
+    """What every process of a data-parallel perception run needs: the same inputs, so that each
+    builds the same seeded data and model."""
+
+    config: PerceptionConfig
+    tasks: list[str]
+    info: DatasetInfo | None
+    seed: int
+    label_seed: int | None
+    real: SampleData
+    val: SampleData
+    synthetic: SampleData | None
+    data_options: dict[str, Any]
+    steps: int
+    val_every: int | None
+    out: Path | None
+    weights: Path  # where rank 0 leaves the trained weights for the caller
+    callbacks: tuple[pl.Callback, ...]
+
+
+def _fit_rank(parallel: DataParallel, job: _RankJob) -> dict[str, Any]:
+    """One rank of a data-parallel perception run: fit, and rank 0 saves the weights (net and buffers)."""
+    data, model = _seeded_data_and_model(job.config, job.tasks, job.info, job.seed, job.label_seed, job.real,
+                                         job.val, job.synthetic, **job.data_options)  # fmt: skip
+    device = "cuda" if parallel.device is not None and parallel.device.type == "cuda" else "cpu"
+    logger = _csv_logger(job.out)
+    steps, curve = _fit(
+        model, data, job.steps, job.val_every, device, job.out, logger, job.callbacks, parallel
+    )
+    if parallel.is_main:
+        from safetensors.torch import save
+
+        state = {k: v.detach().cpu().contiguous() for k, v in model.net.state_dict().items()}
+        atomic_write_bytes(job.weights, save(state))
+    parallel.barrier()
+    return {"steps": steps, "curve": curve}
+
+
+_LAUNCH_LOCK = threading.Lock()  # one data-parallel job at a time: it holds every device
+
+
+def _fit_data_parallel(
+    settings: ParallelSettings,
+    model: PerceptionModule,
+    data: PerceptionDataModule,
+    job: dict[str, Any],
+    test: SampleData | None,
+    device: str,
+    out: Path | None,
+) -> _Fit:
+    """Fit over the processes of ``settings`` (each rebuilds the seeded data and model, as ``model``
+    and ``data`` were built here), load rank 0's weights into ``model``, and validate it here, as a
+    single-process run would."""
+    import tempfile
+
+    from safetensors.torch import load_file
+
+    if data.train_batch_size % settings.world_size:
+        RankSlice(data.train_sampler(), data.train_batch_size, 0, settings.world_size)  # raises the error
+    with tempfile.TemporaryDirectory(prefix="lumen-perception-") as tmp, _LAUNCH_LOCK:
+        rank_job = _RankJob(out=out, weights=Path(tmp) / "model.safetensors", **job)
+        fitted = launch(settings, _fit_rank, rank_job)
+        model.net.load_state_dict(load_file(str(rank_job.weights)))
+    # logs/metrics.csv holds the ranks' training log; the metrics are in result.json
+    return _Fit(int(fitted["steps"]), _validate(model, data, test, device, out, False), fitted["curve"])
 
 
 def _train_result(
@@ -294,6 +476,8 @@ def train(
     out_dir: str | os.PathLike[str] | None = None,
     save_model: bool = False,
     device: str = "cpu",
+    parallel: ParallelSettings | None = None,
+    callbacks: Sequence[pl.Callback] = (),
 ) -> TrainResult:
     """Train a model on real (or real + extra) data for ``steps`` optimizer steps; evaluate on real data.
 
@@ -317,6 +501,12 @@ def train(
         out_dir: where logs and ``result.json`` go; None writes nothing.
         save_model: also write ``model.safetensors`` to ``out_dir``.
         device: ``cpu``, ``cuda``, ``cuda:N``, ``mps`` or ``auto``.
+        parallel: train data-parallel over ``parallel.world_size`` processes
+            (:func:`pipeline.distributed.launch`), each on its share of every batch of
+            ``config.batch_size`` (plus extra samples), which must divide over them; the result is that
+            of one process up to batch norm, whose statistics on CPU are per process (CUDA processes
+            use SyncBatchNorm). Validation runs here afterwards. None or one process: train here.
+        callbacks: extra Lightning callbacks for the fit (picklable for ``parallel``).
 
     Returns:
         A :class:`TrainResult` whose ``metrics`` are ``{task: {metric: value}}``.
@@ -327,10 +517,18 @@ def train(
     info = _checked_info(info, real, task_list)
     out = Path(out_dir) if out_dir is not None else None
     started = time.perf_counter()
-    data, model = _seeded_data_and_model(config, task_list, info, seed, label_seed, real, val, synthetic,
-        synthetic_ratio=synthetic_ratio, extra_photometric=extra_photometric,
-        low_label_fraction=low_label_fraction)  # fmt: skip
-    fit = _fit_and_validate(model, data, test, steps, val_every, device, out)
+    options = {"synthetic_ratio": synthetic_ratio, "extra_photometric": extra_photometric,
+               "low_label_fraction": low_label_fraction}  # fmt: skip
+    data, model = _seeded_data_and_model(
+        config, task_list, info, seed, label_seed, real, val, synthetic, **options
+    )
+    if parallel is not None and parallel.world_size > 1:
+        job = {"config": config, "tasks": task_list, "info": info, "seed": seed, "label_seed": label_seed,
+               "real": real, "val": val, "synthetic": synthetic, "data_options": options, "steps": steps,
+               "val_every": val_every, "callbacks": tuple(callbacks)}  # fmt: skip
+        fit = _fit_data_parallel(parallel, model, data, job, test, device, out)
+    else:
+        fit = _fit_and_validate(model, data, test, steps, val_every, device, out, callbacks)
     result = _train_result(task_list, seed, model, data, fit, test, started)
     _write_outputs(out, result, model, save_model)
     logger.info("trained %s, seed %d, %d steps: %s", "+".join(task_list), seed, result.steps, result.metrics)

@@ -122,6 +122,15 @@ class DataParallel:
         return 0 if self.fabric is None else int(self.fabric.global_rank)
 
     @property
+    def num_nodes(self) -> int:
+        return 1 if self.fabric is None else int(getattr(self.fabric.strategy, "num_nodes", 1))
+
+    @property
+    def local_world_size(self) -> int:
+        """Processes on this node."""
+        return max(1, self.world_size // self.num_nodes)
+
+    @property
     def is_main(self) -> bool:
         """Rank 0: the process that writes checkpoints, logs, grids and the saved model."""
         return self.rank == 0
@@ -206,8 +215,8 @@ def _entry(fabric: Any, fn: Callable[..., Any], packed: _Packed, spawned: bool) 
     if spawned:  # by launch(): die with the command that spawned us
         _die_with_parent()
     if fabric.device.type == "cpu":  # share the cores between the local processes
-        local = max(1, int(fabric.world_size) // max(1, int(getattr(fabric, "num_nodes", 1))))
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
+        parallel = DataParallel(fabric)
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // parallel.local_world_size))
     return _plain(fn(DataParallel(fabric), *args))
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 from _tiny import PRESET
 from safetensors.torch import save_file
@@ -91,3 +92,16 @@ def train_tiny_base(parallel: DataParallel, out: Path) -> str:
     train_base(np.stack([x.image for x in samples]), [x.caption for x in samples], out, s, preset=PRESET,
                progress=False, sample_prompts=[samples[0].caption], parallel=parallel)  # fmt: skip
     return str(out)
+
+
+class FreezeBatchNorm(pl.Callback):
+    """Batch norm in eval mode while training (fixed running statistics). CPU processes have no
+    SyncBatchNorm, so each rank would otherwise normalise with the statistics of its own share of the
+    batch, and a data-parallel run could not equal a single process's."""
+
+    def on_train_batch_start(
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, i: int
+    ) -> None:
+        for module in pl_module.modules():
+            if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                module.eval()

@@ -12,10 +12,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from _ddp_worker import initial_controlnet_state, read_shard_keys, train_controlnet, train_tiny_base
+from _ddp_worker import (
+    FreezeBatchNorm,
+    initial_controlnet_state,
+    read_shard_keys,
+    train_controlnet,
+    train_tiny_base,
+)
 from safetensors.numpy import load_file
 
-from pipeline.config import load_config
+from perception.train import _seeded_data_and_model, train
+from pipeline.config import PerceptionConfig, load_config
 from pipeline.data import ToyScenes
 from pipeline.distributed import SINGLE, DataParallel, ParallelSettings, launch
 from pipeline.shards import ShardSetWriter
@@ -123,3 +130,51 @@ def test_runner_config_and_settings(tmp_path: Path) -> None:
     assert ParallelSettings(2).fabric_strategy() == "ddp_spawn"
     with pytest.raises(RuntimeError, match="torchrun"):
         ParallelSettings(2, num_nodes=2).fabric_strategy()
+
+
+PERCEPTION = PerceptionConfig(encoder_depth=3, decoder_channels=[32, 16, 8], batch_size=4, steps=4)
+
+
+def test_perception_two_processes_equal_one_process(tmp_path: Path) -> None:
+    """A perception run over 2 processes (each on half of every batch, Lightning's DDP inside the
+    job) equals the run in one process; batch norm is frozen, as CPU processes have no SyncBatchNorm."""
+    ds = ToyScenes(num_images=20, image_size=(32, 32), seed=0)
+    samples = [ds.load(k) for k in ds.keys()]
+    real, val = samples[:12], samples[12:]
+    kw = {"config": PERCEPTION, "info": ds.info, "seed": 0, "val_every": 2, "save_model": True}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the kernels the one-thread ranks run
+    try:
+        single = train("seg", real, val, out_dir=tmp_path / "single", callbacks=[FreezeBatchNorm()], **kw)
+    finally:
+        torch.set_num_threads(threads)
+    ddp = train(
+        "seg", real, val, out_dir=tmp_path / "ddp", callbacks=[FreezeBatchNorm()], parallel=TWO_CPU, **kw
+    )
+
+    assert ddp.steps == single.steps == 4 and ddp.num_real == 12
+    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("single", "ddp"))
+    _, model = _seeded_data_and_model(PERCEPTION, ["seg"], ds.info, 0, None, real, val, None)
+    init = {k: v.numpy() for k, v in model.net.state_dict().items()}
+    weights = [k for k in a if a[k].dtype.kind == "f"]
+    moved = np.sqrt(sum(float(((a[k] - init[k]) ** 2).sum()) for k in weights))
+    apart = np.sqrt(sum(float(((a[k] - b[k]) ** 2).sum()) for k in weights))
+    assert moved > 0.1 and apart < 1e-3 * moved  # Adam turns near-zero gradients' rounding into +-lr
+    close = sum(int(np.isclose(a[k], b[k], rtol=1e-4, atol=1e-6).sum()) for k in weights)
+    assert close >= 0.999 * sum(a[k].size for k in weights)
+    for name, value in single.metrics["seg"].items():
+        assert ddp.metrics["seg"][name] == pytest.approx(value, abs=1e-3), name
+    assert [p["step"] for p in ddp.curve or []] == [p["step"] for p in single.curve or []] == [2, 4]
+    for p, q in zip(ddp.curve or [], single.curve or [], strict=True):  # validated on every rank, synced
+        assert p["seg"]["miou"] == pytest.approx(q["seg"]["miou"], abs=1e-3)
+    log = (tmp_path / "ddp" / "logs" / "metrics.csv").read_text()
+    assert "train/loss" in log.splitlines()[0]  # rank 0's training log
+    assert (tmp_path / "ddp" / "result.json").is_file()
+
+
+def test_perception_batch_that_does_not_divide_fails_before_spawning() -> None:
+    ds = ToyScenes(num_images=6, image_size=(32, 32), seed=0)
+    samples = [ds.load(k) for k in ds.keys()]
+    odd = PERCEPTION.model_copy(update={"batch_size": 3})
+    with pytest.raises(ValueError, match=r"multiple of runner\.devices"):
+        train("seg", samples[:4], samples[4:], config=odd, info=ds.info, parallel=TWO_CPU)

@@ -18,8 +18,10 @@ from torch.utils.data import default_collate
 from torchmetrics.regression import MeanAbsolutePercentageError, MeanSquaredError
 
 from perception.data import (
+    AdditiveSampler,
     MixedSampler,
     PerceptionDataModule,
+    RankSlice,
     ShardSamples,
     dataset_info_from_shards,
     pair_variants,
@@ -740,3 +742,19 @@ def test_class_iou_config_adds_per_class_seg_metrics() -> None:
     assert on.val_metrics["seg"].compute() == {"miou": 1.0, "pixel_acc": 1.0, "iou_sky": 1.0, "iou_road": 1.0,
                                                "iou_car": 1.0}  # fmt: skip
     assert set(off.val_metrics["seg"].compute()) == {"miou", "pixel_acc"}
+
+
+def test_rank_slices_split_every_global_batch_evenly() -> None:
+    sampler = AdditiveSampler(10, 6, batch_size=4, extra_per_batch=2, seed=0)
+    draws = list(sampler)
+    whole = [draws[i : i + 6] for i in range(0, len(draws) - 5, 6)]
+    shares = [list(RankSlice(sampler, 6, rank, 2)) for rank in (0, 1)]
+    assert len(shares[0]) == len(shares[1]) == len(whole) == len(RankSlice(sampler, 6, 0, 2))
+    for batch, mine, theirs in zip(whole, *shares, strict=True):
+        assert len(mine) == len(theirs) == 3 and sorted(mine + theirs) == sorted(batch)
+        assert [d[0] for d in mine] == [d[0] for d in theirs] == [0, 0, 1]  # real and extra on each rank
+    sliced = RankSlice(sampler, 6, 0, 2)
+    sliced.set_epoch(1)  # the epoch reaches the draws
+    assert list(sliced) != shares[0]
+    with pytest.raises(ValueError, match="does not divide over 4"):
+        RankSlice(sampler, 6, 0, 4)

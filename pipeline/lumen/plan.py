@@ -480,7 +480,7 @@ def _perception(cfg: LumenConfig, world: int) -> list[TrainingPlan]:
     return [
         _training(
             f"perception {arm}", p.steps, p.batch_size + (extra if arm != "real" else 0), world, runs=runs,
-            parallel=False,  # one process per run (perception is not data-parallel yet, docs/scaling.md)
+            parallel=True,
             note=f"{settings} setting(s) x {len(p.seeds)} seed(s) x {groups} model(s): {tasks}, {p.encoder}",
         )
         for arm in arms
