@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lumen_cli.main import main
-from pipeline.config import LumenConfig, RunnerConfig, ShardConfig, load_config
+from pipeline.config import LumenConfig, ShardConfig, load_config
 from pipeline.data import Sample, build_dataset, resize_sample
 from pipeline.lumen.plan import RunPlan, analytic_sample_bytes, plan_run, shard_layout
 from pipeline.shards import ShardSetWriter
@@ -138,9 +138,6 @@ def test_plan_without_the_dataset_takes_counts_from_images(capsys: pytest.Captur
     assert data["training"][0]["model"] == "ControlNet"
 
 
-@pytest.mark.skipif(
-    "devices" not in RunnerConfig.model_fields, reason="runner.devices not in RunnerConfig yet"
-)
 def test_cityscapes_plan_splits_batches_over_eight_devices() -> None:
     cfg = load_config(CITYSCAPES)
     plan = plan_run(cfg, images=2975)
@@ -148,3 +145,13 @@ def test_cityscapes_plan_splits_batches_over_eight_devices() -> None:
     controlnet = next(t for t in plan.training if t.model == "ControlNet")
     assert controlnet.per_device_batch == cfg.lumen.batch_size // 8
     assert plan.dataset.train_images == 2975  # a val folder: every image trains
+
+
+def test_perception_batches_split_over_the_devices_too() -> None:
+    """Perception runs are data-parallel: the plan gives each arm's batch per device, and flags one
+    that does not divide over the processes."""
+    two = plan_run(load_config(DEMO, ["runner.devices=2"]))
+    for t in (t for t in two.training if t.model.startswith("perception")):
+        assert t.data_parallel and t.per_device_batch == t.micro_batch // 2
+    three = plan_run(load_config(DEMO, ["runner.devices=3"]))  # demo batches 8 and 16
+    assert any("PROBLEM" in n and "perception real" in n for n in three.notes)
