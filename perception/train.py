@@ -270,7 +270,8 @@ def _parallel_trainer_args(parallel: DataParallel) -> dict[str, Any]:
         "accelerator": "gpu" if cuda else device.type,
         "devices": parallel.local_world_size,
         "num_nodes": parallel.num_nodes,
-        "strategy": DDPStrategy(cluster_environment=_JoinedJob(parallel)),
+        # timm encoders can hold layers the features they return skip (e.g. a classifier stage)
+        "strategy": DDPStrategy(cluster_environment=_JoinedJob(parallel), find_unused_parameters=True),
         "use_distributed_sampler": False,  # the loader already holds this rank's share (RankSlice)
         "sync_batchnorm": cuda,
     }

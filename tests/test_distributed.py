@@ -132,7 +132,9 @@ def test_runner_config_and_settings(tmp_path: Path) -> None:
         ParallelSettings(2, num_nodes=2).fabric_strategy()
 
 
-PERCEPTION = PerceptionConfig(encoder_depth=3, decoder_channels=[32, 16, 8], batch_size=4, steps=4)
+PERCEPTION = PerceptionConfig(
+    encoder_depth=4, decoder_channels=[32, 16, 8, 8], batch_size=4, steps=4
+)  # depth 4: unused encoder blocks
 
 
 def test_perception_two_processes_equal_one_process(tmp_path: Path) -> None:
