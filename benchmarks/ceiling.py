@@ -123,6 +123,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="a variation prompt put before each caption, as generate.variation_prompts with the demo's "
         "template '{variation}, {caption}' (e.g. 'dim night light'): fidelity under a domain shift",
     )  # fmt: skip
+    p.add_argument(
+        "--template", default="{variation}, {caption}",
+        help="prompt template with --variation ({caption}, {variation}, {caption_head}: the caption without "
+        "its last ', '-separated clause, e.g. a toy scene's lighting)",
+    )  # fmt: skip
     p.add_argument("--train-images", type=int, default=512)
     p.add_argument("--judge-steps", type=int, default=400)
     p.add_argument("--work", type=Path, default=Path("runs/ceiling"))
@@ -238,7 +243,7 @@ def _lumen_rows(
     for scale in args.scales:
         scores = []
         for seed in args.seeds:
-            prompts = [f"{args.variation}, {s.caption}" if args.variation else s.caption for s in val]
+            prompts = [_prompt(args, s.caption) for s in val]
             imgs = gen.generate(conds, prompts, [seed * 1000 + i for i in range(len(val))], steps=args.steps,
                                 guidance_scale=args.guidance, conditioning_scale=scale)  # fmt: skip
             scores.append(miou(imgs))
@@ -247,6 +252,13 @@ def _lumen_rows(
         rows[f"lumen@{scale:g}"] = {"judge_miou": float(np.mean(scores)), "judge_miou_std": float(np.std(scores, ddof=1)) if len(scores) > 1 else 0.0,
                                     "share_of_real": float(np.mean(scores)) / real_miou, "seeds": scores}  # fmt: skip
     return rows, grid_rows
+
+
+def _prompt(args: argparse.Namespace, caption: str) -> str:
+    if not args.variation:
+        return caption
+    head = caption.rsplit(", ", 1)[0]
+    return str(args.template.format(caption=caption, variation=args.variation, caption_head=head))
 
 
 def _print_table(args: argparse.Namespace, rows: dict[str, Any], out: Path) -> None:
@@ -311,7 +323,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "benchmark": "ceiling", "dataset": args.dataset, "label": args.label, "assets": {"base": str(base_dir), "lumen": str(lumen_dir)},
         "base_training": verify_asset(base_dir).get("training"), "lumen_training": meta.get("training"),
-        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "guidance": args.guidance, "variation": args.variation,
+        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "guidance": args.guidance, "variation": args.variation, "template": args.template,
         "judge": {"train_images": args.train_images, "steps": args.judge_steps}, "rows": rows,
         "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip
