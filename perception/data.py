@@ -407,14 +407,19 @@ class RankSlice(Sampler[list[tuple[int, int, int]]]):
     def __init__(
         self, sampler: AdditiveSampler | MixedSampler, global_batch: int, rank: int, world_size: int
     ) -> None:
+        self.check(global_batch, world_size)
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside a world of {world_size}")
+        self.sampler, self.global_batch, self.rank, self.world_size = sampler, global_batch, rank, world_size
+
+    @staticmethod
+    def check(global_batch: int, world_size: int) -> None:
+        """Raise ValueError when ``global_batch`` does not divide over ``world_size`` processes."""
         if global_batch % world_size:
             raise ValueError(
                 f"the perception batch of {global_batch} (batch_size plus the extra samples) does not "
                 f"divide over {world_size} processes; make it a multiple of runner.devices x runner.num_nodes"
             )
-        if not 0 <= rank < world_size:
-            raise ValueError(f"rank {rank} is outside a world of {world_size}")
-        self.sampler, self.global_batch, self.rank, self.world_size = sampler, global_batch, rank, world_size
 
     def set_epoch(self, epoch: int) -> None:
         """Lightning calls this on the batch sampler; the draws follow the epoch."""

@@ -410,8 +410,7 @@ def _fit_data_parallel(
 
     from safetensors.torch import load_file
 
-    if data.train_batch_size % settings.world_size:
-        RankSlice(data.train_sampler(), data.train_batch_size, 0, settings.world_size)  # raises the error
+    RankSlice.check(data.train_batch_size, settings.world_size)  # before any process starts
     with tempfile.TemporaryDirectory(prefix="lumen-perception-") as tmp, _LAUNCH_LOCK:
         rank_job = _RankJob(out=out, weights=Path(tmp) / "model.safetensors", **job)
         fitted = launch(settings, _fit_rank, rank_job)
