@@ -282,13 +282,15 @@ def _fit(
     data: PerceptionDataModule,
     steps: int,
     val_every: int | None,
+    schedule: PerceptionConfig,
     device: str,
     out: Path | None,
     logger: CSVLogger | bool,
     callbacks: Sequence[pl.Callback] = (),
     parallel: DataParallel = SINGLE,
 ) -> tuple[int, list[dict[str, Any]] | None]:
-    """Fit for exactly ``steps`` optimizer steps: ``(steps taken, learning curve or None)``.
+    """Fit for exactly ``steps`` optimizer steps, each over ``schedule.grad_accum`` batches in
+    ``schedule.precision``: ``(steps taken, learning curve or None)``.
 
     In a data-parallel job every rank trains on its share of each global batch; the curve's
     validations run the whole validation data on every rank (the metrics' states are summed over the
@@ -302,8 +304,10 @@ def _fit(
     trainer = pl.Trainer(
         max_steps=steps,
         max_epochs=-1,
+        accumulate_grad_batches=schedule.grad_accum,
+        precision=schedule.precision,
         limit_val_batches=1.0 if val_every else 0,
-        val_check_interval=val_every,
+        val_check_interval=val_every * schedule.grad_accum if val_every else None,  # counted in batches
         check_val_every_n_epoch=None if val_every else 1,
         num_sanity_val_steps=0,
         log_every_n_steps=max(1, min(50, len(loader))),
@@ -342,13 +346,14 @@ def _fit_and_validate(
     test: SampleData | None,
     steps: int,
     val_every: int | None,
+    schedule: PerceptionConfig,
     device: str,
     out: Path | None,
     callbacks: Sequence[pl.Callback] = (),
 ) -> _Fit:
     """Fit for exactly ``steps`` optimizer steps in this process, then validate (:func:`_validate`)."""
     logger = _csv_logger(out)
-    taken, curve = _fit(model, data, steps, val_every, device, out, logger, callbacks)
+    taken, curve = _fit(model, data, steps, val_every, schedule, device, out, logger, callbacks)
     return _Fit(taken, _validate(model, data, test, device, out, logger), curve)
 
 
@@ -380,7 +385,7 @@ def _fit_rank(parallel: DataParallel, job: _RankJob) -> dict[str, Any]:
     device = "cuda" if parallel.device is not None and parallel.device.type == "cuda" else "cpu"
     logger = _csv_logger(job.out)
     steps, curve = _fit(
-        model, data, job.steps, job.val_every, device, job.out, logger, job.callbacks, parallel
+        model, data, job.steps, job.val_every, job.config, device, job.out, logger, job.callbacks, parallel
     )
     if parallel.is_main:
         from safetensors.torch import save
@@ -528,7 +533,7 @@ def train(
                "val_every": val_every, "callbacks": tuple(callbacks)}  # fmt: skip
         fit = _fit_data_parallel(parallel, model, data, job, test, device, out)
     else:
-        fit = _fit_and_validate(model, data, test, steps, val_every, device, out, callbacks)
+        fit = _fit_and_validate(model, data, test, steps, val_every, config, device, out, callbacks)
     result = _train_result(task_list, seed, model, data, fit, test, started)
     _write_outputs(out, result, model, save_model)
     logger.info("trained %s, seed %d, %d steps: %s", "+".join(task_list), seed, result.steps, result.metrics)

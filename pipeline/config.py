@@ -537,6 +537,14 @@ class PerceptionConfig(_Section):
     )
     steps: int = Field(300, ge=1, description="optimizer steps per run, the same in every arm")
     batch_size: int = Field(8, ge=1)
+    grad_accum: int = Field(
+        1, ge=1,
+        description="batches accumulated per optimizer step: a step sees grad_accum x (batch_size + extra) "
+        "samples; steps and val_every count optimizer steps",
+    )  # fmt: skip
+    precision: Literal["32", "bf16-mixed", "16-mixed"] = Field(
+        "32", description="Lightning precision: 32, bf16-mixed (CPU or GPU autocast), 16-mixed (CUDA)"
+    )
     val_batch_size: int | None = Field(None, ge=1, description="null = batch_size")
     learning_rate: float = Field(1e-3, gt=0, description="AdamW peak learning rate (cosine decay)")
     weight_decay: float = Field(1e-4, ge=0)

@@ -758,3 +758,30 @@ def test_rank_slices_split_every_global_batch_evenly() -> None:
     assert list(sliced) != shares[0]
     with pytest.raises(ValueError, match="does not divide over 4"):
         RankSlice(sampler, 6, 0, 4)
+
+
+def test_accumulated_batches_equal_one_large_batch(
+    toy: tuple[list[Sample], list[Sample], DatasetInfo], tmp_path: Path
+) -> None:
+    """grad_accum 2 x batch 2 takes the steps of batch 4 (batch norm frozen: its statistics are per
+    batch), and the curve counts optimizer steps."""
+    from _ddp_worker import FreezeBatchNorm
+    from safetensors.numpy import load_file
+
+    real, val, info = toy
+    out = {}
+    for name, update in (("large", {"batch_size": 4}), ("accum", {"batch_size": 2, "grad_accum": 2})):
+        cfg = TINY_CFG.model_copy(update={"steps": 4, **update})
+        result = train("seg", real, val, config=cfg, info=info, val_every=2, out_dir=tmp_path / name,
+                       save_model=True, callbacks=[FreezeBatchNorm()])  # fmt: skip
+        assert result.steps == 4 and [p["step"] for p in result.curve or []] == [2, 4]
+        out[name] = load_file(tmp_path / name / "model.safetensors")
+    for k, v in out["large"].items():
+        np.testing.assert_allclose(out["accum"][k], v, rtol=1e-3, atol=1e-5, err_msg=k)
+
+
+def test_bf16_mixed_precision_trains_on_cpu(toy: tuple[list[Sample], list[Sample], DatasetInfo]) -> None:
+    real, val, info = toy
+    cfg = TINY_CFG.model_copy(update={"precision": "bf16-mixed"})
+    result = train("seg", real, val, config=cfg, info=info)
+    assert result.steps == cfg.steps and 0 <= result.metrics["seg"]["miou"] <= 1
