@@ -4,6 +4,11 @@
 weights and the same order of draws, so two arms that differ only in their data are a matched pair.
 It writes nothing unless ``out_dir`` is given (then: ``metrics.csv`` logs, ``result.json``, and the
 weights when ``save_model``).
+
+With ``parallel`` (``runner.devices`` above 1) the fit runs data-parallel: :func:`pipeline.distributed.launch`
+starts the processes, each rebuilds the same seeded data and model and joins Lightning's DDP strategy
+(:class:`_JoinedJob`), trains on its share of every global batch (:class:`perception.data.RankSlice`), and
+rank 0 hands its weights back; validation then runs in the calling process as for one process.
 """
 
 from __future__ import annotations
