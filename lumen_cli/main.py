@@ -159,14 +159,23 @@ def _cmd_run(args: argparse.Namespace) -> int:
 
 def _cmd_train_base(args: argparse.Namespace) -> int:
     out = Path(str(_flow("train-base", args)))
-    print(f"base model: {out} (samples: {out / 'samples.png'})")
+    if _is_main_process():
+        print(f"base model: {out} (samples: {out / 'samples.png'})")
     return 0
 
 
 def _cmd_train_lumen(args: argparse.Namespace) -> int:
     out = Path(str(_flow("train-lumen", args)))
-    print(f"LUMEN ControlNet: {out} (validation grids: {out.parent / 'lumen_train' / 'validation'})")
+    if _is_main_process():
+        print(f"LUMEN ControlNet: {out} (validation grids: {out.parent / 'lumen_train' / 'validation'})")
     return 0
+
+
+def _is_main_process() -> bool:
+    """False in the ranks but 0 of a distributed launcher (torchrun): one process says where the model is."""
+    from pipeline.distributed import global_rank
+
+    return global_rank() == 0
 
 
 def _cmd_distill(args: argparse.Namespace) -> int:
