@@ -128,6 +128,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="prompt template with --variation ({caption}, {variation}, {caption_head}: the caption without "
         "its last ', '-separated clause, e.g. a toy scene's lighting)",
     )  # fmt: skip
+    p.add_argument(
+        "--oracle-domain", default=None,
+        help="toy scenes: also score the scored scenes re-rendered in this domain (e.g. evening), same "
+        "geometry and labels: what a perfect generator scores under --variation with this judge",
+    )  # fmt: skip
     p.add_argument("--train-images", type=int, default=512)
     p.add_argument("--judge-steps", type=int, default=400)
     p.add_argument("--work", type=Path, default=Path("runs/ceiling"))
@@ -272,6 +277,11 @@ def _print_table(args: argparse.Namespace, rows: dict[str, Any], out: Path) -> N
     print(
         f"| base, unconditional | | | KID {rows['base']['kid']:.4f} ± {rows['base']['kid_std']:.4f} (reconstructions {rows['base']['recon_kid']:.4f}) |"
     )
+    if "oracle" in rows:
+        o = rows["oracle"]
+        print(
+            f"| oracle: re-rendered in {o['domain']} | {o['judge_miou']:.3f} | {o['share_of_real']:.0%} | |"
+        )
     for scale in args.scales:
         r = rows[f"lumen@{scale:g}"]
         print(
@@ -315,6 +325,15 @@ def main(argv: list[str] | None = None) -> int:
         return _seg_miou(judge, images, labels, info)
 
     rows, recon = _reference_rows(args, miou, judge, base, val, size, device)
+    if args.oracle_domain:
+        from pipeline.data import resize_sample
+
+        source = build_dataset(cfg.data, args.split)
+        oracle = np.stack(
+            [resize_sample(source.oracle(v.key, 0, [args.oracle_domain]), size).image for v in val]
+        )
+        rows["oracle"] = {"domain": args.oracle_domain, "judge_miou": miou(oracle),
+                          "share_of_real": miou(oracle) / rows["real"]["judge_miou"]}  # fmt: skip
     lumen_rows, grid_rows = _lumen_rows(
         args, miou, rows["real"]["judge_miou"], cfg, base, val, info, lumen_dir, device
     )
