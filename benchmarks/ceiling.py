@@ -133,6 +133,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="toy scenes: also score the scored scenes re-rendered in this domain (e.g. evening), same "
         "geometry and labels: what a perfect generator scores under --variation with this judge",
     )  # fmt: skip
+    p.add_argument(
+        "--judge-domains", nargs="+", default=None,
+        help="toy scenes: train the judge on these domains (the same scenes, other appearances) instead "
+        "of data.domains, so that it can read the scenes in a shifted domain (--oracle-domain, --variation)",
+    )  # fmt: skip
     p.add_argument("--train-images", type=int, default=512)
     p.add_argument("--judge-steps", type=int, default=400)
     p.add_argument("--work", type=Path, default=Path("runs/ceiling"))
@@ -316,8 +321,13 @@ def main(argv: list[str] | None = None) -> int:
     else:
         train = load_split(cfg, "train", args.train_images, size)
         val = load_split(cfg, "val", args.images, size)
+    judge_dir = args.work / args.dataset / "judge-seg"
+    if args.judge_domains:  # the first len(train) train scenes, drawn in the listed domains
+        shifted = cfg.model_copy(update={"data": cfg.data.model_copy(update={"domains": args.judge_domains})})
+        train = load_split(shifted, "train", len(train), size)
+        judge_dir = judge_dir.with_name(f"judge-seg-{'-'.join(args.judge_domains)}")
     # the judge's network is pinned (PerceptionConfig defaults), not the dataset config's perception section
-    judge = fit_judge("seg", train, info, args.work / args.dataset / "judge-seg", config=PerceptionConfig(),
+    judge = fit_judge("seg", train, info, judge_dir, config=PerceptionConfig(),
                       steps=args.judge_steps, seed=0, device=device)  # fmt: skip
     labels = np.stack([np.asarray(s.seg) for s in val])
 
@@ -342,7 +352,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "benchmark": "ceiling", "dataset": args.dataset, "label": args.label, "assets": {"base": str(base_dir), "lumen": str(lumen_dir)},
         "base_training": verify_asset(base_dir).get("training"), "lumen_training": meta.get("training"),
-        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "guidance": args.guidance, "variation": args.variation, "template": args.template,
+        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "guidance": args.guidance, "variation": args.variation, "template": args.template, "judge_domains": args.judge_domains,
         "judge": {"train_images": args.train_images, "steps": args.judge_steps}, "rows": rows,
         "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip
