@@ -37,7 +37,7 @@ from flows.common import (
 from flows.runner import build_task_runner, configure_threads, device_resources, device_slot
 from perception.protocol import RunSpec
 from perception.stages import EvalInputs
-from pipeline.config import LumenConfig, config_hash, load_config
+from pipeline.config import LumenConfig, config_hash, gains_setting_configs, load_config
 from pipeline.io import atomic_write_text
 from pipeline.lumen.expand import ChunkResult
 from pipeline.lumen.expand_context import uses_mapper
@@ -237,19 +237,15 @@ def _evaluate(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> dict[st
     return _publish_gains(run_dir, result)
 
 
-def _study_settings(cfg: LumenConfig) -> dict[str, list[str]]:
-    """``gains.settings``, or this config as the one setting (named by its data and label settings)."""
-    return dict(cfg.gains.settings) or {"main": []}
-
-
 def _gains(
     config: str, overrides: Sequence[str], cfg: LumenConfig, run_dir: Path, progress: bool
 ) -> dict[str, Any]:
     """The gains study (:func:`perception.stages.run_gains`) with Prefect tasks, and its summary."""
     from perception.stages import run_gains
 
-    settings = {name: checked_config(load_config(config, [*overrides, *extra, "gains.settings={}"]), "gains")
-                for name, extra in _study_settings(cfg).items()}  # fmt: skip
+    settings = {
+        name: checked_config(scfg, "gains") for name, scfg in gains_setting_configs(config, overrides).items()
+    }
     result = run_gains(settings, cfg, run_dir, progress, submit_chunk=_submit_chunk,
                        submit=_submit_run, tracker=_tracker(progress))  # fmt: skip
     return _publish_gains(run_dir, result)

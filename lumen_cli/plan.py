@@ -1,4 +1,4 @@
-"""``lumen plan CONFIG [key=value ...] [--out RUN] [--images N] [--json]``: a dry run.
+"""``lumen plan CONFIG [key=value ...] [--out RUN] [--images N] [--gains] [--json]``: a dry run.
 
 Prints what ``lumen run`` of the config will do and produce, before anything runs: the dataset's
 counts, the models it trains (optimisation steps, images seen, batch per device), the generation work,
@@ -14,8 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_config
-from pipeline.lumen.plan import plan_run
+from pipeline.config import ConfigError, gains_setting_configs, load_config
+from pipeline.lumen.plan import GainsPlan, RunPlan, plan_gains, plan_run
 
 __all__ = ["main", "register"]
 
@@ -26,8 +26,16 @@ def _plan(args: argparse.Namespace) -> int:
         raise ConfigError(f"--images must be at least 1, got {args.images}")
     if args.out is not None and not args.out.is_dir():
         raise ConfigError(f"--out {args.out} is not a run folder; leave --out out to plan a new run")
-    plan = plan_run(cfg, args.out, images=args.images)
+    if args.gains:
+        plan: RunPlan | GainsPlan = plan_gains(gains_setting_configs(args.config, args.overrides), args.out,
+                                               images=args.images)  # fmt: skip
+    else:
+        plan = plan_run(cfg, args.out, images=args.images)
     print(json.dumps(plan.as_dict(), indent=2) if args.json else plan.table())
+    if cfg.gains.settings and not args.gains:
+        print(
+            f"\nthis config has {len(cfg.gains.settings)} gains settings; `lumen plan --gains` plans `lumen gains`"
+        )
     return 0
 
 
@@ -49,6 +57,11 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         type=int,
         default=None,
         help="images the dataset holds, when data.root is not here (data.num_images still caps them)",
+    )
+    parser.add_argument(
+        "--gains",
+        action="store_true",
+        help="plan `lumen gains`: every setting of gains.settings (a run each, in OUT/<setting>), and totals",
     )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.set_defaults(func=_plan)

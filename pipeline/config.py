@@ -41,6 +41,7 @@ __all__ = [
     "ShardConfig",
     "apply_overrides",
     "config_hash",
+    "gains_setting_configs",
     "load_config",
     "save_config",
 ]
@@ -820,6 +821,19 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Iterable[str] = 
     if cfg.data.root is not None and not cfg.data.root.is_absolute():
         cfg.data.root = cfg.data.root.resolve()
     return cfg
+
+
+def gains_setting_configs(
+    path: str | os.PathLike[str] | None, overrides: Iterable[str] = ()
+) -> dict[str, LumenConfig]:
+    """The configs of the settings of ``lumen gains``: for each ``gains.settings`` entry, the config
+    plus its overrides (and without ``gains.settings``); a config without settings is one setting,
+    ``main``."""
+    cfg = load_config(path, overrides)
+    settings = dict(cfg.gains.settings) or {"main": []}
+    return {
+        name: load_config(path, [*overrides, *extra, "gains.settings={}"]) for name, extra in settings.items()
+    }
 
 
 def config_dict(cfg: BaseModel) -> dict[str, Any]:

@@ -155,3 +155,24 @@ def test_perception_batches_split_over_the_devices_too() -> None:
         assert t.data_parallel and t.per_device_batch == t.micro_batch // 2
     three = plan_run(load_config(DEMO, ["runner.devices=3"]))  # demo batches 8 and 16
     assert any("PROBLEM" in n and "perception real" in n for n in three.notes)
+
+
+def test_gains_plan_has_a_plan_per_setting_and_their_totals(capsys: pytest.CaptureFixture[str]) -> None:
+    from pipeline.config import gains_setting_configs
+    from pipeline.lumen.plan import plan_gains
+
+    path = REPO / "configs" / "gains-toy.yaml"
+    configs = gains_setting_configs(path)
+    assert set(configs) == set(load_config(path).gains.settings) and len(configs) == 2
+    assert all(not c.gains.settings for c in configs.values())
+    plan = plan_gains(configs)
+    totals = plan.totals()
+    parts = list(plan.settings.values())
+    assert totals["synthetic_samples"] == sum(p.generation.synthetic_samples or 0 for p in parts)
+    assert totals["training_runs"] == sum(t.runs for p in parts for t in p.training)
+    assert totals["bytes"] == sum(s.bytes or 0 for p in parts for s in p.shards)
+    assert main(["plan", str(path), "--gains", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert set(data["settings"]) == set(configs) and data["totals"] == totals
+    assert main(["plan", str(path)]) == 0  # without --gains: one run, and a pointer to --gains
+    assert "`lumen plan --gains`" in capsys.readouterr().out

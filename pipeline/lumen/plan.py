@@ -20,6 +20,7 @@ import math
 import tarfile
 import tempfile
 import uuid
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,7 @@ __all__ = [
     "PNG_RATIO",
     "SEG_RATIO",
     "DatasetPlan",
+    "GainsPlan",
     "GenerationPlan",
     "ParallelPlan",
     "RunPlan",
@@ -40,6 +42,7 @@ __all__ = [
     "analytic_sample_bytes",
     "generation_size",
     "models_to_train",
+    "plan_gains",
     "plan_run",
     "shard_layout",
 ]
@@ -219,6 +222,61 @@ def plan_run(cfg: LumenConfig, run_dir: Path | None = None, images: int | None =
         parallel=parallel,
         notes=tuple(notes),
     )
+
+
+def _total(values: list[int | None]) -> int | None:
+    """The sum, or None when any part is unknown."""
+    return None if any(v is None for v in values) else sum(v for v in values if v is not None)
+
+
+@dataclass(frozen=True)
+class GainsPlan:
+    """What ``lumen gains`` of a config will do: one :class:`RunPlan` per setting (each setting is a run
+    of its own in ``<out>/<setting>``), and their totals."""
+
+    settings: dict[str, RunPlan]
+
+    def totals(self) -> dict[str, int | None]:
+        """Synthetic samples, generation evaluations, images seen in training, shard files and bytes,
+        over every setting (None where a count is unknown)."""
+        plans = list(self.settings.values())
+        shards = [s for p in plans for s in p.shards]
+        return {
+            "settings": len(plans),
+            "synthetic_samples": _total([p.generation.synthetic_samples for p in plans]),
+            "evaluations": _total([p.generation.evaluations for p in plans]),
+            "training_runs": sum(t.runs for p in plans for t in p.training),
+            "images_seen": sum(t.images_seen for p in plans for t in p.training),
+            "shards": _total([s.shards for s in shards]),
+            "bytes": _total([s.bytes for s in shards]),
+        }
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"settings": {name: p.as_dict() for name, p in self.settings.items()}, "totals": self.totals()}
+
+    def table(self) -> str:
+        parts = [f"=== setting {name} ===\n{p.table()}" for name, p in self.settings.items()]
+        t = self.totals()
+        total = (
+            f"=== all {t['settings']} setting(s) of `lumen gains` ===\n"
+            f"  synthetic samples   {_n(t['synthetic_samples'])}\n"
+            f"  evaluations         {_n(t['evaluations'])}\n"
+            f"  training runs       {_n(t['training_runs'])} (images seen {_n(t['images_seen'])})\n"
+            f"  shard files         {_n(t['shards'])} ({_bytes(t['bytes'])})"
+        )
+        return "\n\n".join([*parts, total])
+
+
+def plan_gains(
+    settings: Mapping[str, LumenConfig], out: Path | None = None, images: int | None = None
+) -> GainsPlan:
+    """:func:`plan_run` of every setting of a gains study (:func:`pipeline.config.gains_setting_configs`);
+    ``out`` is the study's folder, whose ``<setting>`` run folders are reused when they exist."""
+    plans = {}
+    for name, cfg in settings.items():
+        folder = out / name if out is not None and (out / name).is_dir() else None
+        plans[name] = plan_run(cfg, folder, images=images)
+    return GainsPlan(plans)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -660,8 +718,8 @@ def _render(plan: RunPlan) -> str:
                 for t in plan.training]  # fmt: skip
         lines += _grid(["model", "steps", "batch", "runs", "images seen", "per device", "note"], rows)
         lines.append(
-            "  (batch: images per optimisation step, all processes together; the base model and the ControlNet "
-            "split each batch over the processes, the others train in one process)"
+            "  (batch: images per optimisation step, all processes together; the base model, the ControlNet and "
+            "the perception models split each batch over the processes, the others train in one process)"
         )
     else:
         lines.append("  none")
