@@ -180,3 +180,27 @@ def test_perception_batch_that_does_not_divide_fails_before_spawning() -> None:
     odd = PERCEPTION.model_copy(update={"batch_size": 3})
     with pytest.raises(ValueError, match=r"multiple of runner\.devices"):
         train("seg", samples[:4], samples[4:], config=odd, info=ds.info, parallel=TWO_CPU)
+
+
+def test_the_evaluate_stage_trains_each_perception_run_over_runner_devices(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """``runner.devices`` reaches every perception run of the protocol (the run itself is tested above)."""
+    from perception import protocol
+    from perception.stages import EvalInputs, train_one
+
+    seen: dict[str, object] = {}
+    monkeypatch.setattr(protocol, "run_one", lambda *args, **kwargs: seen.update(kwargs) or {})
+    spec = protocol.RunSpec(("seg",), "full", None, "real", 0)
+    inputs = EvalInputs(real=[], val=[], test=None, synthetic=None, oracle=None, info=ToyScenes(1).info)
+    for devices, expected in (
+        (2, ParallelSettings(2, 1, "auto", "cpu")),
+        (1, ParallelSettings(1, 1, "auto", "cpu")),
+    ):
+        train_one(
+            load_config("configs/demo.yaml", [f"runner.devices={devices}", "device=cpu"]),
+            tmp_path,
+            spec,
+            inputs,
+        )
+        assert seen["parallel"] == expected
