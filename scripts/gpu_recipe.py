@@ -57,6 +57,8 @@ PAIRS = {
 }
 SHARES = {"vae": 0.22, "unet": 0.43, "lumen": 0.35}
 """Shares of the training budget (what is left after data loading and layout extraction)."""
+CONTINUE_SHARES = {"unet": 0.55, "lumen": 0.45}
+"""Shares with ``--continue-base`` (the shipped base's VAE is kept, its UNet trains further)."""
 SMOKE = [
     "data.num_images=48", "base.vae_steps=3", "base.train_steps=3", "lumen.train_steps=3",
     "layouts.pca_images=32", "base.batch_size=4", "base.vae_batch_size=4", "lumen.batch_size=4",
@@ -187,7 +189,7 @@ def train_pair(args: argparse.Namespace) -> dict[str, Any]:
     if args.minutes > 0 and not args.smoke:
         times = step_times(base_cfg, device, lumen_cfg.lumen.batch_size)
         budget = (args.minutes * 60 - args.overhead) * args.safety
-        shares = {"lumen": 1.0} if args.skip_base else SHARES
+        shares = {"lumen": 1.0} if args.skip_base else CONTINUE_SHARES if args.continue_base else SHARES
         steps = {k: max(100, int(budget * shares[k] / times[k])) for k in shares}
         log.info(
             "step times %s -> steps %s (budget %.0f s)",
@@ -197,7 +199,8 @@ def train_pair(args: argparse.Namespace) -> dict[str, Any]:
         )
         if not args.skip_base:
             base_cfg = load_config(ROOT / base_cfg_path, [
-                *common, *args.override, f"base.vae_steps={steps['vae']}", f"base.train_steps={steps['unet']}",
+                *common, *args.override, f"base.vae_steps={steps.get('vae', base_cfg.base.vae_steps)}",
+                f"base.train_steps={steps['unet']}",
             ])  # fmt: skip
         lumen_cfg = load_config(
             ROOT / lumen_cfg_path, [*common, *args.override, f"lumen.train_steps={steps['lumen']}"]
@@ -208,6 +211,9 @@ def train_pair(args: argparse.Namespace) -> dict[str, Any]:
     out = Path(args.out)
     if args.skip_base:  # the base asset is already in pipeline/assets (an earlier run of this script)
         return _train_lumen(args, lumen_cfg, run_dir, out, t_start, 0.0, steps)
+    if args.continue_base:
+        base_minutes = _continue_base(args, base_cfg, run_dir)
+        return _train_lumen(args, lumen_cfg, run_dir, out, t_start, base_minutes, steps)
     t0 = time.time()
     base_dir = run_train_base(base_cfg, run_dir / "base-run", progress=args.progress)
     base_minutes = (time.time() - t0) / 60
@@ -233,6 +239,49 @@ def train_pair(args: argparse.Namespace) -> dict[str, Any]:
 
     _tar(ASSETS_DIR / base_name, out / f"{base_name}.tar")  # first: it survives a later failure
     return _train_lumen(args, lumen_cfg, run_dir, out, t_start, base_minutes, steps)
+
+
+def _continue_base(args: argparse.Namespace, cfg: LumenConfig, run_dir: Path) -> float:
+    """Train the shipped base's UNet (and text encoder) ``base.train_steps`` further at ``base.batch_size``
+    and ``base.learning_rate``; the VAE and tokenizer stay. Exports and tars the asset (not with
+    ``--smoke``, whose base goes to the ControlNet run instead); returns the wall minutes."""
+    from pipeline.assets import ASSETS_DIR, asset_path, verify_asset
+    from pipeline.data import Quarantine
+    from pipeline.lumen.base import load_base
+    from pipeline.lumen.stages import base_train_settings, collect_samples
+    from pipeline.lumen.train_base import continue_unet
+
+    _, _, base_name, _ = PAIRS[args.pair]
+    meta = verify_asset(asset_path(base_name))
+    t0 = time.time()
+    comps = load_base(ASSETS_DIR / base_name)
+    res = cfg.base.resolution
+    size = (res, max(res, (cfg.data.image_size or (res, res))[1]))
+    data = collect_samples(cfg, size, Quarantine(None), progress=args.progress, workers=cfg.data.load_workers)
+    out_dir = run_dir / "base-run" / "base"
+    settings = base_train_settings(cfg)
+    continue_unet(comps, np.stack([s.image for s in data]), [s.caption for s in data], out_dir, settings,
+                  progress=args.progress)  # fmt: skip
+    minutes = (time.time() - t0) / 60
+    if args.smoke:
+        shutil.copytree(out_dir, run_dir / "lumen-run" / "base")
+        return minutes
+    device = torch.device(args.device)
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    step_cmd = (
+        f"python scripts/gpu_recipe.py train --pair {args.pair}{_data_arg(args)} --minutes 0 --continue-base "
+        f"base.train_steps={cfg.base.train_steps} base.batch_size={cfg.base.batch_size} "
+        f"base.learning_rate={cfg.base.learning_rate}"
+    )
+    info = {k: v for k, v in meta.items() if k not in ("files", "name", "dtype")}
+    info["command"] = f"{meta.get('command', '')} && {step_cmd}"
+    info["unet_continued"] = [*meta.get("unet_continued", []), {
+        "device": device_name, "steps": cfg.base.train_steps, "batch_size": cfg.base.batch_size,
+        "learning_rate": cfg.base.learning_rate, "wall_minutes": round(minutes, 2),
+    }]  # fmt: skip
+    _export(out_dir, base_name, info)
+    _tar(ASSETS_DIR / base_name, Path(args.out) / f"{base_name}.tar")  # first: it survives a later failure
+    return minutes
 
 
 def _train_lumen(
@@ -464,6 +513,10 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument(
         "--skip-base", action="store_true", help="train only the ControlNet, over the shipped base"
     )
+    t.add_argument(
+        "--continue-base", action="store_true",
+        help="train the shipped base's UNet further (base.train_steps more steps), then a new ControlNet",
+    )  # fmt: skip
     t.add_argument("override", nargs="*", help="config overrides key=value (both configs)")
     f = sub.add_parser("finetune-vae", help="sharpen a shipped base model's decoder (encoder frozen)")
     f.add_argument("--pair", choices=sorted(PAIRS), required=True)

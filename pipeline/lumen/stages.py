@@ -7,7 +7,7 @@ import json
 import logging
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,6 +22,9 @@ from pipeline.execution import progress_bar
 from pipeline.io import sha256_file
 from pipeline.lumen.base import BaseComponents, load_base
 from pipeline.runs import RunPaths
+
+if TYPE_CHECKING:
+    from pipeline.lumen.train_base import BaseTrainSettings
 
 __all__ = [
     "base_folder",
@@ -123,7 +126,7 @@ def run_train_base(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> Pa
 
 def _train_base(parallel: DataParallel, cfg: LumenConfig, run_dir: Path, progress: bool) -> str:
     """One rank of :func:`run_train_base` (rank 0 loads the data first and records bad samples)."""
-    from pipeline.lumen.train_base import BaseTrainSettings, train_base
+    from pipeline.lumen.train_base import train_base
 
     b = cfg.base
     size = (b.resolution, b.resolution)
@@ -138,7 +141,22 @@ def _train_base(parallel: DataParallel, cfg: LumenConfig, run_dir: Path, progres
     captions = [s.caption for s in data]
     from pipeline.lumen.base import PRESETS
 
-    settings = BaseTrainSettings(
+    out = RunPaths(run_dir).base
+    train_base(
+        images, captions, out, base_train_settings(cfg), preset=PRESETS[b.preset], progress=progress,
+        parallel=parallel,
+    )  # fmt: skip
+    if parallel.is_main:
+        log.info("base model saved to %s", out)
+    return str(out)
+
+
+def base_train_settings(cfg: LumenConfig) -> BaseTrainSettings:
+    """The base model's training hyper-parameters from ``cfg.base``."""
+    from pipeline.lumen.train_base import BaseTrainSettings
+
+    b = cfg.base
+    return BaseTrainSettings(
         resolution=b.resolution,
         vae_steps=b.vae_steps,
         vae_batch_size=b.vae_batch_size,
@@ -154,13 +172,6 @@ def _train_base(parallel: DataParallel, cfg: LumenConfig, run_dir: Path, progres
         device=str(resolve_device(cfg.device)),
         mixed_precision=b.mixed_precision,
     )
-    out = RunPaths(run_dir).base
-    train_base(
-        images, captions, out, settings, preset=PRESETS[b.preset], progress=progress, parallel=parallel
-    )
-    if parallel.is_main:
-        log.info("base model saved to %s", out)
-    return str(out)
 
 
 def generation_size(cfg: LumenConfig, base: BaseComponents) -> tuple[int, int]:

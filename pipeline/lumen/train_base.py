@@ -38,7 +38,7 @@ from pipeline.lumen.base import BaseComponents, build_tiny_components
 from pipeline.lumen.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from pipeline.lumen.tokenizer import build_tokenizer
 
-__all__ = ["BaseTrainSettings", "finetune_decoder", "images_to_tensor", "train_base"]
+__all__ = ["BaseTrainSettings", "continue_unet", "finetune_decoder", "images_to_tensor", "train_base"]
 
 log = logging.getLogger(__name__)
 
@@ -488,6 +488,58 @@ def train_base(
         atomic_write_json(out / "train_settings.json", asdict(s))
         _write_samples(comps, list(sample_prompts or captions[:8]), out / "samples.png", s.seed)
     parallel.barrier()
+    return comps
+
+
+def continue_unet(
+    comps: BaseComponents,
+    images: np.ndarray,
+    captions: Sequence[str],
+    out_dir: str | os.PathLike[str],
+    settings: BaseTrainSettings,
+    progress: bool = True,
+    sample_prompts: Sequence[str] | None = None,
+) -> BaseComponents:
+    """Train a trained base model's UNet and text encoder further, and save it to ``out_dir``.
+
+    The VAE and the tokenizer stay as they are (the latents and token ids do not change), so more UNet
+    training can be bought without training the base again. The UNet phase is that of
+    :func:`train_base` (min-SNR epsilon loss, empty captions, flips, EMA from the given weights), with
+    its own warm-up and cosine schedule over ``settings.unet_steps``; ``settings.vae_*`` are unused.
+    Resumable from ``out_dir/checkpoints/unet``.
+
+    Args:
+        comps: the trained base (any dtype; trained in float32 in place).
+        images: (N, H, W, 3) uint8 training images, ``H == settings.resolution``.
+        captions: N captions, tokenized by ``comps.tokenizer``.
+        out_dir: output folder (diffusers layout plus ``train_log.csv``, ``samples.png``).
+        settings: the UNet phase's hyper-parameters.
+    """
+    s = settings
+    if images.ndim != 4 or images.shape[1] != s.resolution or images.shape[3] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"images must be (N, {s.resolution}, W, 3) uint8, got {images.shape} {images.dtype}")
+    if len(captions) != len(images):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(s.seed)
+    for m in (comps.vae, comps.unet, comps.text_encoder):
+        m.float()
+    comps.vae.to(torch.device(s.device)).eval()
+    means, stds = _encode_latents(comps.vae, images_to_tensor(images))
+    comps.vae.to("cpu")
+    token_ids = comps.tokenizer(
+        list(captions), padding="max_length", max_length=comps.tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    ).input_ids  # fmt: skip
+    logger = _CsvLog(out / "train_log.csv")
+    try:
+        _train_unet(comps, means, stds, token_ids, s, out / "checkpoints" / "unet", logger, progress)
+    finally:
+        logger.close()
+    comps.save(out)
+    atomic_write_json(out / "train_settings.json", asdict(s))
+    _write_samples(comps, list(sample_prompts or captions[:8]), out / "samples.png", s.seed)
     return comps
 
 
