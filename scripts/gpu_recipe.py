@@ -115,12 +115,19 @@ def step_times(cfg: LumenConfig, device: torch.device, lumen_batch: int) -> dict
     ids = torch.zeros(b.batch_size, comps.tokenizer.model_max_length, dtype=torch.long, device=device)
     t = torch.randint(0, 1000, (b.batch_size,), device=device)
 
-    def unet_step() -> None:
+    from diffusers.training_utils import EMAModel
+
+    ema = EMAModel(params, decay=0.999, foreach=device.type == "cuda")
+
+    def unet_step() -> None:  # as in the training loop: clipping, the EMA, the logged loss
         with amp:
             loss = comps.unet(z, t, comps.text_encoder(ids)[0]).sample.float().square().mean()
         uopt.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         uopt.step()
+        ema.step(params)
+        loss.item()
 
     cn = build_controlnet(comps, cfg.layouts.num_components).to(device)
     copt = torch.optim.AdamW(cn.parameters(), lr=1e-5)
@@ -140,7 +147,9 @@ def step_times(cfg: LumenConfig, device: torch.device, lumen_batch: int) -> dict
             loss = pred.float().square().mean()
         copt.zero_grad()
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(cn.parameters(), 1.0)
         copt.step()
+        loss.item()
 
     return {
         "vae": _time(vae_step, device),

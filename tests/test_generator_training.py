@@ -137,3 +137,87 @@ def test_recipe_configs_fit_the_shipped_assets(pair: str) -> None:
         verify_asset(ROOT / "pipeline" / "assets" / base_name)["preset"]
         == load_config(ROOT / base_cfg).base.preset
     )
+
+
+def test_continue_unet_trains_only_the_unet_and_text_encoder_and_resumes(tmp_path: Path) -> None:
+    from pipeline.data import ToyScenes
+    from pipeline.lumen.base import build_tiny_components, load_base
+    from pipeline.lumen.tokenizer import build_tokenizer
+    from pipeline.lumen.train_base import BaseTrainSettings, continue_unet
+
+    ds = ToyScenes(num_images=6, image_size=(RES, RES), seed=0)
+    samples = [ds.load(k) for k in ds.keys()]
+    images, captions = np.stack([s.image for s in samples]), [s.caption for s in samples]
+    build_tiny_components(build_tokenizer(captions), RES, seed=0, preset=PRESET).save(tmp_path / "trained")
+    s = BaseTrainSettings(resolution=RES, unet_steps=4, batch_size=2, unet_lr=1e-3, warmup_steps=1,
+                          checkpoint_every=2, ema_decay=0.5)  # fmt: skip
+    kw = {"progress": False, "sample_prompts": captions[:1]}
+    whole = continue_unet(load_base(tmp_path / "trained"), images, captions, tmp_path / "whole", s, **kw)
+    ref = load_base(tmp_path / "trained")
+    for part in ("vae", "unet", "text_encoder"):
+        moved = [not torch.equal(a, b) for a, b in zip(
+            getattr(ref, part).state_dict().values(), getattr(whole, part).state_dict().values(), strict=True
+        )]  # fmt: skip
+        assert any(moved) == (part != "vae"), part  # the latent space stays; the denoiser moves
+    saved = load_base(tmp_path / "whole")
+    assert (tmp_path / "whole" / "samples.png").is_file()
+    assert saved.tokenizer.get_vocab() == ref.tokenizer.get_vocab()
+    for a, b in zip(saved.unet.state_dict().values(), whole.unet.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+    continue_unet(load_base(tmp_path / "trained"), images, captions, tmp_path / "split", s, **kw)
+    shutil.rmtree(tmp_path / "split" / "checkpoints" / "unet" / "step-000004")  # killed after step 2
+    split = continue_unet(load_base(tmp_path / "trained"), images, captions, tmp_path / "split", s, **kw)
+    for a, b in zip(whole.unet.state_dict().values(), split.unet.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="captions"):
+        continue_unet(ref, images, captions[:2], tmp_path / "bad", s, **kw)
+
+
+def test_condition_map_is_recovered_and_folded_into_the_first_convolution() -> None:
+    from pipeline.lumen.base import build_tiny_components
+    from pipeline.lumen.controlnet import build_controlnet, fit_condition_map, remap_condition_input
+    from pipeline.lumen.tokenizer import build_tokenizer
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4, 3)).astype(np.float32)
+    b = rng.normal(size=4).astype(np.float32)
+    new = rng.uniform(size=(5, 3, RES, RES)).astype(np.float32)
+    old = np.einsum("ij,njhw->nihw", a, new) + b[None, :, None, None]
+    a_fit, b_fit, r2 = fit_condition_map(new, old)
+    assert r2 > 0.9999 and np.allclose(a_fit, a, atol=1e-4) and np.allclose(b_fit, b, atol=1e-4)
+    noisy = old + rng.normal(size=old.shape) * old.std(axis=(0, 2, 3), keepdims=True)
+    assert 0.3 < fit_condition_map(new, noisy)[2] < 0.7  # half the variance is noise
+
+    base = build_tiny_components(build_tokenizer(["a"]), RES, seed=0, preset=PRESET)
+    cn = build_controlnet(base, 4, seed=0)
+    conv = cn.controlnet_cond_embedding.conv_in
+    with torch.no_grad():
+        conv.weight.normal_()  # a trained ControlNet's first convolution
+        before = conv(torch.from_numpy(old))
+    remap_condition_input(cn, a, b)
+    with torch.no_grad():
+        after = cn.controlnet_cond_embedding.conv_in(torch.from_numpy(new))
+    assert cn.config.conditioning_channels == 3 and after.shape == before.shape
+    inner = (..., slice(1, -1), slice(1, -1))  # the border reads the zero padding, not b
+    assert torch.allclose(after[inner], before[inner], atol=1e-4)
+    with pytest.raises(ValueError, match="channels"):
+        remap_condition_input(cn, a, b)  # it reads 3 channels now
+
+
+def test_recipe_continue_base_smoke(tmp_path: Path) -> None:
+    """``train --continue-base --smoke``: the shipped base's UNet trains on, then a ControlNet over it;
+    nothing is exported."""
+    from pipeline.assets import ASSETS_DIR
+
+    recipe = _recipe()
+    before = (ASSETS_DIR / "tiny-base" / "asset.json").read_text()
+    code = recipe.main(["train", "--pair", "toy", "--smoke", "--continue-base", "--workers", "1",
+                        "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])  # fmt: skip
+    assert code in (0, None)
+    summary = json.loads((tmp_path / "work" / "toy" / "toy-logs" / "summary.json").read_text())
+    assert summary["pair"] == "toy" and summary["steps"] == "smoke"
+    log = (tmp_path / "work" / "toy" / "toy-logs" / "base_train_log.csv").read_text().splitlines()
+    assert log[0].startswith("phase") and all(row.startswith("unet,") for row in log[1:])  # no VAE phase
+    assert (ASSETS_DIR / "tiny-base" / "asset.json").read_text() == before
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["toy-logs.tar"]

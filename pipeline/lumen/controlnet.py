@@ -43,6 +43,8 @@ __all__ = [
     "build_controlnet",
     "embedding_channels",
     "encode_training_data",
+    "fit_condition_map",
+    "remap_condition_input",
 ]
 
 log = logging.getLogger(__name__)
@@ -74,6 +76,69 @@ def build_controlnet(base: BaseComponents, channels: int, seed: int = 0) -> Any:
         conditioning_channels=channels,
         conditioning_embedding_out_channels=embedding_channels(base.vae_scale),
     )
+
+
+def fit_condition_map(
+    new: np.ndarray, old: np.ndarray, max_pixels: int = 1_000_000, seed: int = 0
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """The affine map ``old ~ A @ new + b`` between two conditionings of the same images, by least squares.
+
+    When the base model is trained further, its layouts change (other features, a refitted PCA). A
+    ControlNet trained on the old layouts can start from its own weights on the new ones once this map is
+    folded into its first convolution (:func:`remap_condition_input`).
+
+    Args:
+        new: (N, C_new, H, W) conditions of some images under the new definition.
+        old: (N, C_old, H, W) conditions of the same images under the old one.
+        max_pixels: at most this many pixels (drawn at random) enter the fit.
+
+    Returns:
+        ``A`` (C_old, C_new), ``b`` (C_old,) and R^2, the share of the old conditions' variance the map
+        explains.
+    """
+    if new.shape[0] != old.shape[0] or new.shape[2:] != old.shape[2:]:
+        raise ValueError(f"conditions of different images: {new.shape} vs {old.shape}")
+    x = np.moveaxis(new, 1, -1).reshape(-1, new.shape[1]).astype(np.float64)
+    y = np.moveaxis(old, 1, -1).reshape(-1, old.shape[1]).astype(np.float64)
+    if len(x) > max_pixels:
+        keep = np.random.default_rng(seed).choice(len(x), max_pixels, replace=False)
+        x, y = x[keep], y[keep]
+    design = np.concatenate([x, np.ones((len(x), 1))], axis=1)
+    coef, *_ = np.linalg.lstsq(design, y, rcond=None)
+    resid = y - design @ coef
+    r2 = 1.0 - float(resid.var(axis=0).sum() / max(y.var(axis=0).sum(), 1e-12))
+    return coef[:-1].T.astype(np.float32), coef[-1].astype(np.float32), r2
+
+
+@torch.no_grad()
+def remap_condition_input(controlnet: Any, a: np.ndarray, b: np.ndarray) -> Any:
+    """Fold ``old = A @ new + b`` into the ControlNet's first convolution, in place: it then reads the new
+    conditions as it read the old ones (exactly away from the image border, where the zero padding of the
+    old input is not ``b``).
+
+    Args:
+        controlnet: a ``ControlNetModel`` with ``A.shape[0]`` conditioning channels.
+        a: (C_old, C_new) matrix; b: (C_old,) offset (from :func:`fit_condition_map`).
+
+    Returns:
+        The ControlNet, now with ``C_new`` conditioning channels.
+    """
+    conv = controlnet.controlnet_cond_embedding.conv_in
+    if conv.in_channels != a.shape[0]:
+        raise ValueError(f"the ControlNet reads {conv.in_channels} channels, the map gives {a.shape[0]}")
+    w = conv.weight.float()
+    a_t = torch.as_tensor(a, dtype=torch.float32, device=w.device)
+    b_t = torch.as_tensor(b, dtype=torch.float32, device=w.device)
+    new_w = torch.einsum("oikl,ij->ojkl", w, a_t)
+    new_bias = (conv.bias.float() if conv.bias is not None else 0) + torch.einsum("oikl,i->o", w, b_t)
+    new_conv = torch.nn.Conv2d(
+        a.shape[1], conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=True
+    ).to(device=w.device, dtype=conv.weight.dtype)
+    new_conv.weight.copy_(new_w.to(conv.weight.dtype))
+    new_conv.bias.copy_(new_bias.to(conv.weight.dtype))
+    controlnet.controlnet_cond_embedding.conv_in = new_conv
+    controlnet.register_to_config(conditioning_channels=int(a.shape[1]))
+    return controlnet
 
 
 @dataclass

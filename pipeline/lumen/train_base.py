@@ -301,7 +301,9 @@ def _unet_optimisation(
 
     params = [*unet.parameters(), *text.parameters()]
     opt = torch.optim.AdamW(params, lr=s.unet_lr, weight_decay=1e-2)
-    ema = EMAModel(params, decay=s.ema_decay)
+    ema = EMAModel(
+        params, decay=s.ema_decay, foreach=torch.device(s.device).type == "cuda"
+    )  # one kernel per op
     gen = torch.Generator().manual_seed(s.seed + 1)
     start = 0
     if (ckpt := latest_checkpoint(ckpt_root)) is not None:
@@ -516,7 +518,12 @@ def continue_unet(
         settings: the UNet phase's hyper-parameters.
     """
     s = settings
-    if images.ndim != 4 or images.shape[1] != s.resolution or images.shape[3] != 3 or images.dtype != np.uint8:
+    if (
+        images.ndim != 4
+        or images.shape[1] != s.resolution
+        or images.shape[3] != 3
+        or images.dtype != np.uint8
+    ):
         raise ValueError(f"images must be (N, {s.resolution}, W, 3) uint8, got {images.shape} {images.dtype}")
     if len(captions) != len(images):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
