@@ -134,9 +134,8 @@ def remap_condition_input(controlnet: Any, a: np.ndarray, b: np.ndarray) -> Any:
     new_conv = torch.nn.Conv2d(
         a.shape[1], conv.out_channels, conv.kernel_size, conv.stride, conv.padding, bias=True
     ).to(device=w.device, dtype=conv.weight.dtype)
-    new_conv.weight.copy_(new_w.to(conv.weight.dtype))
-    assert new_conv.bias is not None  # bias=True
-    new_conv.bias.copy_(new_bias.to(conv.weight.dtype))
+    new_conv.weight = torch.nn.Parameter(new_w.to(conv.weight.dtype))
+    new_conv.bias = torch.nn.Parameter(new_bias.to(conv.weight.dtype))
     controlnet.controlnet_cond_embedding.conv_in = new_conv
     controlnet.register_to_config(conditioning_channels=int(a.shape[1]))
     return controlnet
