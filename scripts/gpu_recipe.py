@@ -519,10 +519,11 @@ def main(argv: list[str] | None = None) -> int:
         "are optimistic)",
     )  # fmt: skip
     _common_arguments(t, smoke_help="a few steps on tiny data (CPU check)")
-    t.add_argument(
+    which = t.add_mutually_exclusive_group()
+    which.add_argument(
         "--skip-base", action="store_true", help="train only the ControlNet, over the shipped base"
     )
-    t.add_argument(
+    which.add_argument(
         "--continue-base", action="store_true",
         help="train the shipped base's UNet further (base.train_steps more steps), then a new ControlNet",
     )  # fmt: skip
