@@ -446,6 +446,14 @@ class GenerateConfig(_Section):
         description="ControlNet residual scale (controlnet_conditioning_scale); chosen per dataset on train "
         "images with benchmarks/ceiling.py --split train (docs/models.md)",
     )
+    strength: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="share of the denoising schedule run: 1 = LUMEN, from pure noise; below 1 each variant "
+        "starts from its source image's latent noised to that point (SDEdit), which keeps coarse geometry "
+        "(small objects) at the cost of appearance diversity; source=images only (docs/models.md)",
+    )
     scheduler: Literal["ddim", "dpm", "euler", "pndm"] = "ddim"
     prompt_template: str = "{caption}"
     variation_prompts: list[str] = Field(default_factory=list)
@@ -468,6 +476,12 @@ class GenerateConfig(_Section):
 
     @model_validator(mode="after")
     def _label_source(self) -> GenerateConfig:
+        if self.strength < 1 and self.source != "images":
+            raise ValueError(
+                "generate.strength < 1 starts from the source images: it needs generate.source=images"
+            )
+        if self.strength < 1 and self.scheduler == "pndm":
+            raise ValueError("generate.strength < 1 needs the ddim, dpm or euler scheduler, not pndm")
         if self.edited_per_map and not self.edits:
             raise ValueError("generate.edited_per_map > 0 needs generate.edits, e.g. [hflip, shift, scale]")
         if self.source == "labels" and not self.keep_unedited and not self.edited_per_map:

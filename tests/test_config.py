@@ -126,3 +126,16 @@ def test_run_dir_supersedes_only_the_stages_whose_config_changed(tmp_path: Path)
 def test_default_run_dirs_are_new_each_time(tmp_path: Path) -> None:
     cfg = build_config({"runs_dir": str(tmp_path)})
     assert prepare_run_dir(cfg) != prepare_run_dir(cfg)
+
+
+def test_generate_strength_is_bounded_and_needs_source_images_and_a_skipping_scheduler() -> None:
+    assert build_config({"name": "s"}).generate.strength == 1.0
+    assert build_config({"name": "s", "generate": {"strength": 0.8}}).generate.strength == 0.8
+    for gen, match in [
+        ({"strength": 0}, "strength"),
+        ({"strength": 1.2}, "strength"),
+        ({"strength": 0.8, "source": "labels"}, "needs generate.source=images"),
+        ({"strength": 0.8, "scheduler": "pndm"}, "not pndm"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            build_config({"name": "s", "generate": gen})

@@ -182,3 +182,54 @@ def test_sdpa_and_channels_last_are_applied_and_change_nothing(conds: np.ndarray
     assert base.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
     ours = gen.generate(conds[:2], PROMPTS[:2], SEEDS[:2], steps=2)
     assert np.abs(ours.astype(int) - expected.astype(int)).max() <= 1
+
+
+def test_strength_starts_from_the_init_images_noised_latents_and_runs_the_rest_of_the_schedule(
+    models, conds
+) -> None:
+    from diffusers import DDIMScheduler
+
+    from pipeline.lumen.train_base import images_to_tensor
+
+    base, cn = models
+    init = np.random.default_rng(3).integers(0, 256, (3, RES, RES, 3), dtype=np.uint8)
+    gen = LumenGenerator(base, cn)
+    inputs: list[torch.Tensor] = []
+    hook = base.unet.register_forward_pre_hook(lambda m, a: inputs.append(a[0].clone()))
+    try:
+        gen.generate(conds, PROMPTS, SEEDS, steps=10, guidance_scale=1.0, init_images=init, strength=0.35)
+    finally:
+        hook.remove()
+    assert len(inputs) == 3  # int(10 * 0.35) of the 10 steps
+    sched = DDIMScheduler.from_config(base.scheduler.config)
+    sched.set_timesteps(10)
+    t0 = int(sched.timesteps[7])
+    with torch.no_grad():
+        z0 = base.vae.encode(images_to_tensor(init)).latent_dist.mean * base.vae.config.scaling_factor
+    noise = torch.cat(
+        [torch.randn((1, *z0.shape[1:]), generator=torch.Generator().manual_seed(s)) for s in SEEDS]
+    )
+    ab = sched.alphas_cumprod[t0]
+    torch.testing.assert_close(inputs[0], ab.sqrt() * z0 + (1 - ab).sqrt() * noise, rtol=1e-4, atol=1e-5)
+    # strength 1 ignores the init images: the same images as without them
+    full = gen.generate(conds, PROMPTS, SEEDS, steps=3, init_images=init, strength=1.0)
+    np.testing.assert_array_equal(full, gen.generate(conds, PROMPTS, SEEDS, steps=3))
+
+
+def test_strength_is_validated(models, conds) -> None:
+    base, cn = models
+    init = np.zeros((3, RES, RES, 3), np.uint8)
+    gen = LumenGenerator(base, cn)
+    for bad in (0.0, 1.5):
+        with pytest.raises(ValueError, match="strength must be in"):
+            gen.generate(conds, PROMPTS, SEEDS, steps=2, init_images=init, strength=bad)
+    with pytest.raises(ValueError, match="one init image per prompt"):
+        gen.generate(conds, PROMPTS, SEEDS, steps=2, strength=0.5)
+    with pytest.raises(ValueError, match="init_images are"):
+        gen.generate(
+            conds, PROMPTS, SEEDS, steps=2, init_images=np.zeros((3, 8, 8, 3), np.uint8), strength=0.5
+        )
+    with pytest.raises(ValueError, match="not pndm"):
+        LumenGenerator(base, cn, scheduler="pndm").generate(
+            conds, PROMPTS, SEEDS, steps=2, init_images=init, strength=0.5
+        )

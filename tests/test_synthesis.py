@@ -34,6 +34,7 @@ from pipeline.synthesis.metrics import (
     diversity,
     l1_distance,
     normal_agreement,
+    object_placement,
     rms_distance,
     seg_alignment,
 )
@@ -71,6 +72,25 @@ def test_partial_seg_alignment_matches_hand_computed_values_and_skips_ignored_pi
     # pooled over 5 labelled pixels: 3 right; IoU0 = 1/3, IoU1 = 2/4
     assert res.pixel_acc == pytest.approx(3 / 5)
     assert res.miou == pytest.approx((1 / 3 + 2 / 4) / 2)
+
+
+def test_object_placement_counts_found_moved_and_too_small_objects() -> None:
+    inst = np.full((1, 8, 8), -1)
+    inst[0, :4, :4] = 0  # object 0 (class 3): 16 px
+    inst[0, 4:, 4:] = 1  # object 1 (class 4): 16 px
+    inst[0, 0, 7] = 2  # object 2 (class 5): 1 px, too small to count
+    pred = np.zeros((1, 8, 8), np.int64)
+    pred[0, :4, :2] = 3  # half of object 0 as its class: in place at threshold 0.5
+    pred[0, 4:, 4:] = 3  # object 1 drawn, but as the wrong class
+    r = object_placement(pred, inst, [[3, 4, 5]])
+    assert r.objects == 2 and r.recall == [[0.5, 0.0]]
+    assert r.in_place == 0.5 and r.images_all_in_place == 0.0
+    any_object = object_placement(pred, inst, [[3, 4, 5]], accept=(3, 4, 5))
+    assert any_object.in_place == 1.0 and any_object.images_all_in_place == 1.0
+    assert object_placement(pred, inst, [[3, 4, 5]], threshold=0.6, accept=(3, 4, 5)).in_place == 0.5
+    assert object_placement(pred, inst, [[3, 4, 5]], min_pixels=1).objects == 3
+    with pytest.raises(ValueError, match="one shape"):
+        object_placement(pred[:, :4], inst, [[3, 4, 5]])
 
 
 def test_depth_agreement_uses_valid_source_pixels_only() -> None:

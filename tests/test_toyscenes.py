@@ -154,3 +154,17 @@ def test_test_split_is_a_third_disjoint_stream() -> None:
         images[split] = ds.load(ds.keys()[0]).image
     assert not np.array_equal(images["train"], images["test"])
     assert not np.array_equal(images["val"], images["test"])
+
+
+def test_object_map_covers_exactly_the_object_pixels_with_their_classes(scenes: ToyScenes) -> None:
+    for key in scenes.keys():
+        sample = scenes.load(key)
+        inst, classes = scenes.objects(key)
+        assert inst.shape == sample.seg.shape and len(classes) == len(sample.meta["objects"])
+        objects = np.asarray(sample.seg) >= CLASSES.index("sphere")
+        np.testing.assert_array_equal(inst >= 0, objects)
+        for k, cls in enumerate(classes):  # every visible pixel of object k carries its class
+            assert set(np.unique(sample.seg[inst == k]).tolist()) <= {cls}
+        assert set(np.unique(inst).tolist()) <= {-1, *range(len(classes))}
+    small, _ = scenes.objects(scenes.keys()[0], size=(32, 40))
+    assert small.shape == (32, 40)

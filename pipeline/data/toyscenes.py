@@ -802,6 +802,18 @@ class ToyScenes:
         index = self._index(key)
         return self._render(key, self.scene(index), index)
 
+    def objects(self, key: str, size: tuple[int, int] | None = None) -> tuple[np.ndarray, list[int]]:
+        """The objects of scene ``key``: an (H, W) int16 map with ``k`` on object ``k``'s visible pixels
+        and -1 elsewhere (floor, walls, sky), and each object's class id. ``size`` renders at another
+        (height, width) than the dataset's."""
+        index = self._index(key)
+        scene = self.scene(index)
+        h, w = size or self.image_size
+        prim = render_scene(scene, h, w)["instance"]
+        first = 1 + len(scene.walls)  # primitives: floor, walls, then the objects in order
+        inst = np.where(prim >= first, prim - first, -1).astype(np.int16)
+        return inst, [_SHAPES[o.shape] for o in scene.objects]
+
     def oracle(self, key: str, variant: int, domains: Sequence[str] | None = None) -> Sample:
         """Scene ``key`` re-rendered with a new appearance (:func:`restyle_scene`): same seg, depth and
         normals, a different image. Deterministic from ``(seed, split, index, variant)``.

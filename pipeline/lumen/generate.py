@@ -37,6 +37,7 @@ import numpy as np
 import torch
 
 from pipeline.lumen.base import BaseComponents
+from pipeline.lumen.train_base import images_to_tensor
 
 __all__ = [
     "SCHEDULERS",
@@ -318,6 +319,8 @@ class LumenGenerator:
         conditioning_scale: float = 1.0,
         size: tuple[int, int] | None = None,
         feature_edit: Any = None,
+        init_images: np.ndarray | None = None,
+        strength: float = 1.0,
     ) -> np.ndarray:
         """Generate ``len(prompts)`` images; returns (B, H, W, 3) uint8.
 
@@ -334,11 +337,30 @@ class LumenGenerator:
                 square); with one, the conditions' size.
             feature_edit: a :class:`pipeline.lumen.controls.FeatureEdit` over this generator's UNet with
                 one row per prompt (class-specific appearance edits; the fast path only).
+            init_images: (B, H, W, 3) uint8 images to start from when ``strength < 1`` (each variant's
+                source image): their latents, noised to the step where ``strength`` of the schedule is
+                left, replace the pure noise (SDEdit). Only the coarse structure survives the noise;
+                the prompt and the condition redraw the rest.
+            strength: share of the denoising schedule run (1: from pure noise, ``init_images`` unused;
+                0.8: the first 20% of the steps are skipped). The fast path only.
         """
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if not 0.0 < strength <= 1.0:
+            raise ValueError(f"strength must be in (0, 1], got {strength}")
+        init_t: torch.Tensor | None = None
+        if strength < 1.0:
+            if init_images is None or len(init_images) != len(prompts):
+                raise ValueError("strength < 1 needs one init image per prompt (init_images)")
+            if not self.fast:
+                raise ValueError("strength < 1 (init_images) needs the fast generation path")
+            if self.scheduler_name == "pndm":  # its Runge-Kutta warm-up steps do not survive a skipped start
+                raise ValueError(
+                    "strength < 1 (init_images) needs the ddim, dpm or euler scheduler, not pndm"
+                )
+            init_t = images_to_tensor(np.asarray(init_images))
         cond_t: torch.Tensor | None = None
         if self.controlnet is not None:
             if conditions is None or len(conditions) != len(prompts):
@@ -351,6 +373,8 @@ class LumenGenerator:
             h, w = size if size is not None else (self.resolution, self.resolution)
         if size is not None and (h, w) != tuple(size):
             raise ValueError(f"size {tuple(size)} differs from the conditions' size {(h, w)}")
+        if init_t is not None and tuple(init_t.shape[-2:]) != (h, w):
+            raise ValueError(f"init_images are {tuple(init_t.shape[-2:])}, the output is {(h, w)}")
         self.timings = {"text": 0.0, "denoise": 0.0, "decode": 0.0, "total": 0.0}
         out = []
         t0 = time.perf_counter()
@@ -363,7 +387,10 @@ class LumenGenerator:
                 cond = None if cond_t is None else cond_t[i : i + batch_size]
                 batch = (list(prompts[i : i + batch_size]), [int(s) for s in seeds[i : i + batch_size]])
                 if self.fast:
-                    images = self._fast_batch(cond, *batch, (h, w), steps, guidance_scale, conditioning_scale)
+                    init = None if init_t is None else (init_t[i : i + batch_size], strength)
+                    images = self._fast_batch(
+                        cond, *batch, (h, w), steps, guidance_scale, conditioning_scale, init
+                    )
                 else:
                     images = self._stock_batch(
                         cond, *batch, (h, w), steps, guidance_scale, conditioning_scale
@@ -467,6 +494,7 @@ class LumenGenerator:
         steps: int,
         guidance_scale: float,
         conditioning_scale: float,
+        init: tuple[torch.Tensor, float] | None = None,
     ) -> np.ndarray:
         unet, vae, f = self.base.unet, self.base.vae, self.base.vae_scale
         # A guidance-distilled UNet (pipeline.lumen.distill) takes w as an input: one pass, no guidance
@@ -482,8 +510,21 @@ class LumenGenerator:
         emb = self._encode_prompts(prompts, guidance)
         sched = _scheduler(self.scheduler_name, self.base.scheduler.config)
         sched.set_timesteps(steps, device=self.device)
-        # 2. Initial noise, one generator per image.
-        latents = self._initial_noise(seeds, (unet.config.in_channels, size[0] // f, size[1] // f), sched)
+        # 2. Initial noise, one generator per image; with an init image, its latent noised to the first
+        #    step kept (the stock img2img pipelines' timesteps and add_noise).
+        shape = (unet.config.in_channels, size[0] // f, size[1] // f)
+        latents = self._initial_noise(seeds, shape, sched)
+        timesteps = sched.timesteps
+        if init is not None:
+            keep = min(steps, max(1, int(steps * init[1])))
+            start = (steps - keep) * sched.order
+            timesteps = sched.timesteps[start:]
+            if hasattr(sched, "set_begin_index"):
+                sched.set_begin_index(start)
+            with self._autocast():
+                z0 = vae.encode(init[0].to(self.device)).latent_dist.mean.float()
+            noise = latents / sched.init_noise_sigma
+            latents = sched.add_noise(z0 * vae.config.scaling_factor, noise, timesteps[:1].repeat(len(seeds)))
         step_kwargs = _step_kwargs(sched, [torch.Generator().manual_seed(s) for s in seeds])
         # 3. The ControlNet's condition embedding, once per image (shared by both guidance halves).
         fixed: Any = nullcontext()
@@ -500,7 +541,7 @@ class LumenGenerator:
         t1 = time.perf_counter()
         # 4. Denoising loop: both guidance halves in one forward pass.
         with fixed:
-            for t in sched.timesteps:
+            for t in timesteps:
                 x = torch.cat([latents] * 2) if guidance else latents
                 x = sched.scale_model_input(x, t)
                 eps = self._predict_noise(x, t, emb, cond, conditioning_scale, timestep_cond)

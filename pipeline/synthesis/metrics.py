@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -129,6 +129,75 @@ def seg_alignment(
     pooled = np.sum(confusions, axis=0) if confusions else np.zeros((num_classes, num_classes), np.int64)
     total = confusion_scores(pooled)
     return SegAlignment(total["pixel_acc"], total["miou"], [confusion_scores(c) for c in confusions], pooled)
+
+
+@dataclass
+class ObjectPlacement:
+    """Which objects of the source images a model finds in the variants (:func:`object_placement`).
+
+    Attributes:
+        in_place: share of the counted objects whose pixels are predicted as their class (or as any
+            ``accept`` class) for at least ``threshold`` of their area.
+        images_all_in_place: share of the images with at least one counted object where every counted
+            object is in place (what "every object in place" in a gallery means, as a number).
+        objects: number of counted objects (area >= ``min_pixels``).
+        recall: each counted object's share of pixels predicted as its class, image by image.
+    """
+
+    in_place: float
+    images_all_in_place: float
+    objects: int
+    recall: list[list[float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"in_place": self.in_place, "images_all_in_place": self.images_all_in_place,
+                "objects": self.objects}  # fmt: skip
+
+
+def object_placement(
+    pred: np.ndarray,
+    instances: np.ndarray,
+    classes: Sequence[Sequence[int]],
+    min_pixels: int = 4,
+    threshold: float = 0.5,
+    accept: Sequence[int] | None = None,
+) -> ObjectPlacement:
+    """Object-level fidelity: is each source object still where it was, as the class it was?
+
+    Args:
+        pred: (B, H, W) class ids predicted on the variants (e.g. by a judge trained on real images).
+        instances: (B, H, W) object index of each source pixel (``k`` for object ``k``, -1 elsewhere).
+        classes: the class id of each object, image by image.
+        min_pixels: objects with a smaller visible area are not counted (too small to judge).
+        threshold: the share of an object's pixels that must be predicted as its class.
+        accept: class ids that all count as a hit on any object (e.g. every object class: "is there an
+            object here", whatever its shape); default: only the object's own class.
+    """
+    if np.shape(pred) != np.shape(instances) or np.ndim(pred) != 3:
+        raise ValueError(f"expected (B, H, W) predictions and instances of one shape, got "
+                         f"{np.shape(pred)} and {np.shape(instances)}")  # fmt: skip
+    if len(classes) != len(pred):
+        raise ValueError(f"{len(classes)} class lists for {len(pred)} images")
+    recall: list[list[float]] = []
+    accepted = None if accept is None else np.asarray(sorted(set(accept)))
+    for p, inst, cls in zip(pred, instances, classes, strict=True):
+        row = []
+        for k, c in enumerate(cls):
+            mask = inst == k
+            if int(mask.sum()) >= min_pixels:
+                hit = p[mask] == c if accepted is None else np.isin(p[mask], accepted)
+                row.append(float(np.mean(hit)))
+        recall.append(row)
+    flat = [r for row in recall for r in row]
+    judged = [row for row in recall if row]
+    return ObjectPlacement(
+        in_place=float(np.mean([r >= threshold for r in flat])) if flat else float("nan"),
+        images_all_in_place=float(np.mean([all(r >= threshold for r in row) for row in judged]))
+        if judged
+        else float("nan"),
+        objects=len(flat),
+        recall=recall,
+    )
 
 
 def depth_agreement(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
