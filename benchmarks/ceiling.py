@@ -130,6 +130,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument(
+        "--strength", type=float, default=1.0,
+        help="generate.strength: below 1 the variants start from their source image's noised latent (SDEdit)",
+    )  # fmt: skip
+    p.add_argument(
         "--variation", default="",
         help="a variation prompt put before each caption, as generate.variation_prompts with the demo's "
         "template '{variation}, {caption}' (e.g. 'dim night light'): fidelity under a domain shift",
@@ -269,7 +273,8 @@ def _lumen_rows(
         for seed in args.seeds:
             prompts = [_prompt(args, s.caption) for s in val]
             imgs = gen.generate(conds, prompts, [seed * 1000 + i for i in range(len(val))], steps=args.steps,
-                                guidance_scale=args.guidance, conditioning_scale=scale)  # fmt: skip
+                                guidance_scale=args.guidance, conditioning_scale=scale, strength=args.strength,
+                                init_images=np.stack([s.image for s in val]) if args.strength < 1 else None)  # fmt: skip
             scores.append(miou(imgs))
             placed.append(placement(imgs))
             if seed == args.seeds[0]:
@@ -429,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "benchmark": "ceiling", "dataset": args.dataset, "label": args.label, "assets": {"base": str(base_dir), "lumen": str(lumen_dir)},
         "base_training": verify_asset(base_dir).get("training"), "lumen_training": meta.get("training"),
-        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "guidance": args.guidance, "variation": args.variation, "template": args.template, "judge_domains": args.judge_domains,
+        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "guidance": args.guidance, "strength": args.strength, "variation": args.variation, "template": args.template, "judge_domains": args.judge_domains,
         "judge": {"train_images": args.train_images, "steps": args.judge_steps}, "rows": rows,
         "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip

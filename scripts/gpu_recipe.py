@@ -405,7 +405,8 @@ def finetune_vae(args: argparse.Namespace) -> dict[str, Any]:
     if steps <= 0:  # fill the budget: time a few steps here
         t0 = time.time()
         finetune_decoder(comps.vae, images, 5, work / "probe", batch_size=args.batch_size, lr=0.0,
-                         device=args.device, progress=False)  # fmt: skip
+                         device=args.device, progress=False, adversarial_weight=args.adversarial_weight,
+                         crop=args.crop)  # fmt: skip
         if device.type == "cuda":
             torch.cuda.synchronize()
         per_step = (time.time() - t0) / 5
@@ -416,7 +417,8 @@ def finetune_vae(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.time()
     finetune_decoder(comps.vae, images, steps, work / "checkpoints", batch_size=args.batch_size, lr=args.lr,
                      edge_weight=cfg.base.vae_edge_weight, seed=cfg.seed, device=args.device,
-                     checkpoint_every=max(1, steps // 4), progress=args.progress)  # fmt: skip
+                     checkpoint_every=max(1, min(250, steps // 4)), progress=args.progress,
+                     adversarial_weight=args.adversarial_weight, crop=args.crop)  # fmt: skip
     minutes = (time.time() - t0) / 60
     after = psnr()
     comps.to("cpu")
@@ -429,13 +431,21 @@ def finetune_vae(args: argparse.Namespace) -> dict[str, Any]:
     step_cmd = (
         f"python scripts/gpu_recipe.py finetune-vae --pair {args.pair}{_data_arg(args)} --steps {steps} "
         f"--batch-size {args.batch_size} --lr {args.lr}"
+        + (f" --adversarial-weight {args.adversarial_weight}" if args.adversarial_weight else "")
+        + (f" --crop {args.crop}" if args.crop else "")
+        + "".join(f" {o}" for o in args.override)
     )
     info = {k: v for k, v in meta.items() if k not in ("files", "name", "dtype")}
-    first = str(meta.get("command", "")).split(" && ")[0]
-    info["command"] = f"{first} && {step_cmd}"
+    info["command"] = f"{meta.get('command', '')} && {step_cmd}"  # every step that made the asset, in order
+    if "decoder_finetune" in meta:  # an earlier fine-tune of this decoder: kept in the record
+        info["earlier_decoder_finetunes"] = [
+            *meta.get("earlier_decoder_finetunes", []),
+            meta["decoder_finetune"],
+        ]
     info["decoder_finetune"] = {
         "device": device_name, "steps": steps, "batch_size": args.batch_size, "lr": args.lr,
         "wall_minutes": round(minutes, 2), "psnr_before": round(before, 2), "psnr_after": round(after, 2),
+        "adversarial_weight": args.adversarial_weight, "crop": args.crop,
         "psnr_images": f"the last {len(val)} training images",
     }  # fmt: skip
     if not args.smoke:
@@ -535,6 +545,11 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--steps", type=int, default=0, help="fixed step count (0 = fill --minutes)")
     f.add_argument("--batch-size", type=int, default=64)
     f.add_argument("--lr", type=float, default=1e-4)
+    f.add_argument(
+        "--adversarial-weight", type=float, default=0.0,
+        help="patch-adversarial term on top of L1 + edges (0: none; 0.5 sharpens fine detail)",
+    )  # fmt: skip
+    f.add_argument("--crop", type=int, default=None, help="train on random squares of this many pixels")
     _common_arguments(f, smoke_help="a few images; nothing exported (CPU check)")
     f.add_argument("override", nargs="*", help="config overrides key=value")
     c = sub.add_parser("prepare-camvid", help="CamVid train split at the generator's size")

@@ -95,6 +95,37 @@ def test_decoder_finetune_keeps_the_encoder_lowers_the_loss_and_resumes(tmp_path
         assert torch.equal(a, b)
 
 
+def test_adversarial_decoder_finetune_trains_a_critic_on_crops_and_resumes_bit_identically(
+    tmp_path: Path,
+) -> None:
+    from pipeline.data import ToyScenes
+    from pipeline.lumen.base import build_tiny_components
+    from pipeline.lumen.tokenizer import build_tokenizer
+    from pipeline.lumen.train_base import finetune_decoder
+
+    ds = ToyScenes(num_images=4, image_size=(RES, RES), seed=0)
+    images = np.stack([ds.load(k).image for k in ds.keys()])
+
+    def vae():
+        return build_tiny_components(build_tokenizer(["a"]), RES, seed=0, preset=PRESET).vae
+
+    kw = {"batch_size": 2, "lr": 1e-3, "checkpoint_every": 3, "progress": False, "adversarial_weight": 0.5,
+          "adversarial_warmup": 2, "crop": RES // 2}  # fmt: skip
+    plain, adv = vae(), vae()
+    finetune_decoder(plain, images, 4, tmp_path / "plain", **{**kw, "adversarial_weight": 0.0})
+    finetune_decoder(adv, images, 4, tmp_path / "adv", **kw)
+    w = "decoder.conv_out.weight"
+    assert not torch.equal(plain.state_dict()[w], adv.state_dict()[w])  # the critic's term moved the decoder
+    assert (tmp_path / "adv" / "step-000003").is_dir()
+    shutil.rmtree(tmp_path / "adv" / "step-000004")  # killed after step 3's checkpoint (critic included)
+    again = vae()
+    assert len(finetune_decoder(again, images, 4, tmp_path / "adv", **kw)) == 1
+    for a, b in zip(adv.state_dict().values(), again.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="crop must be a multiple"):
+        finetune_decoder(vae(), images, 1, tmp_path / "bad", **{**kw, "crop": RES // 2 + 1})
+
+
 def test_presets_by_name_keep_the_latent_grid() -> None:
     from pipeline.lumen.base import PRESETS, build_tiny_components
     from pipeline.lumen.tokenizer import build_tokenizer
