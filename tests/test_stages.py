@@ -144,6 +144,21 @@ def test_expand_writes_real_and_synthetic_shards_with_the_expected_keys(tmp_path
         )
     assert (report_dir / "report.md").is_file() and (report_dir / "figures" / "gains.png").is_file()
 
+    # generate.strength < 1: the same run's models, variants started from their source images
+    import shutil
+
+    sdedit = tmp_path / "sdedit"
+    for folder in ("base", "lumen"):
+        shutil.copytree(tmp_path / folder, sdedit / folder)
+    half = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"strength": 0.5})})
+    assert run_expand(half, sdedit, progress=False).synthetic == 6
+    started = {s.key: s for s in iter_samples(sdedit / "shards" / "synthetic")}
+    assert not np.array_equal(started[variant.key].image, variant.image)
+    record = next(
+        d["json"] for d in read_shards(sdedit / "shards" / "synthetic") if d["__key__"] == variant.key
+    )
+    assert record["strength"] == 0.5
+
 
 @pytest.mark.parametrize("mode", ["image", "pixel"])
 def test_expand_quality_filter_drops_or_masks_and_records_scores(tmp_path: Path, mode: str) -> None:

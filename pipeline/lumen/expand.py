@@ -383,7 +383,7 @@ def write_chunk(
                      caption=v["prompt"], meta={"source_key": src.key})  # fmt: skip
         prov = {**common, "source_key": src.key, "synthetic": True, "variant": v["variant"], "seed": v["seed"],
                 "prompt": v["prompt"], "guidance": g.guidance_scale, "conditioning_scale": g.conditioning_scale, "steps": g.steps, "scheduler": g.scheduler,
-                "models": ctx.models, "layout": ctx.layout_meta}  # fmt: skip
+                **({"strength": g.strength} if g.strength < 1 else {}), "models": ctx.models, "layout": ctx.layout_meta}  # fmt: skip
         if "quality" in v:
             prov["quality"] = v["quality"]
         if "class_edit" in v:

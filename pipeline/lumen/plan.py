@@ -657,7 +657,7 @@ def _synthetic(cfg: LumenConfig, real: dict[str, Any]) -> dict[str, Any]:
                                       variation=(g.variation_prompts or [""])[0])  # fmt: skip
     return {**real, "synthetic": True, "variant": 0, "seed": 2**31, "prompt": prompt,
             "guidance": g.guidance_scale, "conditioning_scale": g.conditioning_scale, "steps": g.steps,
-            "scheduler": g.scheduler,
+            "scheduler": g.scheduler, **({"strength": g.strength} if g.strength < 1 else {}),
             "models": {"base": {"id": f"run/base@{sha[:16]}", "sha256": sha},
                        "controlnet": {"id": "run/lumen", "sha256": sha}},
             "layout": {**cfg.layouts.model_dump(mode="json"), "condition": cfg.lumen.condition,

@@ -109,6 +109,9 @@ class Provenance(BaseModel):
     conditioning_scale: float | None = Field(None, description="ControlNet residual scale")
     steps: int | None = Field(None, ge=1)
     scheduler: str | None = None
+    strength: float | None = Field(
+        None, gt=0, lt=1, description="set when a variant started from its source image (generate.strength)"
+    )
     models: dict[str, ModelIdentity] = Field(default_factory=dict, description="role -> model, e.g. 'base'")
     layout: dict[str, Any] | None = Field(
         None, description="layout spec: backbone, layer, timestep, PCA hash, N"
