@@ -252,3 +252,20 @@ def test_recipe_continue_base_smoke(tmp_path: Path) -> None:
     assert log[0].startswith("phase") and all(row.startswith("unet,") for row in log[1:])  # no VAE phase
     assert (ASSETS_DIR / "tiny-base" / "asset.json").read_text() == before
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["toy-logs.tar"]
+
+
+def test_recipe_adversarial_decoder_finetune_smoke(tmp_path: Path) -> None:
+    """``finetune-vae --smoke --adversarial-weight --crop``: records its settings and its reproduce
+    command's flags; nothing is exported."""
+    from pipeline.assets import ASSETS_DIR
+
+    recipe = _recipe()
+    before = (ASSETS_DIR / "tiny-base" / "asset.json").read_text()
+    code = recipe.main(["finetune-vae", "--pair", "toy", "--smoke", "--steps", "2", "--batch-size", "2",
+                        "--adversarial-weight", "0.5", "--crop", "32", "--workers", "1", "--device", "cpu",
+                        "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])  # fmt: skip
+    assert code in (0, None)
+    summary = json.loads((tmp_path / "out" / "toy-decoder.json").read_text())
+    assert (summary["steps"], summary["adversarial_weight"], summary["crop"]) == (2, 0.5, 32)
+    assert (tmp_path / "work" / "toy-decoder" / "checkpoints" / "step-000002").is_dir()
+    assert (ASSETS_DIR / "tiny-base" / "asset.json").read_text() == before
