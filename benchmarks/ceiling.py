@@ -404,7 +404,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.judge_domains:  # the first len(train) train scenes, drawn in the listed domains
         shifted = cfg.model_copy(update={"data": cfg.data.model_copy(update={"domains": args.judge_domains})})
         train = load_split(shifted, "train", len(train), size)
-        judge_dir = judge_dir.with_name(f"judge-seg-{'-'.join(args.judge_domains)}")
+        suffix = "" if args.split == "val" else f"-{args.split}"
+        judge_dir = judge_dir.with_name(f"judge-seg-{'-'.join(args.judge_domains)}{suffix}")
     # the judge's network is pinned (PerceptionConfig defaults), not the dataset config's perception section
     judge = fit_judge("seg", train, info, judge_dir, config=PerceptionConfig(),
                       steps=args.judge_steps, seed=0, device=device)  # fmt: skip
