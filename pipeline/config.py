@@ -263,8 +263,10 @@ class BaseModelConfig(_Section):
     vae_learning_rate: float = Field(1e-3, gt=0)
     ema_decay: float = Field(0.999, ge=0, lt=1)
     checkpoint_every: int = Field(250, ge=1)
-    preset: Literal["tiny", "small"] = Field(
-        "tiny", description="size of the tiny-architecture model trained here (small: wider VAE and UNet)"
+    preset: Literal["tiny", "small", "small-f2"] = Field(
+        "tiny",
+        description="size of the tiny-architecture model trained here (small: wider VAE and UNet; "
+        "small-f2: the small UNet over a 2x VAE, 32x32 latents for 64x64 images)",
     )
     vae_batch_size: int = Field(16, ge=1)
     vae_crop: int | None = Field(

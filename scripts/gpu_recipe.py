@@ -227,10 +227,7 @@ def train_pair(args: argparse.Namespace) -> dict[str, Any]:
     base_dir = run_train_base(base_cfg, run_dir / "base-run", progress=args.progress)
     base_minutes = (time.time() - t0) / 60
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    reproduce = (
-        f"python scripts/gpu_recipe.py train --pair {args.pair}{_data_arg(args)} --minutes 0 "
-        f"base.vae_steps={base_cfg.base.vae_steps} base.train_steps={base_cfg.base.train_steps}"
-    )
+    reproduce = _base_command(args, base_cfg)
     if args.smoke:  # never overwrite the shipped assets: the smoke ControlNet trains over this base
         shutil.copytree(base_dir, run_dir / "lumen-run" / "base")
         return _train_lumen(args, lumen_cfg, run_dir, out, t_start, base_minutes, steps)
@@ -456,6 +453,15 @@ def finetune_vae(args: argparse.Namespace) -> dict[str, Any]:
     (Path(args.out) / f"{args.pair}-decoder.json").write_text(json.dumps(summary, indent=2) + "\n")
     print(json.dumps(summary))
     return summary
+
+
+def _base_command(args: argparse.Namespace, cfg: LumenConfig) -> str:
+    """The base asset's reproduce command: the step counts the budget chose, then the caller's other
+    overrides (e.g. ``base.preset=small-f2``), so that ``--minutes 0`` rebuilds the same model."""
+    steps = f"base.vae_steps={cfg.base.vae_steps} base.train_steps={cfg.base.train_steps}"
+    rest = [o for o in args.override if not o.startswith(("base.vae_steps=", "base.train_steps="))]
+    return " ".join([f"python scripts/gpu_recipe.py train --pair {args.pair}{_data_arg(args)} --minutes 0",
+                     steps, *rest])  # fmt: skip
 
 
 def _data_arg(args: argparse.Namespace) -> str:

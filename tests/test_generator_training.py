@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import shutil
@@ -131,12 +132,17 @@ def test_presets_by_name_keep_the_latent_grid() -> None:
     from pipeline.lumen.tokenizer import build_tokenizer
 
     tok = build_tokenizer(["a scene"])
-    sizes = {}
+    sizes, scales = {}, {}
     for name, preset in PRESETS.items():
         comps = build_tiny_components(tok, 64, preset=preset)
-        assert comps.vae_scale == 4
+        scales[name] = comps.vae_scale
         sizes[name] = sum(p.numel() for p in comps.unet.parameters())
-    assert sizes["small"] > 1.5 * sizes["tiny"]
+        x = torch.zeros(1, 3, 64, 64)
+        with torch.no_grad():
+            z = comps.vae.encode(x).latent_dist.mean
+        assert z.shape == (1, 4, 64 // comps.vae_scale, 64 // comps.vae_scale)
+    assert scales == {"tiny": 4, "small": 4, "small-f2": 2}
+    assert sizes["small"] > 1.5 * sizes["tiny"] and sizes["small-f2"] == sizes["small"]
 
 
 def test_recipe_step_times_and_public_config() -> None:
@@ -148,6 +154,16 @@ def test_recipe_step_times_and_public_config() -> None:
     assert set(times) == {"vae", "unet", "lumen"} and all(t > 0 for t in times.values())
     public = recipe._public(json.loads(json.dumps(cfg.model_dump(mode="json"))))
     assert "load_workers" not in public["data"] and "runner" not in public
+
+
+def test_recipe_base_command_keeps_the_callers_overrides() -> None:
+    """A base trained with ``base.preset=small-f2`` records a command that rebuilds that preset."""
+    recipe = _recipe()
+    args = argparse.Namespace(pair="toy", data=None, override=["base.preset=small-f2", "base.train_steps=5"])
+    cfg = load_config(ROOT / "configs" / "gpu-base.yaml", ["base.preset=small-f2", "base.train_steps=123"])
+    command = recipe._base_command(args, cfg)
+    assert command.startswith("python scripts/gpu_recipe.py train --pair toy --minutes 0 ")
+    assert command.split()[-3:] == ["base.vae_steps=4000", "base.train_steps=123", "base.preset=small-f2"]
 
 
 @pytest.mark.parametrize("pair", ["toy", "camvid"])

@@ -20,6 +20,7 @@ from pipeline.device import resolve_device
 
 __all__ = [
     "PRESETS",
+    "SMALL_F2_PRESET",
     "SMALL_PRESET",
     "TINY_PRESET",
     "BaseComponents",
@@ -36,10 +37,11 @@ log = logging.getLogger(__name__)
 def sd_preset(
     vae_channels: tuple[int, ...], unet_channels: tuple[int, int, int], text_width: int, vae_groups: int
 ) -> dict[str, dict[str, Any]]:
-    """Sizes of a three-level SD-architecture model with a 4x VAE (64x64 images <-> 16x16x4 latents).
+    """Sizes of a three-level SD-architecture model whose VAE downsamples by ``2 ** (len(vae_channels) - 1)``
+    (three VAE levels: 4x, 64x64 images <-> 16x16x4 latents; two: 2x, 32x32x4 latents).
 
-    Self/cross-attention sits at the two coarser UNet levels only: at 16x16 it would cost more than the
-    rest of the UNet.
+    Self/cross-attention sits at the two coarser UNet levels only: at the finest it would cost more than
+    the rest of the UNet.
     """
     return {
         "vae": {"block_out_channels": vae_channels, "layers_per_block": 1, "latent_channels": 4,
@@ -57,8 +59,16 @@ TINY_PRESET = sd_preset((16, 32, 64), (32, 64, 96), text_width=64, vae_groups=8)
 """The CPU-trained preset: 0.68 M VAE, 2.73 M UNet parameters."""
 SMALL_PRESET = sd_preset((32, 64, 96), (48, 96, 128), text_width=96, vae_groups=16)
 """The shipped GPU-trained preset: 1.7 M VAE, 5.25 M UNet (about 2x the tiny UNet's compute)."""
+SMALL_F2_PRESET = sd_preset((48, 96), (48, 96, 128), text_width=96, vae_groups=16)
+"""The small UNet over a 2x VAE: 64x64 images <-> 32x32x4 latents, four times the latent cells of
+``small`` (a 4-pixel object gets four cells instead of one), at about 2.5x its generation time on a CPU.
+The layout layer ``up_blocks.1`` is then at 32x32 too. Meant for a GPU: the UNet sees 4x the positions."""
 
-PRESETS: dict[str, dict[str, dict[str, Any]]] = {"tiny": TINY_PRESET, "small": SMALL_PRESET}
+PRESETS: dict[str, dict[str, dict[str, Any]]] = {
+    "tiny": TINY_PRESET,
+    "small": SMALL_PRESET,
+    "small-f2": SMALL_F2_PRESET,
+}
 """Model sizes by name (``base.preset``)."""
 
 
