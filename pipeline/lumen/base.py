@@ -59,7 +59,7 @@ TINY_PRESET = sd_preset((16, 32, 64), (32, 64, 96), text_width=64, vae_groups=8)
 """The CPU-trained preset: 0.68 M VAE, 2.73 M UNet parameters."""
 SMALL_PRESET = sd_preset((32, 64, 96), (48, 96, 128), text_width=96, vae_groups=16)
 """The shipped GPU-trained preset: 1.7 M VAE, 5.25 M UNet (about 2x the tiny UNet's compute)."""
-SMALL_F2_PRESET = sd_preset((48, 96), (48, 96, 128), text_width=96, vae_groups=16)
+SMALL_F2_PRESET = sd_preset((32, 64), (48, 96, 128), text_width=96, vae_groups=16)
 """The small UNet over a 2x VAE: 64x64 images <-> 32x32x4 latents, four times the latent cells of
 ``small`` (a 4-pixel object gets four cells instead of one), at about 2.5x its generation time on a CPU.
 The layout layer ``up_blocks.1`` is then at 32x32 too. Meant for a GPU: the UNet sees 4x the positions."""
