@@ -49,3 +49,21 @@ def test_runs_fall_back_to_the_shipped_models_only_when_they_fit(tmp_path: Path)
         lumen_folder(other_n, tmp_path)
     folder = demo.model_copy(update={"data": demo.data.model_copy(update={"adapter": "folder"})})
     assert shipped_base(folder) is None  # no model was shipped for user folders
+
+
+def test_exported_assets_record_no_build_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """diffusers writes the folder a model was saved from into its config.json; an exported asset keeps
+    the config without it (and shipped ones carry none), so nothing in it names the build machine."""
+    import pipeline.assets as assets
+
+    src = tmp_path / "src"
+    (src / "unet").mkdir(parents=True)
+    (src / "unet" / "config.json").write_text(json.dumps({"_name_or_path": "/tmp/build/unet", "in_channels": 4}))
+    (src / "model_index.json").write_text(json.dumps({"_class_name": "X"}))
+    monkeypatch.setattr(assets, "ASSETS_DIR", tmp_path / "assets")
+    dst = assets.export_asset(src, "x", {"command": "lumen test"})
+    assert json.loads((dst / "unet" / "config.json").read_text()) == {"in_channels": 4}
+    assert verify_asset(dst)["files"].keys() == {"unet/config.json", "model_index.json"}
+    for name in available_assets():
+        for config in asset_path(name).rglob("config.json"):
+            assert "_name_or_path" not in json.loads(config.read_text()), config

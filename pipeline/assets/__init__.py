@@ -88,6 +88,10 @@ def export_asset(
         if fp16 and path.suffix == ".safetensors":
             tensors = load_file(str(path))
             save_file({k: v.half() if v.is_floating_point() else v for k, v in tensors.items()}, str(target))
+        elif path.name == "config.json":  # diffusers records the folder it was saved from: not shipped
+            config = json.loads(path.read_text())
+            config.pop("_name_or_path", None)
+            target.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         else:
             shutil.copyfile(path, target)
         files[str(rel)] = sha256_file(target)
