@@ -58,7 +58,9 @@ def test_exported_assets_record_no_build_paths(tmp_path: Path, monkeypatch: pyte
 
     src = tmp_path / "src"
     (src / "unet").mkdir(parents=True)
-    (src / "unet" / "config.json").write_text(json.dumps({"_name_or_path": "/tmp/build/unet", "in_channels": 4}))
+    (src / "unet" / "config.json").write_text(
+        json.dumps({"_name_or_path": "/tmp/build/unet", "in_channels": 4})
+    )
     (src / "model_index.json").write_text(json.dumps({"_class_name": "X"}))
     monkeypatch.setattr(assets, "ASSETS_DIR", tmp_path / "assets")
     dst = assets.export_asset(src, "x", {"command": "lumen test"})
