@@ -62,16 +62,25 @@ def _psnr(a: np.ndarray, b: np.ndarray) -> float:
 
 
 @torch.no_grad()
-def reconstruct(vae: Any, images: np.ndarray, batch: int = 32) -> np.ndarray:
-    """VAE round trip through the posterior mean: (N, H, W, 3) uint8 -> the same."""
+def reconstruct(vae: Any, images: np.ndarray, batch: int = 32, supersample: int = 1) -> np.ndarray:
+    """VAE round trip through the posterior mean: (N, H, W, 3) uint8 -> the same. With ``supersample``
+    k the images are upsampled k times first (bilinear, as ``lumen.supersample`` does) and the result is
+    area-downsampled back."""
+    from pipeline.data import resize_sample
+    from pipeline.data.sample import Sample
+    from pipeline.lumen.generate import resize_images
     from pipeline.lumen.train_base import images_to_tensor
 
+    h, w = images.shape[1:3]
+    if supersample > 1:
+        images = np.stack([resize_sample(Sample(key="x", image=im), (supersample * h, supersample * w)).image
+                           for im in images])  # fmt: skip
     out = []
     for i in range(0, len(images), batch):
         x = images_to_tensor(images[i : i + batch]).to(vae.device)
         y = vae.decode(vae.encode(x).latent_dist.mean).sample
         out.append(((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy())
-    return np.concatenate(out)
+    return resize_images(np.concatenate(out), (h, w))
 
 
 @torch.no_grad()
@@ -177,15 +186,17 @@ def _config(args: argparse.Namespace) -> tuple[Any, Path, Path, dict[str, Any]]:
     meta = verify_asset(lumen_dir)
     verify_asset(base_dir)
     lay = meta.get("config", {}).get("layouts", {})
+    supersample = int(meta.get("config", {}).get("lumen", {}).get("supersample", 1))
     cfg = cfg.model_copy(
         update={
+            "lumen": cfg.lumen.model_copy(update={"supersample": supersample}),
             "layouts": cfg.layouts.model_copy(
                 update={
                     **{k: v for k, v in lay.items() if k in ("layer", "timestep", "num_components")},
                     "cache": False,
                     "dtype": "float32",
                 }
-            )
+            ),
         }
     )
     return cfg, base_dir, lumen_dir, meta
@@ -215,7 +226,8 @@ def _reference_rows(
     rows: dict[str, Any] = {}
     real_miou = miou(real)
     rows["real"] = {"judge_miou": real_miou, **placement(real)}
-    recon = reconstruct(base.vae, real)
+    k = args.supersample
+    recon = reconstruct(base.vae, real, supersample=k)
     rows["vae"] = {
         "psnr": _psnr(recon, real),
         "judge_miou": miou(recon),
@@ -228,7 +240,8 @@ def _reference_rows(
     base_kid = []
     for seed in args.seeds:
         imgs = unconditional.generate(None, [s.caption for s in val], [seed * 1000 + i for i in range(len(val))],
-                                      steps=args.steps, guidance_scale=args.guidance, size=size)  # fmt: skip
+                                      steps=args.steps, guidance_scale=args.guidance, size=(k * size[0], k * size[1]),
+                                      output_size=size)  # fmt: skip
         base_kid.append(kid(judge_features(judge, imgs), real_feats))
     rows["base"] = {"kid": float(np.mean(base_kid)), "kid_std": float(np.std(base_kid, ddof=1)) if len(base_kid) > 1 else 0.0,
                     "recon_kid": kid(judge_features(judge, recon), real_feats)}  # fmt: skip
@@ -274,7 +287,8 @@ def _lumen_rows(
             prompts = [_prompt(args, s.caption) for s in val]
             imgs = gen.generate(conds, prompts, [seed * 1000 + i for i in range(len(val))], steps=args.steps,
                                 guidance_scale=args.guidance, conditioning_scale=scale, strength=args.strength,
-                                init_images=np.stack([s.image for s in val]) if args.strength < 1 else None)  # fmt: skip
+                                init_images=np.stack([s.image for s in val]) if args.strength < 1 else None,
+                                output_size=val[0].size)  # fmt: skip
             scores.append(miou(imgs))
             placed.append(placement(imgs))
             if seed == args.seeds[0]:
@@ -387,6 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     args = _parse_args(argv)
     torch.set_grad_enabled(False)
     cfg, base_dir, lumen_dir, meta = _config(args)
+    args.supersample = cfg.lumen.supersample
     device = torch.device("cpu")
     started = time.perf_counter()
     base = load_base(base_dir).to(device)

@@ -300,6 +300,13 @@ class LumenTrainConfig(_Section):
     mixed_precision: Literal["no", "fp16", "bf16", "auto"] = "auto"
     checkpoint_every: int = Field(500, ge=1)
     validate_every: int = Field(500, ge=1)
+    supersample: int = Field(
+        1, ge=1, le=4,
+        description="the ControlNet trains and generates at this multiple of data.image_size: training images "
+        "and the sources of variants are upsampled (bilinear) before their conditions are made, and the "
+        "variants are downsampled (area) to data.image_size, the size of the labels they reuse. Small "
+        "objects then span more latent cells. Needs a base trained at that size (base.resolution)",
+    )  # fmt: skip
 
 
 class DistillConfig(_Section):

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -349,13 +350,17 @@ def _check_sizes(cfg: LumenConfig, stage: Stage, run_dir: Path | None) -> list[s
     if stage == "train-base":
         return [f"base.resolution {res} fits {model} (multiple of {factor})"]
     h, w = cfg.data.image_size or (res, res)
-    if h % factor or w % factor:
-        near = [max(factor, round(v / factor) * factor) for v in (h, w)]
+    k = cfg.lumen.supersample
+    if (k * h) % factor or (k * w) % factor:
+        step = factor // math.gcd(factor, k)  # sides whose k-fold is a multiple of factor
+        near = [max(step, round(v / step) * step) for v in (h, w)]
+        times = f" x lumen.supersample={k}" if k > 1 else ""
         raise ConfigError(
-            f"data.image_size={[h, w]}: the generator ({model}) needs sides that are multiples of {factor}; "
-            f"try data.image_size={near}"
+            f"data.image_size={[h, w]}{times}: the generator ({model}) needs sides that are multiples of "
+            f"{factor}; try data.image_size={near}"
         )
-    return [f"data.image_size {[h, w]} fits {model} (multiple of {factor})"]
+    at = f" (generated at {[k * h, k * w]})" if k > 1 else ""
+    return [f"data.image_size {[h, w]}{at} fits {model} (multiple of {factor})"]
 
 
 def _downsampling(cfg: LumenConfig, run_dir: Path | None) -> tuple[int | None, str]:

@@ -266,6 +266,7 @@ def _continue_base(args: argparse.Namespace, cfg: LumenConfig, run_dir: Path) ->
     data = collect_samples(cfg, size, Quarantine(None), progress=args.progress, workers=cfg.data.load_workers)
     out_dir = run_dir / "base-run" / "base"
     settings = base_train_settings(cfg)
+    comps.unet.register_to_config(sample_size=res // comps.vae_scale)
     continue_unet(comps, np.stack([s.image for s in data]), [s.caption for s in data], out_dir, settings,
                   progress=args.progress)  # fmt: skip
     minutes = (time.time() - t0) / 60
@@ -280,10 +281,11 @@ def _continue_base(args: argparse.Namespace, cfg: LumenConfig, run_dir: Path) ->
         f"base.learning_rate={cfg.base.learning_rate}"
     )
     info = {k: v for k, v in meta.items() if k not in ("files", "name", "dtype")}
+    info["resolution"] = res  # the UNet may continue at another resolution (lumen.supersample)
     info["command"] = f"{meta.get('command', '')} && {step_cmd}"
     info["unet_continued"] = [*meta.get("unet_continued", []), {
         "device": device_name, "steps": cfg.base.train_steps, "batch_size": cfg.base.batch_size,
-        "learning_rate": cfg.base.learning_rate, "wall_minutes": round(minutes, 2),
+        "learning_rate": cfg.base.learning_rate, "resolution": res, "wall_minutes": round(minutes, 2),
     }]  # fmt: skip
     _export(out_dir, base_name, info)
     _tar(ASSETS_DIR / base_name, Path(args.out) / f"{base_name}.tar")  # first: it survives a later failure
@@ -433,6 +435,7 @@ def finetune_vae(args: argparse.Namespace) -> dict[str, Any]:
         + "".join(f" {o}" for o in args.override)
     )
     info = {k: v for k, v in meta.items() if k not in ("files", "name", "dtype")}
+    info["resolution"] = res  # the UNet may continue at another resolution (lumen.supersample)
     info["command"] = f"{meta.get('command', '')} && {step_cmd}"  # every step that made the asset, in order
     if "decoder_finetune" in meta:  # an earlier fine-tune of this decoder: kept in the record
         info["earlier_decoder_finetunes"] = [

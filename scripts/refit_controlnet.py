@@ -55,8 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.lumen.stages import (
         collect_samples,
         condition_maker,
-        generation_size,
         load_run_base,
+        model_size,
         run_reducer_path,
     )
 
@@ -73,10 +73,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--work", type=Path, required=True)
     p.add_argument("--export", action="store_true", help="write pipeline/assets/<lumen asset>")
+    p.add_argument("override", nargs="*", help="config overrides key=value (e.g. lumen.supersample=2)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     cfg_path, _, lumen_name = PAIRS[args.pair]
-    cfg = load_config(ROOT / cfg_path, [f"data.num_images={args.images}", "device=cpu"])
+    cfg = load_config(ROOT / cfg_path, [f"data.num_images={args.images}", "device=cpu", *args.override])
     work = args.work.resolve()
     work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     old_id = str(old_card["base_model"])
     if old_id == new_id:
         raise SystemExit(f"the shipped base is still {old_id}: install the new base first")
-    size = generation_size(cfg, new_base)
+    size = model_size(cfg, new_base)
     data = collect_samples(cfg, size, Quarantine(None), workers=args.workers)
     make_new, new_meta = condition_maker(cfg, new_base, new_id, data, work / "new")
     new_conds = make_new(list(data)).astype(np.float32)
@@ -130,7 +131,9 @@ def main(argv: list[str] | None = None) -> int:
             f"{old_meta.get('command', '')} && python scripts/refit_controlnet.py --pair {args.pair} "
             f"--old-base <the base of that command> --images {args.images} --map-images {args.map_images} "
             f"--steps {args.steps} --batch-size {args.batch_size} --lr {args.lr} --export --work WORK"
+            + "".join(f" {o}" for o in args.override)
         )
+        info["resolution"] = cfg.base.resolution
         info["trained_on"] = (
             f"{len(data)} toy scenes (train split, seed {cfg.data.seed}) + their neural layouts under the "
             f"continued base; started from the ControlNet trained over {old_id}; no labels"

@@ -110,6 +110,27 @@ def test_base_model_alone_generates_non_square_sizes(models) -> None:
     assert np.abs(fast.astype(int) - stock.astype(int)).max() <= 2
 
 
+def test_output_size_area_downsamples_a_supersampled_generation(models, conds: np.ndarray) -> None:
+    """lumen.supersample: generated at the conditions' size, returned at ``output_size`` (2x2 means);
+    init images given at the output size are upsampled to the generation size first."""
+    from pipeline.lumen.generate import resize_images
+
+    gen = LumenGenerator(*models)
+    full = gen.generate(conds, PROMPTS, SEEDS, steps=3)
+    small = gen.generate(conds, PROMPTS, SEEDS, steps=3, output_size=(RES // 2, RES // 2))
+    assert small.shape == (3, RES // 2, RES // 2, 3)
+    blocks = full.astype(np.float64).reshape(3, RES // 2, 2, RES // 2, 2, 3).mean((2, 4))
+    assert np.abs(small.astype(np.float64) - blocks).max() <= 0.5 + 1e-9
+    assert np.array_equal(resize_images(full, (RES // 2, RES // 2)), small)
+    init = np.random.default_rng(1).integers(0, 256, (3, RES // 2, RES // 2, 3), dtype=np.uint8)
+    edited = gen.generate(
+        conds, PROMPTS, SEEDS, steps=4, init_images=init, strength=0.5, output_size=(RES // 2, RES // 2)
+    )
+    assert edited.shape == small.shape and not np.array_equal(edited, small)
+    with pytest.raises(ValueError, match="init_images are"):
+        gen.generate(conds, PROMPTS, SEEDS, steps=4, init_images=init, strength=0.5)
+
+
 def test_batching_does_not_change_the_images(models, conds: np.ndarray) -> None:
     gen = LumenGenerator(*models)
     one = gen.generate(conds, PROMPTS, SEEDS, steps=3, batch_size=1)

@@ -78,6 +78,51 @@ def test_train_lumen_writes_a_loadable_controlnet(
         assert len(cached) == 4 and np.load(cached[0]).dtype == np.float16
 
 
+def test_supersampled_model_trains_larger_and_writes_variants_at_the_labels_size(tmp_path: Path) -> None:
+    """lumen.supersample=2: the ControlNet trains on 2x upsampled images and their 2x layouts, and the
+    variants are generated at 2x and downsampled to the labels' size in the shards."""
+    from pipeline.lumen.expand import run_expand
+    from pipeline.lumen.stages import model_size
+    from pipeline.shards.reader import iter_samples
+
+    cfg = build_config(
+        {
+            "data": {"num_images": 3, "image_size": [RES, RES]},
+            "base": {"resolution": 2 * RES},
+            "layouts": {"num_components": 4, "pca_images": 3, "pca_vectors_per_image": 32, "batch_size": 2},
+            "lumen": {"train_steps": 1, "batch_size": 2, "validate_every": 100, "supersample": 2},
+            "generate": {"variants": 1, "steps": 2, "chunk_size": 3},
+        }
+    )
+    data = collect_samples(cfg, (RES, RES), Quarantine(None), progress=False)
+    base = build_tiny_components(
+        build_tokenizer([s.caption for s in data], max_length=16), 2 * RES, preset=PRESET
+    )
+    base.save(tmp_path / "base")
+    assert model_size(cfg, base) == (2 * RES, 2 * RES)
+    odd = cfg.model_copy(update={"data": cfg.data.model_copy(update={"image_size": (RES + 2, RES)})})
+    with pytest.raises(ValueError, match="must be a multiple"):
+        model_size(odd, base)
+
+    card = json.loads((run_train_lumen(cfg, tmp_path, progress=False) / "lumen.json").read_text())
+    assert card["size"] == [2 * RES, 2 * RES] and card["supersample"] == 2
+    assert card["layout"]["size"] == [2 * RES, 2 * RES]
+    cached = [np.load(f) for f in (tmp_path / "layouts").glob("*/*.npy")]
+    assert len(cached) == 3 and all(c.shape == (4, 2 * RES, 2 * RES) for c in cached)
+
+    assert run_expand(cfg, tmp_path, progress=False).synthetic == 3
+    sources = {s.key: s for s in data}
+    variants = list(iter_samples(tmp_path / "shards" / "synthetic"))
+    assert len(variants) == 3
+    for v in variants:
+        src = sources[v.key.rsplit("-v", 1)[0]]
+        assert v.image.shape == (RES, RES, 3) and np.array_equal(v.seg, src.seg)
+
+    one = cfg.model_copy(update={"lumen": cfg.lumen.model_copy(update={"supersample": 1})})
+    with pytest.raises(ValueError, match="differ from those the ControlNet was trained on"):
+        run_expand(one, tmp_path, progress=False)  # a 2x ControlNet is not used at 1x
+
+
 def test_expand_writes_real_and_synthetic_shards_with_the_expected_keys(tmp_path: Path) -> None:
     from pipeline.lumen.expand import run_expand
     from pipeline.shards.reader import iter_samples

@@ -503,9 +503,9 @@ def run_train_controls(cfg: Any, run_dir: Path, progress: bool = True) -> Path:
     from pipeline.lumen.stages import (
         collect_samples,
         condition_maker,
-        generation_size,
         load_run_base,
         lumen_folder,
+        model_size,
         shipped_reducer,
     )
     from pipeline.runs import RunPaths
@@ -514,8 +514,8 @@ def run_train_controls(cfg: Any, run_dir: Path, progress: bool = True) -> Path:
     c = cfg.controls
     base, base_id = load_run_base(cfg, run_dir)
     device = resolve_device(cfg.device)
-    data = collect_samples(
-        cfg, generation_size(cfg, base), Quarantine(RunPaths(run_dir).quarantine), progress=progress
+    data = collect_samples(  # at the model's working size (lumen.supersample)
+        cfg, model_size(cfg, base), Quarantine(RunPaths(run_dir).quarantine), progress=progress
     )
     if "seg" not in data.info.labels:
         raise ConfigError(f"class directions need seg masks; {data.info.name} has {list(data.info.labels)}")

@@ -227,6 +227,7 @@ def generate_chunk(
                 [sp.seed for sp in specs], steps=g.steps, guidance_scale=g.guidance_scale, batch_size=g.batch_size,
                 conditioning_scale=g.conditioning_scale, feature_edit=edit, strength=g.strength,
                 init_images=np.stack([by_key[sp.key].image for sp in specs]) if g.strength < 1 else None,
+                output_size=ctx.size,  # lumen.supersample: generated larger, downsampled to the labels' size
             )  # fmt: skip
     variants = [
         {"out_key": sp.out_key, "key": sp.key, "variant": sp.variant, "seed": sp.seed, "prompt": sp.prompt,

@@ -47,6 +47,7 @@ __all__ = [
     "count_generation_flops",
     "guidance_embedding",
     "plan_variants",
+    "resize_images",
     "variant_seed",
 ]
 
@@ -208,6 +209,31 @@ def _num_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def resize_tensor(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, C, H, W) float images resized to ``size``: area averaging for an exact integer shrink, else
+    bilinear (antialiased when shrinking)."""
+    h, w = int(x.shape[-2]), int(x.shape[-1])
+    if (h, w) == tuple(size):
+        return x
+    if h % size[0] == 0 and w % size[1] == 0 and h // size[0] == w // size[1]:
+        return torch.nn.functional.interpolate(x, size=size, mode="area")
+    shrink = size[0] < h or size[1] < w
+    return torch.nn.functional.interpolate(
+        x, size=size, mode="bilinear", align_corners=False, antialias=shrink
+    )
+
+
+def resize_images(images: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """(B, H, W, 3) uint8 images resized to ``size`` = (H', W') with :func:`resize_tensor`."""
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise ValueError(f"images must be (B, H, W, 3) uint8, got {images.shape} {images.dtype}")
+    if tuple(images.shape[1:3]) == tuple(size):
+        return images
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
+    y = resize_tensor(x, size).round().clamp(0, 255).to(torch.uint8)
+    return y.permute(0, 2, 3, 1).contiguous().numpy()
+
+
 class LumenGenerator:
     """Generate images from conditions, batched over images and variants.
 
@@ -321,6 +347,7 @@ class LumenGenerator:
         feature_edit: Any = None,
         init_images: np.ndarray | None = None,
         strength: float = 1.0,
+        output_size: tuple[int, int] | None = None,
     ) -> np.ndarray:
         """Generate ``len(prompts)`` images; returns (B, H, W, 3) uint8.
 
@@ -343,6 +370,10 @@ class LumenGenerator:
                 the prompt and the condition redraw the rest.
             strength: share of the denoising schedule run (1: from pure noise, ``init_images`` unused;
                 0.8: the first 20% of the steps are skipped). The fast path only.
+            output_size: (H, W) of the returned images when it differs from the generation size (the
+                conditions' size): a supersampled model (``lumen.supersample``) generates larger and the
+                images are downsampled (area) to the labels' size; ``init_images`` may be given at
+                ``output_size`` and are then upsampled first.
         """
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -373,6 +404,8 @@ class LumenGenerator:
             h, w = size if size is not None else (self.resolution, self.resolution)
         if size is not None and (h, w) != tuple(size):
             raise ValueError(f"size {tuple(size)} differs from the conditions' size {(h, w)}")
+        if init_t is not None and output_size is not None and tuple(init_t.shape[-2:]) == tuple(output_size):
+            init_t = resize_tensor(init_t, (h, w))
         if init_t is not None and tuple(init_t.shape[-2:]) != (h, w):
             raise ValueError(f"init_images are {tuple(init_t.shape[-2:])}, the output is {(h, w)}")
         self.timings = {"text": 0.0, "denoise": 0.0, "decode": 0.0, "total": 0.0}
@@ -397,7 +430,10 @@ class LumenGenerator:
                     )
                 out.append(images)
         self.timings["total"] = time.perf_counter() - t0
-        return np.concatenate(out) if out else np.zeros((0, h, w, 3), np.uint8)
+        images = np.concatenate(out) if out else np.zeros((0, h, w, 3), np.uint8)
+        if output_size is not None and tuple(output_size) != (h, w):
+            images = resize_images(images, (int(output_size[0]), int(output_size[1])))
+        return images
 
     # -- the stock pipeline ------------------------------------------------------------------------------
 

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import numpy as np
 
 from pipeline.config import ConfigError, LumenConfig, config_hash
-from pipeline.data import Quarantine
+from pipeline.data import Quarantine, resize_sample
 from pipeline.data.sample import DatasetInfo, Sample
 from pipeline.execution import progress_bar
 from pipeline.io import sha256_file
@@ -37,9 +37,9 @@ from pipeline.lumen.stages import (
     ConditionFn,
     collect_samples,
     condition_maker,
-    generation_size,
     load_run_base,
     lumen_folder,
+    model_size,
     shipped_reducer,
 )
 from pipeline.runs import RunPaths
@@ -89,8 +89,8 @@ def run_train_mapper(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> 
     _check_config(cfg)
     m = cfg.mapper
     base, base_id = load_run_base(cfg, run_dir)
-    data = collect_samples(
-        cfg, generation_size(cfg, base), Quarantine(RunPaths(run_dir).quarantine), progress=progress,
+    data = collect_samples(  # at the model's working size (lumen.supersample)
+        cfg, model_size(cfg, base), Quarantine(RunPaths(run_dir).quarantine), progress=progress,
         workers=cfg.data.load_workers,
     )  # fmt: skip
     if "seg" not in data.info.labels:
@@ -166,8 +166,9 @@ def mapper_condition_maker(
 
     def conditions(samples: Sequence[Sample]) -> np.ndarray:
         out = []
+        k = cfg.lumen.supersample
         for start in range(0, len(samples), 16):
-            batch = samples[start : start + 16]
+            batch = [resize_sample(s, (k * s.size[0], k * s.size[1])) for s in samples[start : start + 16]]
             x = np.stack([
                 mapper_input(kind, s.seg if s.seg is not None else np.zeros(s.size, np.uint8), info.num_classes,
                              _key_rng(cfg.seed, s.key), info.ignore_index)

@@ -131,6 +131,7 @@ class GenerationPlan:
     evaluations: int | None  # synthetic_samples x steps x passes_per_step
     chunk_size: int
     chunks: int | None  # resumable units of work (generate.chunk_size source images each)
+    supersample: int = 1  # lumen.supersample: generated at supersample x size, then downsampled to size
 
 
 @dataclass(frozen=True)
@@ -369,10 +370,11 @@ def generation_size(cfg: LumenConfig, notes: list[str] | None = None) -> tuple[t
     h, w = cfg.data.image_size or (cfg.base.resolution, cfg.base.resolution)
     vae_levels, unet_levels = _levels(cfg, notes if notes is not None else [])
     multiple = 2 ** (vae_levels - 1) * 2 ** (unet_levels - 1)
-    if (h % multiple or w % multiple) and notes is not None:
+    k = cfg.lumen.supersample
+    if ((k * h) % multiple or (k * w) % multiple) and notes is not None:
         notes.append(
-            f"PROBLEM: data.image_size={[h, w]} is not a multiple of {multiple} for this base model: "
-            "train-lumen and expand will refuse it"
+            f"PROBLEM: data.image_size={[h, w]} x lumen.supersample={k} is not a multiple of {multiple} for "
+            "this base model: train-lumen and expand will refuse it"
         )
     return (h, w), multiple
 
@@ -411,6 +413,7 @@ def _plan_generation(
         steps=g.steps, passes_per_step=passes,
         evaluations=None if synthetic is None else synthetic * g.steps * passes,
         chunk_size=g.chunk_size, chunks=None if sources is None else math.ceil(sources / g.chunk_size),
+        supersample=cfg.lumen.supersample,
     )  # fmt: skip
 
 
@@ -730,7 +733,13 @@ def _render(plan: RunPlan) -> str:
     )
     lines += [
         "",
-        f"generation ({g.model}, {g.sampler}) at {g.size[0]}x{g.size[1]} (a multiple of {g.size_multiple}):",
+        f"generation ({g.model}, {g.sampler}) at {g.size[0]}x{g.size[1]}"
+        + (
+            f" (generated at {g.supersample * g.size[0]}x{g.supersample * g.size[1]}, lumen.supersample "
+            f"{g.supersample}; a multiple of {g.size_multiple}):"
+            if g.supersample > 1
+            else f" (a multiple of {g.size_multiple}):"
+        ),
         f"  source {'images    ' if g.source == 'images' else 'label maps'}   {_n(g.source_images)}",
         f"  variants per image  {g.variants}",
         f"  synthetic samples   {_n(g.synthetic_samples)}",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +32,7 @@ __all__ = [
     "generation_size",
     "load_run_base",
     "lumen_folder",
+    "model_size",
     "parallel_settings",
     "run_distill",
     "run_reducer_path",
@@ -184,6 +185,44 @@ def generation_size(cfg: LumenConfig, base: BaseComponents) -> tuple[int, int]:
     return h, w
 
 
+def model_size(cfg: LumenConfig, base: BaseComponents) -> tuple[int, int]:
+    """(H, W) at which the LUMEN model works (its conditions, ControlNet training and generation):
+    ``lumen.supersample`` x :func:`generation_size`, a multiple of the model's total downsampling."""
+    h, w = generation_size(cfg, base)
+    k = cfg.lumen.supersample
+    factor = base.vae_scale * 2 ** (len(base.unet.config.block_out_channels) - 1)
+    if (k * h) % factor or (k * w) % factor:
+        raise ValueError(
+            f"lumen.supersample={k} x {[h, w]} must be a multiple of {factor} for this base model"
+        )
+    return k * h, k * w
+
+
+def to_model_size(samples: Sequence[Sample], size: tuple[int, int]) -> list[Sample]:
+    """Samples resized to the model's working size (a no-op for those already there)."""
+    return [resize_sample(s, size) for s in samples]
+
+
+class _Resized:
+    """A sample source whose samples are resized to ``size`` (the PCA of a supersampled model is fitted on
+    the upsampled images it will see)."""
+
+    def __init__(self, source: SampleSource, size: tuple[int, int]) -> None:
+        self.source, self.size, self.info = source, size, source.info
+
+    def keys(self) -> list[str]:
+        return self.source.keys()
+
+    def load(self, key: str) -> Sample:
+        return resize_sample(self.source.load(key), self.size)
+
+    def __iter__(self) -> Iterator[Sample]:
+        return (resize_sample(s, self.size) for s in self.source)
+
+    def __len__(self) -> int:
+        return len(self.source)
+
+
 def load_run_base(cfg: LumenConfig, run_dir: Path) -> tuple[BaseComponents, str]:
     """The run's frozen base model and its identity (recorded in layout specs and provenance).
 
@@ -227,6 +266,7 @@ def _lumen_asset_fits(cfg: LumenConfig, meta: dict[str, Any], base_name: str) ->
         and meta.get("adapter") == cfg.data.adapter
         and meta.get("resolution") == cfg.base.resolution
         and meta.get("condition") == cfg.lumen.condition
+        and meta.get("config", {}).get("lumen", {}).get("supersample", 1) == cfg.lumen.supersample
     )
     if fits and cfg.lumen.condition == "layout":
         fits = (
@@ -314,13 +354,22 @@ def condition_maker(
     from pipeline.conditions import CONDITIONS
 
     name = cfg.lumen.condition
-    if name == "layout":
-        return _layout_maker(cfg, base, base_id, fit_data, run_dir, reducer_path, device)
-    if name not in CONDITIONS:
+    if name != "layout" and name not in CONDITIONS:
         raise ValueError(
             f"lumen.condition={name!r} has no ControlNet (valid: layout, {', '.join(CONDITIONS)})"
         )
-    return _label_maker(cfg, fit_data.info)
+    size = model_size(cfg, base)
+    if name == "layout":
+        make, meta = _layout_maker(cfg, base, base_id, fit_data, run_dir, reducer_path, device)
+    else:
+        make, meta = _label_maker(cfg, fit_data.info)
+    if cfg.lumen.supersample == 1:
+        return make, meta
+
+    def at_model_size(samples: Sequence[Sample]) -> np.ndarray:  # lumen.supersample: upsampled first
+        return make(to_model_size(samples, size))
+
+    return at_model_size, {**meta, "supersample": cfg.lumen.supersample}
 
 
 def run_reducer_path(cfg: LumenConfig, run_dir: Path) -> Path:
@@ -345,10 +394,12 @@ def _layout_maker(
     device = device or resolve_device(cfg.device)
     backbone = build_backbone(cfg.layouts, device=device, components=base, model_id=base_id)
     reducer_path = reducer_path or run_reducer_path(cfg, run_dir)
+    size = model_size(cfg, base)
+    fit_on = fit_data if cfg.lumen.supersample == 1 else _Resized(fit_data, size)
     reducer = fit_or_load_reducer(
-        reducer_path, backbone, fit_data, cfg.layouts, metadata={"config_hash": config_hash(cfg)}
+        reducer_path, backbone, fit_on, cfg.layouts, metadata={"config_hash": config_hash(cfg)}
     )
-    extractor = build_extractor(cfg.layouts, backbone, reducer, size=generation_size(cfg, base))
+    extractor = build_extractor(cfg.layouts, backbone, reducer, size=size)
     cache = LayoutCache(RunPaths(run_dir).layouts, extractor.spec()) if cfg.layouts.cache else None
 
     def layouts(samples: Sequence[Sample]) -> np.ndarray:
@@ -413,9 +464,8 @@ def _train_lumen(parallel: DataParallel, cfg: LumenConfig, run_dir: Path, progre
     with parallel.main_first():
         base, base_id = load_run_base(cfg, run_dir)
         quarantine = Quarantine(RunPaths(run_dir).quarantine if main else None)
-        data = collect_samples(
-            cfg, generation_size(cfg, base), quarantine, progress=progress and main,
-            workers=cfg.data.load_workers,
+        data = collect_samples(  # at the model's size: lumen.supersample upsamples them
+            cfg, model_size(cfg, base), quarantine, progress=progress and main, workers=cfg.data.load_workers,
         )  # fmt: skip
         make, cond_meta = condition_maker(cfg, base, base_id, data, run_dir, device=parallel.device)
         conds = make(list(data))
@@ -444,7 +494,7 @@ def _train_lumen(parallel: DataParallel, cfg: LumenConfig, run_dir: Path, progre
         "base_model": base_id,
         "dataset": data.info.card(),
         "config_hash": config_hash(cfg),
-        "size": list(generation_size(cfg, base)),
+        "size": list(model_size(cfg, base)),
         **cond_meta,
     }
     trainer.save(out, card)
@@ -498,7 +548,7 @@ def run_distill(cfg: LumenConfig, run_dir: Path, progress: bool = True) -> dict[
     card = json.loads((cn_folder / "lumen.json").read_text())
     controlnet = ControlNetModel.from_pretrained(cn_folder, torch_dtype=torch.float32).eval()
     data = collect_samples(
-        cfg, generation_size(cfg, base), Quarantine(RunPaths(run_dir).quarantine), progress=progress,
+        cfg, model_size(cfg, base), Quarantine(RunPaths(run_dir).quarantine), progress=progress,
         workers=cfg.data.load_workers,
     )  # fmt: skip
     make, _ = condition_maker(cfg, base, base_id, data, run_dir, reducer_path=shipped_reducer(cfg, cn_folder))
