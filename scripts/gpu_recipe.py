@@ -180,6 +180,8 @@ def train_pair(args: argparse.Namespace) -> dict[str, Any]:
     from pipeline.lumen.stages import run_train_base
 
     base_cfg_path, lumen_cfg_path, base_name, _ = PAIRS[args.pair]
+    if args.base_only and not args.continue_base:
+        raise SystemExit("--base-only goes with --continue-base")
     common = [f"device={args.device}", f"data.load_workers={args.workers}"]
     if args.data:
         common.append(f"data.root={Path(args.data).resolve()}")
@@ -222,6 +224,8 @@ def train_pair(args: argparse.Namespace) -> dict[str, Any]:
         return _train_lumen(args, lumen_cfg, run_dir, out, t_start, 0.0, steps)
     if args.continue_base:
         base_minutes = _continue_base(args, base_cfg, run_dir)
+        if args.base_only:
+            return {"pair": args.pair, "base_minutes": round(base_minutes, 2)}
         return _train_lumen(args, lumen_cfg, run_dir, out, t_start, base_minutes, steps)
     t0 = time.time()
     base_dir = run_train_base(base_cfg, run_dir / "base-run", progress=args.progress)
@@ -275,11 +279,14 @@ def _continue_base(args: argparse.Namespace, cfg: LumenConfig, run_dir: Path) ->
         return minutes
     device = torch.device(args.device)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
-    step_cmd = (
-        f"python scripts/gpu_recipe.py train --pair {args.pair}{_data_arg(args)} --minutes 0 --continue-base "
+    fixed = ("base.train_steps=", "base.batch_size=", "base.learning_rate=")
+    step_cmd = " ".join([
+        f"python scripts/gpu_recipe.py train --pair {args.pair}{_data_arg(args)} --minutes 0 --continue-base"
+        + (" --base-only" if getattr(args, "base_only", False) else ""),
+        *(o for o in getattr(args, "override", []) if not o.startswith(fixed)),
         f"base.train_steps={cfg.base.train_steps} base.batch_size={cfg.base.batch_size} "
-        f"base.learning_rate={cfg.base.learning_rate}"
-    )
+        f"base.learning_rate={cfg.base.learning_rate}",
+    ])  # fmt: skip
     info = {k: v for k, v in meta.items() if k not in ("files", "name", "dtype")}
     info["resolution"] = res  # the UNet may continue at another resolution (lumen.supersample)
     info["command"] = f"{meta.get('command', '')} && {step_cmd}"
@@ -545,6 +552,10 @@ def main(argv: list[str] | None = None) -> int:
     which.add_argument(
         "--continue-base", action="store_true",
         help="train the shipped base's UNet further (base.train_steps more steps), then a new ControlNet",
+    )  # fmt: skip
+    t.add_argument(
+        "--base-only", action="store_true",
+        help="with --continue-base: stop after the base (carry the ControlNet over with refit_controlnet.py)",
     )  # fmt: skip
     t.add_argument("override", nargs="*", help="config overrides key=value (both configs)")
     f = sub.add_parser("finetune-vae", help="sharpen a shipped base model's decoder (encoder frozen)")

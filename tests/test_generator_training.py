@@ -270,6 +270,13 @@ def test_recipe_continue_base_smoke(tmp_path: Path) -> None:
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["toy-logs.tar"]
 
 
+def test_recipe_base_only_goes_with_continue_base(tmp_path: Path) -> None:
+    recipe = _recipe()
+    with pytest.raises(SystemExit, match="--base-only goes with --continue-base"):
+        recipe.main(["train", "--pair", "toy", "--smoke", "--base-only", "--workers", "1",
+                     "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])  # fmt: skip
+
+
 def test_recipe_adversarial_decoder_finetune_smoke(tmp_path: Path) -> None:
     """``finetune-vae --smoke --adversarial-weight --crop``: records its settings and its reproduce
     command's flags; nothing is exported."""
