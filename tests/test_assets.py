@@ -47,6 +47,12 @@ def test_runs_fall_back_to_the_shipped_models_only_when_they_fit(tmp_path: Path)
     other_n = demo.model_copy(update={"layouts": demo.layouts.model_copy(update={"num_components": 4})})
     with pytest.raises(FileNotFoundError, match="no shipped one fits"):
         lumen_folder(other_n, tmp_path)
+    assert demo.lumen.supersample == 2  # the shipped toy ControlNet works at 2x the scenes' size
+    at_1x = demo.model_copy(update={"lumen": demo.lumen.model_copy(update={"supersample": 1})})
+    with pytest.raises(FileNotFoundError, match="no shipped one fits"):
+        lumen_folder(at_1x, tmp_path)
+    at_64 = demo.model_copy(update={"base": demo.base.model_copy(update={"resolution": 64})})
+    assert shipped_base(at_64) is None
     folder = demo.model_copy(update={"data": demo.data.model_copy(update={"adapter": "folder"})})
     assert shipped_base(folder) is None  # no model was shipped for user folders
 
