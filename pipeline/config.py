@@ -471,17 +471,54 @@ class GenerateConfig(_Section):
     quality_filter: bool = Field(
         False, description="score variants with a segmenter trained on the real images (docs/synthesis.md)"
     )
-    quality_mode: Literal["image", "pixel"] = Field(
+    quality_mode: Literal["image", "objects", "pixel"] = Field(
         "image",
         description="image: drop variants whose seg agreement (pixel accuracy) is under quality_threshold; "
-        "pixel: keep them but set pixels whose loss is far above their class's typical loss to ignore",
+        "objects: that, and drop variants that lose an object (of quality_object_classes) that a binary "
+        "object segmenter finds on the real source image; pixel: keep them but set pixels whose loss is far above their class's typical loss "
+        "to ignore",
     )
-    quality_threshold: float = Field(0.3, ge=0, le=1, description="image mode: minimum agreement kept")
+    quality_threshold: float = Field(
+        0.3, ge=0, le=1, description="image and objects modes: minimum agreement kept"
+    )
+    quality_retries: int = Field(
+        0,
+        ge=0,
+        le=8,
+        description="image and objects modes: a dropped variant is generated again with a new seed up to "
+        "this many times; the first attempt that passes is kept (0: dropped at once)",
+    )
+    quality_object_classes: list[str] = Field(
+        default_factory=list,
+        description="objects mode: the classes that are objects (things); their connected regions are checked",
+    )
+    quality_min_pixels: int = Field(
+        16, ge=1, description="objects mode: smallest object (connected region of an object class) checked"
+    )
+    quality_judge_steps: int | None = Field(
+        None, ge=1, description="training steps of the filter's segmenters (null: perception.steps)"
+    )
     quality_pixel_factor: float = Field(
         2.0,
         gt=0,
         description="pixel mode: ignore pixels whose loss exceeds factor x their class's median loss",
     )
+
+    @model_validator(mode="after")
+    def _quality_retries(self) -> GenerateConfig:
+        if self.quality_retries and not self.quality_filter:
+            raise ValueError("generate.quality_retries regenerates variants the quality filter drops: "
+                             "it needs generate.quality_filter=true")  # fmt: skip
+        if self.quality_retries and self.quality_mode == "pixel":
+            raise ValueError("generate.quality_retries needs quality_mode image or objects (pixel mode "
+                             "drops no variant)")  # fmt: skip
+        if self.quality_filter and self.quality_mode == "objects" and not self.quality_object_classes:
+            raise ValueError("generate.quality_mode=objects needs generate.quality_object_classes: the "
+                             "classes that are objects")  # fmt: skip
+        if self.quality_filter and self.quality_mode == "objects" and self.source != "images":
+            raise ValueError("generate.quality_mode=objects compares each variant with its real source image: "
+                             "it needs generate.source=images")  # fmt: skip
+        return self
 
     @model_validator(mode="after")
     def _label_source(self) -> GenerateConfig:

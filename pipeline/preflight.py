@@ -38,6 +38,7 @@ __all__ = [
     "check_adapter_settings",
     "check_class_edits",
     "check_label_source",
+    "check_quality_filter",
     "label_advice",
     "preflight",
     "resolve_config",
@@ -140,9 +141,31 @@ def preflight(cfg: LumenConfig, stage: Stage = "run", run_dir: Path | None = Non
     maps = cfg.generate.source == "labels" or cfg.generate.edited_per_map > 0
     if stage == "train-mapper" or (stage in ("expand", "gains", "run") and maps):
         report.checks.append(check_label_source(cfg, stage, info, run_dir))
+    # 9. The quality filter's object classes exist and the data has seg labels to train its segmenters.
+    if stage in ("expand", "gains", "run") and cfg.generate.quality_filter:
+        report.checks.append(check_quality_filter(cfg, info))
     report.seconds = round(time.time() - t0, 2)
     log.info("preflight (%s) passed in %.2f s: %s", stage, report.seconds, "; ".join(report.checks))
     return report
+
+
+def check_quality_filter(cfg: LumenConfig, info: DatasetInfo) -> str:
+    """``generate.quality_filter`` trains segmenters on the seg labels; objects mode names object classes."""
+    g = cfg.generate
+    if "seg" not in info.labels:
+        raise ConfigError(
+            f"generate.quality_filter trains a segmenter on seg labels; dataset {info.name} has labels "
+            f"{list(info.labels)}"
+        )
+    if g.quality_mode != "objects":
+        return f"quality filter: {g.quality_mode} mode"
+    unknown = [c for c in g.quality_object_classes if c not in info.classes]
+    if unknown:
+        raise ConfigError(
+            f"generate.quality_object_classes {unknown} are not classes of {info.name}: {list(info.classes)}"
+        )
+    retries = f", {g.quality_retries} retries" if g.quality_retries else ""
+    return f"quality filter: objects mode over {g.quality_object_classes}{retries}"
 
 
 def check_label_source(cfg: LumenConfig, stage: Stage, info: DatasetInfo, run_dir: Path | None) -> str:

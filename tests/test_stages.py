@@ -14,6 +14,8 @@ from diffusers import ControlNetModel
 from pipeline.config import build_config
 from pipeline.data import Quarantine
 from pipeline.lumen.base import build_tiny_components
+from pipeline.lumen.expand import chunk_files
+from pipeline.lumen.generate import variant_seed
 from pipeline.lumen.stages import collect_samples, run_train_lumen
 from pipeline.lumen.tokenizer import build_tokenizer
 from tests.test_lumen import PRESET, RES
@@ -205,7 +207,7 @@ def test_expand_writes_real_and_synthetic_shards_with_the_expected_keys(tmp_path
     assert record["strength"] == 0.5
 
 
-@pytest.mark.parametrize("mode", ["image", "pixel"])
+@pytest.mark.parametrize("mode", ["image", "objects", "pixel"])
 def test_expand_quality_filter_drops_or_masks_and_records_scores(tmp_path: Path, mode: str) -> None:
     from pipeline.lumen.expand import quality_summary, run_expand
     from pipeline.shards.reader import iter_samples
@@ -218,7 +220,8 @@ def test_expand_quality_filter_drops_or_masks_and_records_scores(tmp_path: Path,
             "layouts": {"num_components": 4, "pca_images": 3, "pca_vectors_per_image": 32, "batch_size": 2},
             "lumen": {"train_steps": 1, "batch_size": 2, "validate_every": 100},
             "generate": {"variants": 2, "steps": 2, "chunk_size": 2, "quality_filter": True,
-                         "quality_mode": mode, "quality_threshold": 1.0, "quality_pixel_factor": 1.0},
+                         "quality_mode": mode, "quality_threshold": 1.0, "quality_pixel_factor": 1.0,
+                         "quality_retries": 1 if mode == "objects" else 0, "quality_object_classes": ["sphere", "box"]},
             "perception": {"steps": 2, "batch_size": 2, "encoder_depth": 3, "decoder_channels": [16, 8, 8]},
         }
     )  # fmt: skip
@@ -231,13 +234,25 @@ def test_expand_quality_filter_drops_or_masks_and_records_scores(tmp_path: Path,
 
     summary = run_expand(cfg, tmp_path, progress=False, judge_factory=fit_judge)
     assert (tmp_path / "quality_filter").is_dir()  # the real-trained segmenter, reused on rerun
+    assert (tmp_path / "quality_filter" / "objects" / "judge.json").is_file() == (mode == "objects")
     syn = verify_shard_set(tmp_path / "shards" / "synthetic")
     assert syn.ok, syn.problems
     q = quality_summary(tmp_path, num_chunks=2)
     assert q is not None and q["scored"] == 6
-    if mode == "image":  # a 2-step segmenter never agrees perfectly: every variant is dropped
+    if mode != "pixel":  # a 2-step segmenter never agrees perfectly: every variant is dropped
         assert summary.synthetic == 0 and summary.filtered == 6 and summary.real == 3
         assert q["dropped"] == 6 and q["kept_share"] == 0
+        if mode == "objects":  # ... after one more try each, under a new seed
+            assert q["regenerated"] == 6 and q["kept_after_retry"] == 0 and q["segments_checked"] >= 0
+            variants = [
+                v for i in range(2) for v in json.loads(chunk_files(tmp_path, i)[1].read_text())["variants"]
+            ]
+            assert {v["attempt"] for v in variants} == {2} and all(
+                "segments" in v["quality"] for v in variants
+            )
+            assert all(
+                v["seed"] == variant_seed(cfg.seed, f"{v['key']}#attempt2", v["variant"]) for v in variants
+            )
         return
     assert summary.synthetic == 6 and summary.filtered == 0
     manifest = json.loads((tmp_path / "shards" / "synthetic" / "manifest.json").read_text())
@@ -256,6 +271,55 @@ def test_expand_quality_filter_drops_or_masks_and_records_scores(tmp_path: Path,
     assert q["dropped"] == 0 and q["mean_ignored_share"] == pytest.approx(
         np.mean(list(masked.values())), abs=1e-3
     )
+
+
+def test_quality_retries_regenerate_dropped_variants_under_new_seeds(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A variant the filter drops is made again with a new seed; the kept attempt is written with that seed."""
+    from perception.judges import fit_judge
+    from pipeline.lumen.expand import quality_summary, run_expand
+    from pipeline.shards.reader import read_shards
+    from pipeline.synthesis.filter import QualityFilter
+
+    scored: list[int] = []
+    real_score = QualityFilter.score
+
+    def first_attempts_fail(self, images, segs, sources=None):  # type: ignore[no-untyped-def]
+        results = real_score(self, images, segs, sources)
+        scored.append(len(images))
+        for r in results:  # every first attempt is dropped, every second kept
+            r.keep = len(scored) % 2 == 0
+        return results
+
+    monkeypatch.setattr(QualityFilter, "score", first_attempts_fail)
+    cfg = build_config(
+        {
+            "data": {"num_images": 3, "image_size": [RES, RES]},
+            "base": {"resolution": RES},
+            "layouts": {"num_components": 4, "pca_images": 3, "pca_vectors_per_image": 32, "batch_size": 2},
+            "lumen": {"train_steps": 1, "batch_size": 2, "validate_every": 100},
+            "generate": {"variants": 2, "steps": 2, "chunk_size": 2, "quality_filter": True,
+                         "quality_mode": "objects", "quality_threshold": 0.0, "quality_retries": 3,
+                         "quality_object_classes": ["sphere"]},
+            "perception": {"steps": 2, "batch_size": 2, "encoder_depth": 3, "decoder_channels": [16, 8, 8]},
+        }
+    )  # fmt: skip
+    data = collect_samples(cfg, (RES, RES), Quarantine(None), progress=False)
+    build_tiny_components(build_tokenizer([s.caption for s in data], max_length=16), RES, preset=PRESET).save(
+        tmp_path / "base"
+    )
+    run_train_lumen(cfg, tmp_path, progress=False)
+    summary = run_expand(cfg, tmp_path, progress=False, judge_factory=fit_judge)
+    assert scored == [4, 4, 2, 2]  # chunk 0: all 4 variants, then the 4 dropped; chunk 1: 2 and 2
+    assert summary.synthetic == 6 and summary.filtered == 0
+    q = quality_summary(tmp_path, num_chunks=2)
+    assert q is not None and q["regenerated"] == 6 and q["kept_after_retry"] == 6
+    records = {d["__key__"]: d["json"] for d in read_shards(tmp_path / "shards" / "synthetic")}
+    assert len(records) == 6
+    for r in records.values():
+        assert r["seed"] == variant_seed(cfg.seed, f"{r['source_key']}#attempt2", r["variant"])
+        assert r["seed"] != variant_seed(cfg.seed, r["source_key"], r["variant"])
 
 
 def test_distill_then_expand_with_the_student_on_sparse_labels(tmp_path: Path) -> None:

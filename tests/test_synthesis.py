@@ -26,6 +26,8 @@ from pipeline.synthesis.filter import (
     info_with_ignore,
     pixel_losses,
     pixel_mask,
+    segment_recall,
+    segments,
     summarize,
 )
 from pipeline.synthesis.metrics import (
@@ -213,6 +215,63 @@ def test_image_mode_keeps_variants_at_or_above_the_threshold() -> None:
     assert summarize(results)["dropped"] == 1.0
 
 
+def test_segments_are_connected_regions_of_one_class_above_the_minimum_size() -> None:
+    seg = np.array(
+        [
+            [1, 1, 0, 0, 0],
+            [1, 1, 0, 0, 2],
+            [0, 0, 0, 0, 0],
+            [0, 0, 0, 1, 1],
+            [1, 0, 0, 1, 1],
+        ]
+    )
+    index, classes = segments(seg, num_classes=3, min_pixels=2)
+    assert sorted(classes) == [0, 1, 1]  # two class-1 blocks; the lone 2 and the lone 1 are too small
+    assert index[1, 4] == -1 and index[4, 0] == -1
+    assert index[0, 0] != index[3, 3] and classes[index[0, 0]] == classes[index[3, 3]] == 1
+    index, classes = segments(seg, num_classes=3, ignore_index=0, min_pixels=1)
+    assert sorted(classes) == [1, 1, 1, 2] and (index[seg == 0] == -1).all()
+    pred = seg.copy()
+    pred[0, 0] = 0  # 3 of the first block's 4 pixels still read as class 1
+    pred[3:, 3:] = 0  # the second block is gone
+    recall = segment_recall(pred, index, classes)
+    assert recall[index[0, 0]] == 0.75 and recall[index[3, 3]] == 0.0 and recall[index[1, 4]] == 1.0
+
+
+def test_objects_mode_drops_a_variant_that_loses_an_object_the_object_judge_finds_on_the_source() -> None:
+    seg = np.zeros((1, 6, 6), np.int64)
+    seg[0, :2, :2] = 1  # object A
+    seg[0, 4:, 4:] = 1  # object B (apart from A)
+    segs = np.repeat(seg, 3, 0)
+    on_source = seg[0].copy()
+    on_source[4:, 4:] = 0  # the object judge misses B on the real image: B is not the generator's to keep
+    lost_a = seg[0].copy()
+    lost_a[:2, :2] = 0
+    lost_b = on_source
+    objects = _logits(np.stack([on_source] * 3 + [seg[0], lost_a, lost_b]))
+
+    class Calls(FixedLogits):  # first call: the 3 sources; second: the 3 variants
+        def __init__(self) -> None:
+            self.calls = 0
+
+        def raw(self, images: np.ndarray) -> torch.Tensor:
+            self.calls += 1
+            return objects[:3] if self.calls == 1 else objects[3:]
+
+    with pytest.raises(ValueError, match="object_judge"):
+        QualityFilter(FixedLogits(_logits(segs)), 2, np.array([1.0, 1.0]), mode="objects")
+    qf = QualityFilter(FixedLogits(_logits(segs)), 2, np.array([1.0, 1.0]), mode="objects", threshold=0.0,
+                       min_pixels=4, object_judge=Calls(), object_classes=[1])  # fmt: skip
+    with pytest.raises(ValueError, match="real source images"):
+        qf.score(np.zeros((3, 6, 6, 3), np.uint8), segs)
+    results = qf.score(np.zeros((3, 6, 6, 3), np.uint8), segs, np.zeros((3, 6, 6, 3), np.uint8))
+    assert [r.keep for r in results] == [True, False, True]
+    assert [(r.segments, r.lost) for r in results] == [(1, 0), (1, 1), (1, 0)]  # only A is checked
+    assert results[1].provenance()["segments_lost"] == 1.0
+    summary = summarize(results)
+    assert summary["segments_checked"] == 3 and summary["segments_lost"] == 1 and summary["dropped"] == 1
+
+
 def test_pixel_mode_masks_pixels_far_above_their_class_median_and_keeps_the_variant() -> None:
     segs = np.array([[[0, 0], [1, 1]]])
     pred = np.array([[[0, 0], [1, 0]]])  # pixel (1, 1) confidently wrong
@@ -316,3 +375,24 @@ def test_evaluate_synthesis_writes_table_json_and_figure(
     assert json.loads((out / "table.json").read_text())["rows"] == doc["rows"][:1] + [
         {**r, "seconds": pytest.approx(0, abs=1)} for r in doc["rows"][1:]
     ]
+
+
+def test_quality_settings_that_cannot_work_fail_before_any_work() -> None:
+    from pipeline.config import ConfigError
+    from pipeline.preflight import check_quality_filter
+
+    with pytest.raises(ConfigError, match=r"needs generate\.quality_filter=true"):
+        build_config({"generate": {"quality_retries": 2}})
+    with pytest.raises(ConfigError, match="pixel mode"):
+        build_config({"generate": {"quality_filter": True, "quality_mode": "pixel", "quality_retries": 1}})
+    with pytest.raises(ConfigError, match="quality_object_classes"):
+        build_config({"generate": {"quality_filter": True, "quality_mode": "objects"}})
+    info = ToyScenes(num_images=2, image_size=(RES, RES)).info
+    objects = {"quality_filter": True, "quality_mode": "objects", "quality_retries": 2}
+    bad = build_config({"generate": {**objects, "quality_object_classes": ["sphere", "car"]}})
+    with pytest.raises(ConfigError, match=r"\['car'\] are not classes of toyscenes"):
+        check_quality_filter(bad, info)
+    good = build_config({"generate": {**objects, "quality_object_classes": ["sphere", "box"]}})
+    assert (
+        check_quality_filter(good, info) == "quality filter: objects mode over ['sphere', 'box'], 2 retries"
+    )

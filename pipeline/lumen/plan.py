@@ -620,8 +620,13 @@ def _plan_shards(
         per_shard = layout[0] if layout else shard_layout(1, per_sample[name], cfg.shards)[0]
         out.append(ShardSetPlan(name, samples, per_sample[name], note, per_shard,
                                 layout[1] if layout else None, layout[2] if layout else None))  # fmt: skip
-    if cfg.generate.quality_filter and cfg.generate.quality_mode == "image":
-        notes.append("generate.quality_filter drops variants under the threshold: fewer synthetic samples")
+    g = cfg.generate
+    if g.quality_filter and g.quality_mode in ("image", "objects"):
+        notes.append(
+            f"generate.quality_filter ({g.quality_mode} mode) drops variants that fail it: fewer synthetic samples"
+            + (f"; each dropped variant is generated again up to {g.quality_retries} times (more generation time)"
+               if g.quality_retries else "")
+        )  # fmt: skip
     return tuple(out)
 
 

@@ -1,9 +1,17 @@
 """Quality filter for synthetic variants: a segmenter trained on the real images judges each variant.
 
-Two modes (``generate.quality_mode``):
+Three modes (``generate.quality_mode``):
 
 - ``image``: a variant is kept iff its *agreement* (pixel accuracy of the real-trained segmenter's
   prediction on the variant against the source labels) is at least ``generate.quality_threshold``.
+- ``objects``: as ``image``, and no **object** may be lost. The objects of a source are the connected
+  regions of each of ``generate.quality_object_classes`` in its labels (at least
+  ``generate.quality_min_pixels`` pixels). A second, binary segmenter trained on the real images to tell
+  those classes from the rest ("is there an object here") reads the real source image and the variant:
+  an object it finds on the source (at least half its pixels) must be found on the variant too. An object
+  it misses on the real image is not counted, so the generator is charged only for what it lost. This
+  is the gallery's "every object in place", decided per variant; ``expand`` regenerates a variant that
+  fails with a new seed, up to ``generate.quality_retries`` times.
 - ``pixel`` (after FreeMask, arXiv 2310.15160): every variant is kept, but a pixel is set to the ignore
   label when its per-pixel cross-entropy under the real-trained segmenter exceeds
   ``generate.quality_pixel_factor`` x the median loss of its class, the medians being computed once on
@@ -60,6 +68,9 @@ __all__ = [
     "info_with_ignore",
     "pixel_losses",
     "pixel_mask",
+    "segment_recall",
+    "segment_share",
+    "segments",
     "summarize",
 ]
 
@@ -149,6 +160,46 @@ def class_median_losses(losses: np.ndarray, labels: np.ndarray, num_classes: int
     return out
 
 
+def segments(
+    seg: np.ndarray, num_classes: int, ignore_index: int | None = None, min_pixels: int = 16
+) -> tuple[np.ndarray, list[int]]:
+    """The connected regions of each class in ``seg`` (8-connected), at least ``min_pixels`` pixels each.
+
+    Returns:
+        (H, W) int32 segment index of each pixel (-1: ignored label or a smaller region) and the class id
+        of each segment.
+    """
+    from scipy import ndimage
+
+    seg = np.asarray(seg).astype(np.int64)
+    out = np.full(seg.shape, -1, np.int32)
+    classes: list[int] = []
+    for c in np.unique(seg):
+        if c < 0 or c >= num_classes or (ignore_index is not None and c == ignore_index):
+            continue
+        labelled, n = ndimage.label(seg == c, structure=np.ones((3, 3), bool))
+        sizes = np.bincount(labelled.ravel(), minlength=n + 1)
+        for k in range(1, n + 1):
+            if sizes[k] >= min_pixels:
+                out[labelled == k] = len(classes)
+                classes.append(int(c))
+    return out, classes
+
+
+def segment_recall(pred: np.ndarray, seg_index: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+    """(S,) share of each segment's pixels that ``pred`` (H, W) labels as the segment's class."""
+    hits = pred.astype(np.int64) == np.asarray(classes, np.int64)[np.clip(seg_index, 0, None)]
+    return segment_share(hits, seg_index, len(classes))
+
+
+def segment_share(mask: np.ndarray, seg_index: np.ndarray, num_segments: int) -> np.ndarray:
+    """(S,) share of each segment's pixels where ``mask`` (H, W) bool is true."""
+    inside = seg_index >= 0
+    total = np.bincount(seg_index[inside], minlength=num_segments)
+    found = np.bincount(seg_index[inside], weights=np.asarray(mask)[inside], minlength=num_segments)
+    return found / np.maximum(total, 1)
+
+
 def pixel_mask(
     losses: np.ndarray,
     seg: np.ndarray,
@@ -192,9 +243,13 @@ class QualityResult:
         agreement: pixel accuracy of the real-trained segmenter on the variant vs the source labels
             (NaN if the source has no labelled pixel).
         miou: the same prediction's mIoU.
-        keep: whether to write the variant (image mode: ``agreement >= threshold``; pixel mode: True).
-        mask: pixel mode: (H, W) bool, pixels to set to the ignore label; image mode: None.
-        ignored_share: share of the labelled pixels masked (0 in image mode).
+        keep: whether to write the variant (image mode: ``agreement >= threshold``; objects mode: that
+            and no segment lost; pixel mode: True).
+        mask: pixel mode: (H, W) bool, pixels to set to the ignore label; other modes: None.
+        ignored_share: share of the labelled pixels masked (0 outside pixel mode).
+        segments: objects mode: source objects the object segmenter finds on the real source image
+            (the ones checked).
+        lost: objects mode: how many of them it does not find on the variant.
     """
 
     agreement: float
@@ -202,11 +257,17 @@ class QualityResult:
     keep: bool
     mask: np.ndarray | None = None
     ignored_share: float = 0.0
+    segments: int | None = None
+    lost: int | None = None
 
     def provenance(self) -> dict[str, float]:
-        """``{"agreement", "miou", "ignored_share"}`` for ``Provenance.quality`` (NaN values left out)."""
+        """``{"agreement", "miou", "ignored_share"}`` for ``Provenance.quality`` (NaN values left out),
+        plus ``segments`` and ``segments_lost`` in objects mode."""
         values = {"agreement": self.agreement, "miou": self.miou, "ignored_share": self.ignored_share}
-        return {k: float(v) for k, v in values.items() if math.isfinite(v)}
+        out = {k: float(v) for k, v in values.items() if math.isfinite(v)}
+        if self.segments is not None:
+            out["segments"], out["segments_lost"] = float(self.segments), float(self.lost or 0)
+        return out
 
 
 def summarize(results: Sequence[QualityResult]) -> dict[str, float]:
@@ -219,7 +280,7 @@ def summarize(results: Sequence[QualityResult]) -> dict[str, float]:
         finite = [v for v in values if math.isfinite(v)]
         return float(np.mean(finite)) if finite else math.nan
 
-    return {
+    out = {
         "scored": float(n),
         "kept": float(kept),
         "dropped": float(n - kept),
@@ -228,6 +289,11 @@ def summarize(results: Sequence[QualityResult]) -> dict[str, float]:
         "mean_miou": mean([r.miou for r in results]),
         "mean_ignored_share": mean([r.ignored_share for r in results]),
     }
+    checked = [r for r in results if r.segments is not None]
+    if checked:
+        out["segments_checked"] = float(sum(r.segments or 0 for r in checked))
+        out["segments_lost"] = float(sum(r.lost or 0 for r in checked))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,6 +320,18 @@ def _same_size_batches(samples: Sequence[Sample], batch_size: int) -> Iterator[l
         yield batch
 
 
+def _object_ids(names: Sequence[str], info: DatasetInfo) -> list[int]:
+    """The class ids of ``generate.quality_object_classes`` (a clear error for unknown names)."""
+    if not names:
+        raise ValueError("generate.quality_mode=objects needs generate.quality_object_classes: the classes "
+                         f"that are objects (of {list(info.classes)})")  # fmt: skip
+    unknown = [n for n in names if n not in info.classes]
+    if unknown:
+        raise ValueError(f"generate.quality_object_classes {unknown} are not classes of {info.name}: "
+                         f"{list(info.classes)}")  # fmt: skip
+    return [info.classes.index(n) for n in names]
+
+
 class QualityFilter:
     """Scores synthetic variants with a segmenter trained on the real labelled images.
 
@@ -261,11 +339,16 @@ class QualityFilter:
         segmenter: the real-trained model (``raw(images) -> logits``).
         num_classes: segmentation classes.
         class_medians: (num_classes,) median per-pixel loss of each class on the real training images.
-        mode: ``image`` (drop variants under ``threshold``) or ``pixel`` (mask pixels, keep variants).
-        threshold: image mode: minimum agreement kept.
+        mode: ``image`` (drop variants under ``threshold``), ``objects`` (also drop variants that lose a
+            source object that ``object_judge`` finds on the source image) or ``pixel`` (mask pixels, keep
+            variants).
+        threshold: image and objects modes: minimum agreement kept.
         factor: pixel mode: a pixel is masked when its loss exceeds factor x its class's median.
         ignore_index: the source labels' ignore index (None: every in-range id is a label).
         mask_value: label value written to masked pixels (:func:`ignore_value`).
+        min_pixels: objects mode: smallest object checked.
+        object_judge: objects mode: the binary segmenter (class 1 = an object of ``object_classes``).
+        object_classes: objects mode: the class ids that are objects.
         meta: what defines the filter (written to ``filter.json``).
     """
 
@@ -275,15 +358,22 @@ class QualityFilter:
         num_classes: int,
         class_medians: np.ndarray,
         *,
-        mode: Literal["image", "pixel"] = "image",
+        mode: Literal["image", "objects", "pixel"] = "image",
         threshold: float = 0.3,
         factor: float = 2.0,
         ignore_index: int | None = None,
         mask_value: int = DEFAULT_IGNORE,
+        min_pixels: int = 16,
+        object_judge: Segmenter | None = None,
+        object_classes: Sequence[int] = (),
         meta: dict[str, Any] | None = None,
     ) -> None:
-        if mode not in ("image", "pixel"):
-            raise ValueError(f"quality mode must be 'image' or 'pixel', got {mode!r}")
+        if mode not in ("image", "objects", "pixel"):
+            raise ValueError(f"quality mode must be 'image', 'objects' or 'pixel', got {mode!r}")
+        if min_pixels < 1:
+            raise ValueError(f"min_pixels must be at least 1, got {min_pixels}")
+        if mode == "objects" and (object_judge is None or not object_classes):
+            raise ValueError("objects mode needs object_judge and object_classes")
         if len(class_medians) != num_classes:
             raise ValueError(f"{len(class_medians)} class medians for {num_classes} classes")
         self.segmenter = segmenter
@@ -291,6 +381,8 @@ class QualityFilter:
         self.class_medians = np.asarray(class_medians, dtype=np.float64)
         self.mode, self.threshold, self.factor = mode, float(threshold), float(factor)
         self.ignore_index, self.mask_value = ignore_index, int(mask_value)
+        self.min_pixels = int(min_pixels)
+        self.object_judge, self.object_classes = object_judge, [int(c) for c in object_classes]
         self.meta = dict(meta or {})
 
     @classmethod
@@ -309,7 +401,9 @@ class QualityFilter:
 
         The segmenter is the seg judge of ``judge_factory`` (:func:`perception.judges.fit_judge`:
         :func:`perception.train.train`) with ``cfg.perception``'s network and optimisation settings for
-        ``steps`` (default ``cfg.perception.steps``) steps, seed ``cfg.seed``. The class medians of its
+        ``steps`` (default ``generate.quality_judge_steps``, else ``cfg.perception.steps``) steps, seed
+        ``cfg.seed``. Objects mode trains a second, binary one the same way in ``objects/`` (object
+        classes against the rest). The class medians of its
         per-pixel loss on ``train_samples`` are computed once and saved with it (``filter.json``). Mode,
         threshold and factor come from ``cfg.generate`` and can change without retraining.
         """
@@ -320,11 +414,13 @@ class QualityFilter:
             )
         folder = RunPaths(run_dir).quality_filter
         device = resolve_device(cfg.device)
+        g = cfg.generate
         labelled = [s for s in train_samples if s.seg is not None]
+        steps = steps or g.quality_judge_steps or cfg.perception.steps
+        object_ids = _object_ids(g.quality_object_classes, info) if g.quality_mode == "objects" else []
         judge = judge_factory(
-            "seg", labelled, info, folder, config=cfg.perception, steps=steps or cfg.perception.steps,
-            seed=cfg.seed, device=device,
-        )  # fmt: skip
+            "seg", labelled, info, folder, config=cfg.perception, steps=steps, seed=cfg.seed, device=device
+        )
         key = judge.meta["key"]
         meta_path = folder / "filter.json"
         medians: np.ndarray | None = None
@@ -345,11 +441,21 @@ class QualityFilter:
                     "judge": "judge.json",
                 },
             )
-        g = cfg.generate
+        object_judge, meta = None, {"key": key, "folder": str(folder), **judge.meta}
+        if object_ids:  # the binary "is there an object here" segmenter of objects mode
+            binary = DatasetInfo(name=f"{info.name}-objects", classes=("other", "object"), labels=("seg",))
+            as_objects = [dataclasses.replace(s, seg=np.isin(np.asarray(s.seg), object_ids).astype(np.uint8))
+                          for s in labelled]  # fmt: skip
+            object_judge = judge_factory("seg", as_objects, binary, folder / "objects", config=cfg.perception,
+                                         steps=steps, seed=cfg.seed, device=device)  # fmt: skip
+            meta["objects"] = {
+                "classes": [info.classes[i] for i in object_ids],
+                "key": object_judge.meta["key"],
+            }
         return cls(
             judge, info.num_classes, medians, mode=g.quality_mode, threshold=g.quality_threshold,
             factor=g.quality_pixel_factor, ignore_index=info.ignore_index, mask_value=ignore_value(info),
-            meta={"key": key, "folder": str(folder), **judge.meta},
+            min_pixels=g.quality_min_pixels, object_judge=object_judge, object_classes=object_ids, meta=meta,
         )  # fmt: skip
 
     @staticmethod
@@ -373,16 +479,36 @@ class QualityFilter:
         bar.close()
         return class_median_losses(np.concatenate(losses), np.concatenate(labels), info.num_classes)
 
-    def score(self, images: np.ndarray, segs: np.ndarray) -> list[QualityResult]:
+    def score(
+        self, images: np.ndarray, segs: np.ndarray, sources: np.ndarray | None = None
+    ) -> list[QualityResult]:
         """Score variants against their source labels.
 
         Args:
             images: (B, H, W, 3) uint8 variants.
             segs: (B, H, W) labels of each variant's source.
+            sources: (B, H, W, 3) uint8 real source images (objects mode only, where it is required).
         """
         images, segs = np.asarray(images), np.asarray(segs)
         if images.shape[:3] != segs.shape:
             raise ValueError(f"images {images.shape} and labels {segs.shape} do not match")
+        found: list[np.ndarray] = []
+        objects: list[np.ndarray] = []
+        if self.mode == "objects":
+            if sources is None or np.shape(sources) != images.shape:
+                raise ValueError(
+                    f"objects mode scores variants against their real source images: expected sources of "
+                    f"shape {images.shape}, got {None if sources is None else np.shape(sources)}"
+                )
+            assert self.object_judge is not None  # checked in __init__
+            on_source = self.object_judge.raw(np.asarray(sources)).argmax(1).numpy() == 1
+            on_variant = self.object_judge.raw(images).argmax(1).numpy() == 1
+            for seg, src, var in zip(segs, on_source, on_variant, strict=True):
+                seg = np.asarray(seg).astype(np.int64)
+                index, classes = segments(np.where(np.isin(seg, self.object_classes), seg, -1), self.num_classes,
+                                          None, self.min_pixels)  # fmt: skip
+                found.append(segment_share(src, index, len(classes)) >= 0.5)
+                objects.append(segment_share(var, index, len(classes)) >= 0.5)
         logits = self.segmenter.raw(images)
         preds = logits.argmax(1).numpy()
         losses = pixel_losses(logits, segs, self.ignore_index) if self.mode == "pixel" else None
@@ -392,7 +518,12 @@ class QualityFilter:
             agreement, miou = scores["pixel_acc"], scores["miou"]
             if losses is None:
                 keep = not (math.isfinite(agreement) and agreement < self.threshold)
-                results.append(QualityResult(agreement, miou, keep))
+                if self.mode == "image":
+                    results.append(QualityResult(agreement, miou, keep))
+                    continue
+                lost = int(np.sum(found[i] & ~objects[i]))
+                results.append(QualityResult(agreement, miou, keep and lost == 0, segments=int(found[i].sum()),
+                                             lost=lost))  # fmt: skip
                 continue
             mask = pixel_mask(losses[i], segs[i], self.class_medians, self.factor, self.ignore_index)
             labelled = int(np.isfinite(losses[i]).sum())
