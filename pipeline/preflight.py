@@ -361,7 +361,7 @@ def label_advice(cfg: LumenConfig, source: SampleSource, keys: list[str]) -> Lab
 
 def _check_sizes(cfg: LumenConfig, stage: Stage, run_dir: Path | None) -> list[str]:
     """Image sides must be multiples of the base model's total downsampling (VAE x UNet)."""
-    factor, model = _downsampling(cfg, run_dir)
+    factor, model = _downsampling(cfg, run_dir, shipped=stage != "train-base")
     if factor is None:
         return ["sizes: not checked (the base model's config is not available locally)"]
     res = cfg.base.resolution
@@ -386,13 +386,21 @@ def _check_sizes(cfg: LumenConfig, stage: Stage, run_dir: Path | None) -> list[s
     return [f"data.image_size {[h, w]}{at} fits {model} (multiple of {factor})"]
 
 
-def _downsampling(cfg: LumenConfig, run_dir: Path | None) -> tuple[int | None, str]:
-    """(VAE factor x UNet factor, a name for the model), read from config files, or (None, "")."""
+def _downsampling(cfg: LumenConfig, run_dir: Path | None, shipped: bool = True) -> tuple[int | None, str]:
+    """(VAE factor x UNet factor, a name for the model), read from config files, or (None, "").
+
+    The tiny base is the run's own, else (``shipped``: stages that use a base rather than train one) the
+    shipped one that fits the config, else a new one of ``base.preset``."""
     folder: Path | None = None
     if run_dir is not None and (RunPaths(run_dir).base / "unet" / "config.json").is_file():
         folder, name = RunPaths(run_dir).base, "the run's base model"
     elif cfg.base.source == "pretrained" and cfg.base.pretrained:
         folder, name = Path(cfg.base.pretrained), f"base.pretrained={cfg.base.pretrained}"
+    elif shipped and cfg.base.source == "tiny":
+        from pipeline.lumen.stages import shipped_base  # imports torch: after the cheap checks
+
+        if (found := shipped_base(cfg)) is not None:
+            folder, name = found, f"the shipped base {found.name}"
     if folder is not None:
         try:
             blocks = [

@@ -241,6 +241,14 @@ def test_preflight_checks_image_size_against_the_generator(tmp_path: Path) -> No
     assert preflight(cfg, "evaluate").config.perception.tasks == ["seg", "depth", "normal"]  # no generator
 
 
+def test_preflight_checks_sizes_against_the_shipped_base_a_run_would_use() -> None:
+    demo = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
+    (sizes,) = [c for c in preflight(demo, "expand").checks if " fits " in c]
+    assert "the shipped base tiny-base" in sizes and "[128, 128]" in sizes
+    (sizes,) = [c for c in preflight(demo, "train-base").checks if " fits " in c]
+    assert "the tiny base preset" in sizes  # train-base makes a new base of base.preset
+
+
 @pytest.mark.parametrize("command", ["run", "train-base", "evaluate"])
 def test_a_wrong_task_list_fails_in_seconds_before_anything_starts(
     tmp_path: Path, capsys, command: str
