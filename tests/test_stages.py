@@ -6,6 +6,7 @@ import json
 import shutil
 import tarfile
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -207,29 +208,35 @@ def test_expand_writes_real_and_synthetic_shards_with_the_expected_keys(tmp_path
     assert record["strength"] == 0.5
 
 
-@pytest.mark.parametrize("mode", ["image", "objects", "pixel"])
-def test_expand_quality_filter_drops_or_masks_and_records_scores(tmp_path: Path, mode: str) -> None:
-    from pipeline.lumen.expand import quality_summary, run_expand
-    from pipeline.shards.reader import iter_samples
-    from pipeline.shards.verify import verify_shard_set
-
+def _filtered_run(tmp_path: Path, quality: dict) -> Any:
+    """A tiny run folder (base + 1-step ControlNet) for expand with the quality filter settings ``quality``."""
     cfg = build_config(
         {
             "data": {"num_images": 3, "image_size": [RES, RES]},
             "base": {"resolution": RES},
             "layouts": {"num_components": 4, "pca_images": 3, "pca_vectors_per_image": 32, "batch_size": 2},
             "lumen": {"train_steps": 1, "batch_size": 2, "validate_every": 100},
-            "generate": {"variants": 2, "steps": 2, "chunk_size": 2, "quality_filter": True,
-                         "quality_mode": mode, "quality_threshold": 1.0, "quality_pixel_factor": 1.0,
-                         "quality_retries": 1 if mode == "objects" else 0, "quality_object_classes": ["sphere", "box"]},
+            "generate": {"variants": 2, "steps": 2, "chunk_size": 2, "quality_filter": True, **quality},
             "perception": {"steps": 2, "batch_size": 2, "encoder_depth": 3, "decoder_channels": [16, 8, 8]},
         }
-    )  # fmt: skip
+    )
     data = collect_samples(cfg, (RES, RES), Quarantine(None), progress=False)
     build_tiny_components(build_tokenizer([s.caption for s in data], max_length=16), RES, preset=PRESET).save(
         tmp_path / "base"
     )
     run_train_lumen(cfg, tmp_path, progress=False)
+    return cfg
+
+
+@pytest.mark.parametrize("mode", ["image", "objects", "pixel"])
+def test_expand_quality_filter_drops_or_masks_and_records_scores(tmp_path: Path, mode: str) -> None:
+    from pipeline.lumen.expand import quality_summary, run_expand
+    from pipeline.shards.reader import iter_samples
+    from pipeline.shards.verify import verify_shard_set
+
+    cfg = _filtered_run(tmp_path, {"quality_mode": mode, "quality_threshold": 1.0, "quality_pixel_factor": 1.0,
+                                   "quality_retries": 1 if mode == "objects" else 0,
+                                   "quality_object_classes": ["sphere", "box"]})  # fmt: skip
     from perception.judges import fit_judge
 
     summary = run_expand(cfg, tmp_path, progress=False, judge_factory=fit_judge)
@@ -293,23 +300,8 @@ def test_quality_retries_regenerate_dropped_variants_under_new_seeds(
         return results
 
     monkeypatch.setattr(QualityFilter, "score", first_attempts_fail)
-    cfg = build_config(
-        {
-            "data": {"num_images": 3, "image_size": [RES, RES]},
-            "base": {"resolution": RES},
-            "layouts": {"num_components": 4, "pca_images": 3, "pca_vectors_per_image": 32, "batch_size": 2},
-            "lumen": {"train_steps": 1, "batch_size": 2, "validate_every": 100},
-            "generate": {"variants": 2, "steps": 2, "chunk_size": 2, "quality_filter": True,
-                         "quality_mode": "objects", "quality_threshold": 0.0, "quality_retries": 3,
-                         "quality_object_classes": ["sphere"]},
-            "perception": {"steps": 2, "batch_size": 2, "encoder_depth": 3, "decoder_channels": [16, 8, 8]},
-        }
-    )  # fmt: skip
-    data = collect_samples(cfg, (RES, RES), Quarantine(None), progress=False)
-    build_tiny_components(build_tokenizer([s.caption for s in data], max_length=16), RES, preset=PRESET).save(
-        tmp_path / "base"
-    )
-    run_train_lumen(cfg, tmp_path, progress=False)
+    cfg = _filtered_run(tmp_path, {"quality_mode": "objects", "quality_threshold": 0.0, "quality_retries": 3,
+                                   "quality_object_classes": ["sphere"]})  # fmt: skip
     summary = run_expand(cfg, tmp_path, progress=False, judge_factory=fit_judge)
     assert scored == [4, 4, 2, 2]  # chunk 0: all 4 variants, then the 4 dropped; chunk 1: 2 and 2
     assert summary.synthetic == 6 and summary.filtered == 0

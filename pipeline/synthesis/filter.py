@@ -500,7 +500,8 @@ class QualityFilter:
                     f"objects mode scores variants against their real source images: expected sources of "
                     f"shape {images.shape}, got {None if sources is None else np.shape(sources)}"
                 )
-            assert self.object_judge is not None  # checked in __init__
+            if self.object_judge is None:  # checked in __init__; the attribute may be reassigned
+                raise ValueError("objects mode needs object_judge")
             on_source = self.object_judge.raw(np.asarray(sources)).argmax(1).numpy() == 1
             on_variant = self.object_judge.raw(images).argmax(1).numpy() == 1
             for seg, src, var in zip(segs, on_source, on_variant, strict=True):
