@@ -475,8 +475,8 @@ class GenerateConfig(_Section):
         "image",
         description="image: drop variants whose seg agreement (pixel accuracy) is under quality_threshold; "
         "objects: that, and drop variants that lose an object (of quality_object_classes) that a binary "
-        "object segmenter finds on the real source image; pixel: keep them but set pixels whose loss is far above their class's typical loss "
-        "to ignore",
+        "object segmenter finds on the real source image; pixel: keep them but set pixels whose loss is far "
+        "above their class's typical loss to ignore",
     )
     quality_threshold: float = Field(
         0.3, ge=0, le=1, description="image and objects modes: minimum agreement kept"

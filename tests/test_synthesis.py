@@ -26,7 +26,7 @@ from pipeline.synthesis.filter import (
     info_with_ignore,
     pixel_losses,
     pixel_mask,
-    segment_recall,
+    segment_share,
     segments,
     summarize,
 )
@@ -234,7 +234,8 @@ def test_segments_are_connected_regions_of_one_class_above_the_minimum_size() ->
     pred = seg.copy()
     pred[0, 0] = 0  # 3 of the first block's 4 pixels still read as class 1
     pred[3:, 3:] = 0  # the second block is gone
-    recall = segment_recall(pred, index, classes)
+    hits = pred == np.asarray(classes)[np.clip(index, 0, None)]  # each pixel read as its segment's class
+    recall = segment_share(hits, index, len(classes))
     assert recall[index[0, 0]] == 0.75 and recall[index[3, 3]] == 0.0 and recall[index[1, 4]] == 1.0
 
 

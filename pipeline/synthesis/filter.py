@@ -68,7 +68,6 @@ __all__ = [
     "info_with_ignore",
     "pixel_losses",
     "pixel_mask",
-    "segment_recall",
     "segment_share",
     "segments",
     "summarize",
@@ -184,12 +183,6 @@ def segments(
                 out[labelled == k] = len(classes)
                 classes.append(int(c))
     return out, classes
-
-
-def segment_recall(pred: np.ndarray, seg_index: np.ndarray, classes: Sequence[int]) -> np.ndarray:
-    """(S,) share of each segment's pixels that ``pred`` (H, W) labels as the segment's class."""
-    hits = pred.astype(np.int64) == np.asarray(classes, np.int64)[np.clip(seg_index, 0, None)]
-    return segment_share(hits, seg_index, len(classes))
 
 
 def segment_share(mask: np.ndarray, seg_index: np.ndarray, num_segments: int) -> np.ndarray:
