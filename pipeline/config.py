@@ -463,6 +463,12 @@ class GenerateConfig(_Section):
         "starts from its source image's latent noised to that point (SDEdit), which keeps coarse geometry "
         "(small objects) at the cost of appearance diversity; source=images only (docs/models.md)",
     )
+    condition_guidance: bool = Field(
+        False,
+        description="classifier-free guidance on the layout as well as the prompt: the unconditional half "
+        "runs without the ControlNet, so guidance_scale also amplifies the layout's pull (fewer lost "
+        "objects on toy scenes, docs/models.md); false: the stock pipelines' guidance",
+    )
     scheduler: Literal["ddim", "dpm", "euler", "pndm"] = "ddim"
     prompt_template: str = "{caption}"
     variation_prompts: list[str] = Field(default_factory=list)

@@ -254,3 +254,39 @@ def test_strength_is_validated(models, conds) -> None:
         LumenGenerator(base, cn, scheduler="pndm").generate(
             conds, PROMPTS, SEEDS, steps=2, init_images=init, strength=0.5
         )
+
+
+def test_condition_guidance_matches_the_stock_guess_mode_without_its_ramp(conds: np.ndarray) -> None:
+    """condition_guidance runs the ControlNet on the conditional half only, as the stock pipeline's guess
+    mode does. Guess mode also ramps the down-block residuals (0.1 .. 1): with those zeroed, only the
+    mid residual is left, which it scales by 1, and the two must agree."""
+    base, cn = _models()
+    with torch.no_grad():
+        for conv in cn.controlnet_down_blocks:
+            conv.weight.zero_()
+            conv.bias.zero_()
+    ours = LumenGenerator(base, cn).generate(
+        conds, PROMPTS, SEEDS, steps=3, guidance_scale=3.0, conditioning_scale=1.5, condition_guidance=True
+    )
+    stock = []
+    pipe = LumenGenerator(base, cn, fast=False).pipe
+    for i, (prompt, seed) in enumerate(zip(PROMPTS, SEEDS, strict=True)):
+        img = pipe(
+            prompt, image=torch.from_numpy(conds[i : i + 1]), num_inference_steps=3, guidance_scale=3.0,
+            controlnet_conditioning_scale=1.5, guess_mode=True, generator=torch.Generator().manual_seed(seed),
+            height=RES, width=RES, output_type="np",
+        ).images[0]  # fmt: skip
+        stock.append((np.clip(img, 0, 1) * 255).round().astype(np.uint8))
+    assert np.abs(ours.astype(int) - np.stack(stock).astype(int)).max() <= 2
+    # and it is not the default guidance: the unconditional half differs
+    default = LumenGenerator(base, cn).generate(
+        conds, PROMPTS, SEEDS, steps=3, guidance_scale=3.0, conditioning_scale=1.5
+    )
+    assert np.abs(ours.astype(int) - default.astype(int)).max() > 10
+
+
+def test_condition_guidance_changes_nothing_without_guidance(models, conds: np.ndarray) -> None:
+    gen = LumenGenerator(*models)
+    plain = gen.generate(conds, PROMPTS, SEEDS, steps=3, guidance_scale=1.0)
+    cg = gen.generate(conds, PROMPTS, SEEDS, steps=3, guidance_scale=1.0, condition_guidance=True)
+    np.testing.assert_array_equal(plain, cg)

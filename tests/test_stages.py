@@ -177,6 +177,7 @@ def test_expand_writes_real_and_synthetic_shards_with_the_expected_keys(tmp_path
         d["json"] for d in read_shards(tmp_path / "shards" / "synthetic") if d["__key__"] == variant.key
     )
     assert (record["steps"], record["conditioning_scale"]) == (2, cfg.generate.conditioning_scale)
+    assert record["condition_guidance"] is None and record["strength"] is None
     again = run_expand(cfg, tmp_path, progress=False)  # everything is done: nothing is redone
     assert (again.real, again.synthetic) == (0, 0)
 
@@ -192,20 +193,23 @@ def test_expand_writes_real_and_synthetic_shards_with_the_expected_keys(tmp_path
         )
     assert (report_dir / "report.md").is_file() and (report_dir / "figures" / "gains.png").is_file()
 
-    # generate.strength < 1: the same run's models, variants started from their source images
+    # generate.strength < 1 with condition_guidance: the same run's models, variants started from their
+    # source images, guidance on the layout too; provenance records both
     import shutil
 
     sdedit = tmp_path / "sdedit"
     for folder in ("base", "lumen"):
         shutil.copytree(tmp_path / folder, sdedit / folder)
-    half = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"strength": 0.5})})
+    half = cfg.model_copy(
+        update={"generate": cfg.generate.model_copy(update={"strength": 0.5, "condition_guidance": True})}
+    )
     assert run_expand(half, sdedit, progress=False).synthetic == 6
     started = {s.key: s for s in iter_samples(sdedit / "shards" / "synthetic")}
     assert not np.array_equal(started[variant.key].image, variant.image)
     record = next(
         d["json"] for d in read_shards(sdedit / "shards" / "synthetic") if d["__key__"] == variant.key
     )
-    assert record["strength"] == 0.5
+    assert (record["strength"], record["condition_guidance"]) == (0.5, True)
 
 
 def _filtered_run(tmp_path: Path, quality: dict) -> Any:

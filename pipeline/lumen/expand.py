@@ -242,6 +242,7 @@ def generate_chunk(
                     np.stack([conds[sp.key] for sp in chosen]).astype(np.float32), [sp.prompt for sp in chosen],
                     seeds_, steps=g.steps, guidance_scale=g.guidance_scale, batch_size=g.batch_size,
                     conditioning_scale=g.conditioning_scale, feature_edit=edit, strength=g.strength,
+                    condition_guidance=g.condition_guidance,
                     init_images=np.stack([s.image for s in sources]) if g.strength < 1 else None,
                     output_size=ctx.size,  # lumen.supersample: generated larger, downsampled to the labels' size
                 )  # fmt: skip
@@ -410,7 +411,8 @@ def write_chunk(
                      caption=v["prompt"], meta={"source_key": src.key})  # fmt: skip
         prov = {**common, "source_key": src.key, "synthetic": True, "variant": v["variant"], "seed": v["seed"],
                 "prompt": v["prompt"], "guidance": g.guidance_scale, "conditioning_scale": g.conditioning_scale, "steps": g.steps, "scheduler": g.scheduler,
-                **({"strength": g.strength} if g.strength < 1 else {}), "models": ctx.models, "layout": ctx.layout_meta}  # fmt: skip
+                **({"strength": g.strength} if g.strength < 1 else {}),
+                **({"condition_guidance": True} if g.condition_guidance else {}), "models": ctx.models, "layout": ctx.layout_meta}  # fmt: skip
         if "quality" in v:
             prov["quality"] = v["quality"]
         if "class_edit" in v:

@@ -348,6 +348,7 @@ class LumenGenerator:
         init_images: np.ndarray | None = None,
         strength: float = 1.0,
         output_size: tuple[int, int] | None = None,
+        condition_guidance: bool = False,
     ) -> np.ndarray:
         """Generate ``len(prompts)`` images; returns (B, H, W, 3) uint8.
 
@@ -374,6 +375,10 @@ class LumenGenerator:
                 conditions' size): a supersampled model (``lumen.supersample``) generates larger and the
                 images are downsampled (area) to the labels' size; ``init_images`` may be given at
                 ``output_size`` and are then upsampled first.
+            condition_guidance: classifier-free guidance on the condition as well as the prompt: the
+                unconditional half runs without the ControlNet (as diffusers' guess mode does), so
+                ``guidance_scale`` also amplifies the layout's pull. The ControlNet then runs on half the
+                rows. The fast path only; ignored without guidance or a ControlNet.
         """
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -413,6 +418,8 @@ class LumenGenerator:
         t0 = time.perf_counter()
         if feature_edit is not None and not self.fast:
             raise ValueError("class edits (feature_edit) need the fast generation path")
+        if condition_guidance and not self.fast and self.controlnet is not None:
+            raise ValueError("condition_guidance needs the fast generation path")
         with self._lock, _num_threads(self.threads), torch.inference_mode(), feature_edit or nullcontext():
             for i in range(0, len(prompts), batch_size):
                 if feature_edit is not None:
@@ -422,8 +429,9 @@ class LumenGenerator:
                 if self.fast:
                     init = None if init_t is None else (init_t[i : i + batch_size], strength)
                     images = self._fast_batch(
-                        cond, *batch, (h, w), steps, guidance_scale, conditioning_scale, init
-                    )
+                        cond, *batch, (h, w), steps, guidance_scale, conditioning_scale, init,
+                        condition_guidance,
+                    )  # fmt: skip
                 else:
                     images = self._stock_batch(
                         cond, *batch, (h, w), steps, guidance_scale, conditioning_scale
@@ -505,16 +513,21 @@ class LumenGenerator:
         cond: torch.Tensor | None,
         scale: float,
         timestep_cond: torch.Tensor | None = None,
+        skip_rows: int = 0,
     ) -> torch.Tensor:
         """The UNet's output (fp32: noise, or v for a v-prediction student) for the rows of ``x``, with the
-        ControlNet's residuals (and the guidance embedding of a guidance-distilled UNet)."""
+        ControlNet's residuals (and the guidance embedding of a guidance-distilled UNet). The first
+        ``skip_rows`` rows get no residuals (the ControlNet does not run on them)."""
         with self._autocast():
             residuals: dict[str, Any] = {}
             if self._controlnet is not None:
                 down, mid = self._controlnet(
-                    x, t, encoder_hidden_states=emb, controlnet_cond=cond, conditioning_scale=scale,
-                    return_dict=False,
+                    x[skip_rows:], t, encoder_hidden_states=emb[skip_rows:], controlnet_cond=cond,
+                    conditioning_scale=scale, return_dict=False,
                 )  # fmt: skip
+                if skip_rows:
+                    down = [torch.cat([r.new_zeros((skip_rows, *r.shape[1:])), r]) for r in down]
+                    mid = torch.cat([mid.new_zeros((skip_rows, *mid.shape[1:])), mid])
                 residuals = {"down_block_additional_residuals": down, "mid_block_additional_residual": mid}
             if timestep_cond is not None:
                 residuals["timestep_cond"] = timestep_cond
@@ -531,6 +544,7 @@ class LumenGenerator:
         guidance_scale: float,
         conditioning_scale: float,
         init: tuple[torch.Tensor, float] | None = None,
+        condition_guidance: bool = False,
     ) -> np.ndarray:
         unet, vae, f = self.base.unet, self.base.vae, self.base.vae_scale
         # A guidance-distilled UNet (pipeline.lumen.distill) takes w as an input: one pass, no guidance
@@ -570,9 +584,11 @@ class LumenGenerator:
                 cond = cond.flip(1)
             with self._autocast():
                 cond_emb = self.controlnet.controlnet_cond_embedding(cond)
+            doubled = guidance and not condition_guidance
             fixed = _fixed_condition_embedding(
-                self.controlnet, torch.cat([cond_emb] * 2) if guidance else cond_emb
+                self.controlnet, torch.cat([cond_emb] * 2) if doubled else cond_emb
             )
+        skip = len(prompts) if guidance and condition_guidance and self.controlnet is not None else 0
         self._sync()
         t1 = time.perf_counter()
         # 4. Denoising loop: both guidance halves in one forward pass.
@@ -580,7 +596,7 @@ class LumenGenerator:
             for t in timesteps:
                 x = torch.cat([latents] * 2) if guidance else latents
                 x = sched.scale_model_input(x, t)
-                eps = self._predict_noise(x, t, emb, cond, conditioning_scale, timestep_cond)
+                eps = self._predict_noise(x, t, emb, cond, conditioning_scale, timestep_cond, skip)
                 if guidance:
                     eps_uncond, eps_text = eps.chunk(2)
                     eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)

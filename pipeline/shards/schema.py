@@ -112,6 +112,9 @@ class Provenance(BaseModel):
     strength: float | None = Field(
         None, gt=0, lt=1, description="set when a variant started from its source image (generate.strength)"
     )
+    condition_guidance: bool | None = Field(
+        None, description="set when guidance also amplified the layout (generate.condition_guidance)"
+    )
     models: dict[str, ModelIdentity] = Field(default_factory=dict, description="role -> model, e.g. 'base'")
     layout: dict[str, Any] | None = Field(
         None, description="layout spec: backbone, layer, timestep, PCA hash, N"
