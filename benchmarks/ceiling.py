@@ -195,6 +195,14 @@ def _config(args: argparse.Namespace) -> tuple[Any, Path, Path, dict[str, Any]]:
 
     config, base_name, lumen_name, overrides = DATASETS[args.dataset]
     cfg = load_config(ROOT / config, overrides)
+    # the dataset config caps the splits (the demo's 128 training scenes): lift the caps to what is asked
+    # for, or --train-images would silently shrink to the cap (a procedural dataset renders any number)
+    d = cfg.data
+    caps = {
+        "num_images": None if d.num_images is None else max(d.num_images, args.train_images + args.images),
+        "num_val_images": None if d.num_val_images is None else max(d.num_val_images, args.images),
+    }
+    cfg = cfg.model_copy(update={"data": d.model_copy(update=caps)})
     base_dir, lumen_dir = args.assets / base_name, args.assets / lumen_name
     meta = verify_asset(lumen_dir)
     verify_asset(base_dir)
