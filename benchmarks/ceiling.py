@@ -171,7 +171,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument(
         "--train-images", type=int, default=2048,
-        help="real images the judges train on (earlier tables in docs/models.md: 512)",
+        help="real images the judges train on (the earlier toy tables of docs/models.md: 128)",
     )  # fmt: skip
     p.add_argument(
         "--judge-steps", type=int, default=2000,
