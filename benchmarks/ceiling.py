@@ -16,6 +16,10 @@ area >= 16 px, one latent cell) whose pixels an object-vs-background judge (trai
 images) labels as object for at least half their area, ``images_all_in_place`` the share of images with
 *every* object in place: the gallery's "every object in place" as a number; ``in_place_by_group`` splits
 ``in_place`` by visible area (under 64, 64-255, 256+ px) and by whether the object touches another one.
+``separated`` is the share of pairs of touching objects (both >= 16 px) that are still two objects: a
+third judge, trained on the real images to draw object outlines (``instance_boundaries``), marks at least
+half of the pair's shared boundary, within one pixel (``object_separation``). Two spheres merged into
+one blob are both "in place"; they are not separated.
 Real images and reconstructions give their ceilings (the judges are trained on sharp real images, so
 they also miss objects that blur). ``right_shape`` (JSON only) counts only pixels the seg judge labels
 with the object's own class: at 64 px it tells spheres, boxes and cylinders apart on few real objects
@@ -139,6 +143,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--scales", type=float, nargs="+", default=[1.0, 1.5])
     p.add_argument("--steps", type=int, default=20)
+    p.add_argument(
+        "--scheduler",
+        choices=["ddim", "dpm", "euler", "pndm"],
+        default="ddim",
+        help="generate.scheduler (sampler)",
+    )
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument(
         "--strength", type=float, default=1.0,
@@ -257,7 +267,7 @@ def _reference_rows(
     }
 
     real_feats = judge_features(judge, real)
-    unconditional = LumenGenerator(base, None, device=device)
+    unconditional = LumenGenerator(base, None, scheduler=args.scheduler, device=device)
     base_kid = []
     for seed in args.seeds:
         imgs = unconditional.generate(None, [s.caption for s in val], [seed * 1000 + i for i in range(len(val))],
@@ -299,7 +309,7 @@ def _lumen_rows(
     )
     conds = make(val).astype(np.float32)
     controlnet = ControlNetModel.from_pretrained(lumen_dir).to(device).eval()
-    gen = LumenGenerator(base, controlnet, device=device)
+    gen = LumenGenerator(base, controlnet, scheduler=args.scheduler, device=device)
     rows: dict[str, Any] = {}
     grid_rows = []
     for scale in args.scales:
@@ -344,7 +354,7 @@ def _placement_scorer(
     from pipeline.data import build_dataset
     from pipeline.data.sample import DatasetInfo
     from pipeline.data.toyscenes import SPHERE, ToyScenes
-    from pipeline.synthesis.metrics import object_placement
+    from pipeline.synthesis.metrics import instance_boundaries, object_placement, object_separation
 
     source = build_dataset(cfg.data, split)
     if not isinstance(source, ToyScenes):
@@ -359,16 +369,29 @@ def _placement_scorer(
         config=PerceptionConfig(), steps=steps, seed=0, device=device,
     )  # fmt: skip
 
+    # a third judge draws object outlines (instance_boundaries of the renderer's instance maps): are two
+    # touching objects still two? (object_separation)
+    train_source = source if split == "train" else build_dataset(cfg.data, "train")
+    outlined = [replace(s, seg=instance_boundaries(train_source.objects(s.key, size)[0]).astype(np.uint8))
+                for s in train]  # fmt: skip
+    outline_info = DatasetInfo(name="toyscenes-outlines", classes=("other", "outline"), labels=("seg",))
+    outline_judge = fit_judge(
+        "seg", outlined, outline_info, judge_dir.with_name(judge_dir.name.replace("judge-seg", "judge-outlines")),
+        config=PerceptionConfig(), steps=steps, seed=0, device=device,
+    )  # fmt: skip
+
     groups = _object_groups(instances, classes)
 
     def score(images: np.ndarray) -> dict[str, Any]:
         found = object_placement(found_judge.predict(images), instances, [[1] * len(c) for c in classes],
                                  min_pixels=MIN_OBJECT_PIXELS)  # fmt: skip
         shape = object_placement(judge.predict(images), instances, classes, min_pixels=MIN_OBJECT_PIXELS)
+        apart = object_separation(outline_judge.predict(images) == 1, instances, min_pixels=MIN_OBJECT_PIXELS)
         placed = np.array([r >= 0.5 for row in found.recall for r in row])
         by_group = {name: float(placed[m].mean()) if m.any() else float("nan") for name, m in groups.items()}
         return {"in_place": found.in_place, "images_all_in_place": found.images_all_in_place,
-                "right_shape": shape.in_place, "objects": found.objects, "in_place_by_group": by_group}  # fmt: skip
+                "right_shape": shape.in_place, "objects": found.objects, "in_place_by_group": by_group,
+                "separated": apart.separated, "touching_pairs": apart.pairs}  # fmt: skip
 
     return score
 
@@ -419,19 +442,20 @@ def _print_table(args: argparse.Namespace, rows: dict[str, Any], out: Path) -> N
 
     def objects(r: dict[str, Any]) -> str:
         if "in_place" not in r:
-            return " | |"
-        return f" | {r['in_place']:.0%} | {r['images_all_in_place']:.0%}"
+            return " | | |"
+        apart = f"{r['separated']:.0%}" if "separated" in r else ""
+        return f" | {r['in_place']:.0%} | {r['images_all_in_place']:.0%} | {apart}"
 
     print(
-        f"| {args.dataset} / {args.label} ({args.split}) | judge mIoU | share of real | objects in place | images with all in place | other |"
+        f"| {args.dataset} / {args.label} ({args.split}) | judge mIoU | share of real | objects in place | images with all in place | touching pairs apart | other |"
     )
-    print("|---|---:|---:|---:|---:|---|")
+    print("|---|---:|---:|---:|---:|---:|---|")
     print(f"| real | {real_miou:.3f} | 100%{objects(rows['real'])} | |")
     print(
         f"| VAE reconstruction | {rows['vae']['judge_miou']:.3f} | {rows['vae']['share_of_real']:.0%}{objects(rows['vae'])} | PSNR {rows['vae']['psnr']:.1f} dB |"
     )
     print(
-        f"| base, unconditional | | | | | KID {rows['base']['kid']:.4f} ± {rows['base']['kid_std']:.4f} (reconstructions {rows['base']['recon_kid']:.4f}) |"
+        f"| base, unconditional | | | | | | KID {rows['base']['kid']:.4f} ± {rows['base']['kid_std']:.4f} (reconstructions {rows['base']['recon_kid']:.4f}) |"
     )
     if "oracle" in rows:
         o = rows["oracle"]
@@ -515,7 +539,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "benchmark": "ceiling", "dataset": args.dataset, "label": args.label, "assets": {"base": str(base_dir), "lumen": str(lumen_dir)},
         "base_training": verify_asset(base_dir).get("training"), "lumen_training": meta.get("training"),
-        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "guidance": args.guidance, "strength": args.strength, "variation": args.variation, "template": args.template, "judge_domains": args.judge_domains,
+        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance, "strength": args.strength, "variation": args.variation, "template": args.template, "judge_domains": args.judge_domains,
         "judge": {"train_images": args.train_images, "steps": args.judge_steps}, "rows": rows,
         "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip

@@ -501,6 +501,19 @@ class GenerateConfig(_Section):
     quality_min_pixels: int = Field(
         16, ge=1, description="objects mode: smallest object (connected region of an object class) checked"
     )
+    quality_outlines: bool = Field(
+        False,
+        description="objects mode: also drop variants in which touching objects merge into one: a third "
+        "segmenter, trained on the real images to draw outlines (where the seg class changes or the depth "
+        "jumps by more than quality_depth_jump), finds the outlines inside the source's objects on the real "
+        "source image, and at least half of them must be found on the variant (docs/synthesis.md)",
+    )
+    quality_depth_jump: float = Field(
+        0.1,
+        gt=0,
+        description="quality_outlines: a relative depth step |d1 - d2| / min(d1, d2) between neighbouring "
+        "pixels above this is an outline (datasets without depth: seg outlines only)",
+    )
     quality_judge_steps: int | None = Field(
         None, ge=1, description="training steps of the filter's segmenters (null: perception.steps)"
     )
@@ -521,6 +534,9 @@ class GenerateConfig(_Section):
         if self.quality_filter and self.quality_mode == "objects" and not self.quality_object_classes:
             raise ValueError("generate.quality_mode=objects needs generate.quality_object_classes: the "
                              "classes that are objects")  # fmt: skip
+        if self.quality_outlines and not (self.quality_filter and self.quality_mode == "objects"):
+            raise ValueError("generate.quality_outlines checks touching objects in objects mode: it needs "
+                             "generate.quality_filter=true and generate.quality_mode=objects")  # fmt: skip
         if self.quality_filter and self.quality_mode == "objects" and self.source != "images":
             raise ValueError("generate.quality_mode=objects compares each variant with its real source image: "
                              "it needs generate.source=images")  # fmt: skip

@@ -165,7 +165,15 @@ def check_quality_filter(cfg: LumenConfig, info: DatasetInfo) -> str:
             f"generate.quality_object_classes {unknown} are not classes of {info.name}: {list(info.classes)}"
         )
     retries = f", {g.quality_retries} retries" if g.quality_retries else ""
-    return f"quality filter: objects mode over {g.quality_object_classes}{retries}"
+    outlines = ""
+    if g.quality_outlines:
+        depth = (
+            "seg and depth"
+            if "depth" in info.labels
+            else "seg only: touching objects of one class are not told apart"
+        )
+        outlines = f", outlines from {depth}"
+    return f"quality filter: objects mode over {g.quality_object_classes}{retries}{outlines}"
 
 
 def check_label_source(cfg: LumenConfig, stage: Stage, info: DatasetInfo, run_dir: Path | None) -> str:

@@ -24,6 +24,7 @@ from pipeline.synthesis.filter import (
     QualityFilter,
     apply_pixel_mask,
     info_with_ignore,
+    label_outlines,
     pixel_losses,
     pixel_mask,
     segment_share,
@@ -34,9 +35,11 @@ from pipeline.synthesis.metrics import (
     LatentEncoder,
     depth_agreement,
     diversity,
+    instance_boundaries,
     l1_distance,
     normal_agreement,
     object_placement,
+    object_separation,
     rms_distance,
     seg_alignment,
 )
@@ -93,6 +96,41 @@ def test_object_placement_counts_found_moved_and_too_small_objects() -> None:
     assert object_placement(pred, inst, [[3, 4, 5]], min_pixels=1).objects == 3
     with pytest.raises(ValueError, match="one shape"):
         object_placement(pred[:, :4], inst, [[3, 4, 5]])
+
+
+def test_instance_boundaries_mark_both_sides_of_object_edges_only() -> None:
+    inst = np.full((6, 6), -1)
+    inst[1:5, 1:3] = 0
+    inst[1:5, 3:5] = 1
+    edges = instance_boundaries(inst)
+    assert edges[2, 2] and edges[2, 3]  # the two columns where objects 0 and 1 meet
+    assert edges[0, 1] and edges[1, 1]  # background above the object and the object's top row
+    assert not edges[0, 0] and not edges[5, 5]  # background next to background only
+    assert instance_boundaries(inst[None]).shape == (1, 6, 6)
+    assert not instance_boundaries(np.full((4, 4), -1)).any()
+
+
+def test_object_separation_counts_a_merged_pair_and_skips_small_objects() -> None:
+    inst = np.full((2, 10, 10), -1)
+    inst[:, 0:5, 0:5] = 0  # 25 px
+    inst[:, 0:5, 5:10] = 1  # 25 px, touches object 0 along columns 4 | 5
+    inst[:, 9, 0] = 2  # 1 px, touches nothing
+    inst[1, 5, 0:4] = 3  # 4 px, touches object 0: too small to count
+    truth = instance_boundaries(inst)
+    merged = truth.copy()
+    merged[:, :, 4:6] = False  # every outline but the one between objects 0 and 1
+    r = object_separation(np.stack([truth[0], merged[1]]), inst, min_pixels=16, tolerance=0)
+    assert r.pairs == 2 and r.recall == [[1.0], [0.0]]
+    assert r.separated == 0.5
+    shifted = np.zeros_like(truth)
+    shifted[:, :, 3] = True  # one and two pixels off the two boundary columns 4 and 5
+    assert object_separation(shifted, inst, tolerance=0).recall == [[0.0], [0.0]]
+    assert object_separation(shifted, inst, tolerance=1).recall == [[0.5], [0.5]]
+    assert object_separation(shifted, inst, tolerance=2).recall == [[1.0], [1.0]]
+    assert object_separation(shifted, inst, min_pixels=1).pairs == 3
+    assert np.isnan(object_separation(np.zeros((1, 4, 4)), np.full((1, 4, 4), -1)).separated)
+    with pytest.raises(ValueError, match="one shape"):
+        object_separation(truth[:, :4], inst)
 
 
 def test_depth_agreement_uses_valid_source_pixels_only() -> None:
@@ -273,6 +311,66 @@ def test_objects_mode_drops_a_variant_that_loses_an_object_the_object_judge_find
     assert summary["segments_checked"] == 3 and summary["segments_lost"] == 1 and summary["dropped"] == 1
 
 
+def test_label_outlines_mark_class_changes_and_depth_steps_on_both_sides() -> None:
+    seg = np.zeros((4, 6), np.int64)
+    seg[:, 3:] = 1  # a class change between columns 2 and 3
+    depth = np.full((4, 6), 10.0)
+    depth[:, 1:] = 12.0  # a 20% step between columns 0 and 1 (inside class 0)
+    depth[:, 4:] = 12.5  # a 4% step between columns 3 and 4: not an outline at jump 0.1
+    depth[3, 5] = 0.0  # no depth there: no step counted
+    edges = label_outlines(seg, depth, depth_jump=0.1)
+    assert edges[:, [0, 1, 2, 3]].all() and not edges[:3, 4:].any()
+    assert not label_outlines(seg, None)[:, :2].any() and label_outlines(seg, None)[:, 2:4].all()
+    assert label_outlines(seg, depth, depth_jump=0.01)[:3, 4].all()
+    with pytest.raises(ValueError, match="depth shape"):
+        label_outlines(seg, depth[:2])
+
+
+def test_objects_mode_with_outlines_drops_a_variant_that_merges_touching_objects() -> None:
+    seg = np.zeros((1, 12, 12), np.int64)
+    seg[0, 1:11, 1:11] = 1  # two touching objects of one class: one connected region
+    outline = np.zeros((12, 12), np.int64)
+    outline[1:11, 1] = outline[1:11, 10] = outline[1, 1:11] = outline[10, 1:11] = 1  # the region's border
+    outline[3:9, 5:7] = 1  # the outline between the two objects, inside the region
+    merged = outline.copy()
+    merged[3:9, 5:7] = 0
+    shifted = merged.copy()
+    shifted[3:9, 4:6] = 1  # one pixel off: still found
+    no_inner = merged  # a source whose outline judge finds nothing inside the objects: nothing to check
+    segs = np.repeat(seg, 4, 0)
+    objects_logits = _logits(np.repeat(seg, 4, 0))
+
+    class Calls(FixedLogits):  # first call: the 4 sources; second: the 4 variants
+        def __init__(self, first: torch.Tensor, second: torch.Tensor) -> None:
+            self.calls, self.first, self.second = 0, first, second
+
+        def raw(self, images: np.ndarray) -> torch.Tensor:
+            self.calls += 1
+            return self.first if self.calls == 1 else self.second
+
+    outlines = Calls(_logits(np.stack([outline, outline, outline, no_inner])),
+                     _logits(np.stack([outline, merged, shifted, merged])))  # fmt: skip
+    with pytest.raises(ValueError, match="objects mode only"):
+        QualityFilter(FixedLogits(_logits(segs)), 2, np.array([1.0, 1.0]), outline_judge=outlines)
+    qf = QualityFilter(FixedLogits(_logits(segs)), 2, np.array([1.0, 1.0]), mode="objects", threshold=0.0,
+                       min_pixels=4, object_judge=Calls(objects_logits, objects_logits), object_classes=[1],
+                       outline_judge=outlines)  # fmt: skip
+    images = np.zeros((4, 12, 12, 3), np.uint8)
+    results = qf.score(images, segs, images)
+    assert [r.keep for r in results] == [True, False, True, True]
+    assert [r.outline_recall for r in results] == [1.0, 0.0, 1.0, None]
+    assert results[1].provenance()["outline_recall"] == 0.0 and results[1].lost == 0  # no object lost
+    summary = summarize(results)
+    assert summary["outlines_checked"] == 3 and summary["outlines_merged"] == 1
+
+
+def test_quality_outlines_needs_objects_mode() -> None:
+    with pytest.raises(ValueError, match="quality_outlines"):
+        build_config(
+            {"generate": {"quality_filter": True, "quality_mode": "image", "quality_outlines": True}}
+        )
+
+
 def test_pixel_mode_masks_pixels_far_above_their_class_median_and_keeps_the_variant() -> None:
     segs = np.array([[[0, 0], [1, 1]]])
     pred = np.array([[[0, 0], [1, 0]]])  # pixel (1, 1) confidently wrong
@@ -310,6 +408,22 @@ def test_quality_filter_fit_trains_once_then_reloads(tmp_path: Path, monkeypatch
     assert again.meta["model_sha256"] == qf.meta["model_sha256"]
     np.testing.assert_array_equal(again.class_medians, qf.class_medians)
     assert [r.agreement for r in again.score(images, segs)] == [r.agreement for r in first]
+
+
+def test_quality_filter_fit_trains_the_outline_judge_on_label_outlines(tmp_path: Path) -> None:
+    ds = ToyScenes(num_images=8, image_size=(RES, RES))
+    samples = [ds.load(k) for k in ds.keys()]
+    cfg = build_config({"device": "cpu", "perception": TINY_PERCEPTION,
+                        "generate": {"quality_filter": True, "quality_mode": "objects", "quality_outlines": True,
+                                     "quality_object_classes": ["sphere", "box", "cylinder"]}})  # fmt: skip
+    qf = QualityFilter.fit(cfg, tmp_path, samples, ds.info, progress=False, judge_factory=fit_judge)
+    assert (
+        qf.outline_judge is not None and (tmp_path / FILTER_DIR / "outlines" / "model.safetensors").is_file()
+    )
+    assert qf.meta["outlines"]["images_with_depth"] == 8 and qf.meta["outlines"]["depth_jump"] == 0.1
+    images = np.stack([s.image for s in samples[:2]])
+    results = qf.score(images, np.stack([s.seg for s in samples[:2]]), images)
+    assert all(r.outline_recall is None or 0.0 <= r.outline_recall <= 1.0 for r in results)
 
 
 def test_quality_filter_fit_without_a_judge_factory_says_what_to_pass(tmp_path: Path) -> None:

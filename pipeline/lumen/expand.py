@@ -129,6 +129,9 @@ class ExpandResult:
             if q.get("segments_checked") is not None:
                 md += (f"- source objects checked: {q['segments_checked']}, lost (in dropped variants): "
                        f"{q['segments_lost']}\n")  # fmt: skip
+            if q.get("outlines_checked") is not None:
+                md += (f"- variants whose sources have outlines inside their objects: {q['outlines_checked']}, "
+                       f"of which merged (under half the outlines kept): {q['outlines_merged']}\n")  # fmt: skip
         return md
 
 
@@ -527,6 +530,7 @@ def quality_summary(run_dir: Path, num_chunks: int) -> dict[str, Any] | None:
                         ignored_share=q.get("ignored_share", 0.0),
                         segments=int(q["segments"]) if checked else None,
                         lost=int(q.get("segments_lost", 0)) if checked else None,
+                        outline_recall=q.get("outline_recall"),
                     ))  # fmt: skip
                     attempts.append((int(v.get("attempt", 1)), bool(v.get("keep", True))))
     if not results:
@@ -534,7 +538,15 @@ def quality_summary(run_dir: Path, num_chunks: int) -> dict[str, Any] | None:
     out: dict[str, Any] = {
         k: round(v, 4) if math.isfinite(v) else None for k, v in summarize(results).items()
     }
-    for k in ("scored", "kept", "dropped", "segments_checked", "segments_lost"):
+    for k in (
+        "scored",
+        "kept",
+        "dropped",
+        "segments_checked",
+        "segments_lost",
+        "outlines_checked",
+        "outlines_merged",
+    ):
         if out.get(k) is not None:
             out[k] = int(out[k])
     out["regenerated"] = sum(a - 1 for a, _ in attempts)  # extra generations made by generate.quality_retries

@@ -12,6 +12,12 @@ Three modes (``generate.quality_mode``):
   it misses on the real image is not counted, so the generator is charged only for what it lost. This
   is the gallery's "every object in place", decided per variant; ``expand`` regenerates a variant that
   fails with a new seed, up to ``generate.quality_retries`` times.
+  With ``generate.quality_outlines`` a third binary segmenter, trained on the real images to draw
+  outlines (:func:`label_outlines`: where the seg class changes or the depth jumps), finds the outlines
+  *inside* the source's objects on the real source image (between two touching objects: pixels of the
+  object classes whose 3x3 neighbourhood holds only object classes); at least half of them must be found
+  on the variant, within one pixel. Two touching spheres drawn as one blob keep both objects' pixels, so
+  the object check passes them; their outline is gone, and this drops them.
 - ``pixel`` (after FreeMask, arXiv 2310.15160): every variant is kept, but a pixel is set to the ignore
   label when its per-pixel cross-entropy under the real-trained segmenter exceeds
   ``generate.quality_pixel_factor`` x the median loss of its class, the medians being computed once on
@@ -60,12 +66,14 @@ from pipeline.synthesis.metrics import confusion_scores, seg_confusion
 __all__ = [
     "DEFAULT_IGNORE",
     "FILTER_DIR",
+    "OUTLINE_RECALL",
     "QualityFilter",
     "QualityResult",
     "apply_pixel_mask",
     "class_median_losses",
     "ignore_value",
     "info_with_ignore",
+    "label_outlines",
     "pixel_losses",
     "pixel_mask",
     "segment_share",
@@ -80,6 +88,12 @@ FILTER_DIR = RunPaths(".").quality_filter.name
 
 DEFAULT_IGNORE = 255
 """Value of masked pixels for datasets without an ignore index (65535 beyond 255 classes)."""
+
+OUTLINE_RECALL = 0.5
+"""``quality_outlines``: the share of the outlines inside a source's objects a variant must keep."""
+
+MIN_OUTLINE_PIXELS = 4
+"""``quality_outlines``: a source with fewer outline pixels inside its objects has no outline checked."""
 
 _PIXELS_PER_IMAGE = 4096
 """Pixels per training image drawn (seeded) for the class medians, which bounds their memory."""
@@ -193,6 +207,51 @@ def segment_share(mask: np.ndarray, seg_index: np.ndarray, num_segments: int) ->
     return found / np.maximum(total, 1)
 
 
+def label_outlines(seg: np.ndarray, depth: np.ndarray | None = None, depth_jump: float = 0.1) -> np.ndarray:
+    """Outlines from labels: pixels with a 4-neighbour of another seg class or, where both depths are
+    valid (finite, > 0), a relative depth step ``|d1 - d2| / min(d1, d2)`` above ``depth_jump``. Both sides
+    of an outline are marked, so it is two pixels wide. Two touching objects of one class are told apart by
+    the depth step where one occludes the other.
+
+    Args:
+        seg: (H, W) class ids.
+        depth: (H, W) depth (any positive unit), or None for seg outlines only.
+        depth_jump: the relative depth step that is an outline.
+
+    Returns:
+        (H, W) bool.
+    """
+    seg = np.asarray(seg)
+    d = None if depth is None else np.asarray(depth, np.float64)
+    if d is not None and d.shape != seg.shape:
+        raise ValueError(f"depth shape {d.shape} differs from the label shape {seg.shape}")
+    out = np.zeros(seg.shape, bool)
+    h, w = seg.shape
+    for dy, dx in ((0, 1), (1, 0)):
+        here, there = (slice(0, h - dy), slice(0, w - dx)), (slice(dy, h), slice(dx, w))
+        edge = seg[here] != seg[there]
+        if d is not None:
+            a, b = d[here], d[there]
+            valid = np.isfinite(a) & np.isfinite(b) & (a > 0) & (b > 0)
+            step = np.abs(a - b) / np.where(valid, np.minimum(a, b), 1.0)
+            edge |= valid & (step > depth_jump)
+        out[here] |= edge
+        out[there] |= edge
+    return out
+
+
+def _interior(mask: np.ndarray) -> np.ndarray:
+    """Pixels of ``mask`` (H, W) bool whose whole 3x3 neighbourhood is in ``mask`` (edges: outside)."""
+    t = torch.from_numpy(~np.asarray(mask, bool)).float()[None, None]
+    return ~(F.max_pool2d(t, 3, stride=1, padding=1)[0, 0].numpy() > 0) & np.asarray(mask, bool)
+
+
+def _grow(mask: np.ndarray, pixels: int = 1) -> np.ndarray:
+    """``mask`` (B, H, W) bool dilated by ``pixels`` (Chebyshev)."""
+    t = torch.from_numpy(np.asarray(mask, bool)).float()[:, None]
+    return F.max_pool2d(t, 2 * pixels + 1, stride=1, padding=pixels)[:, 0].numpy() > 0
+
+
 def pixel_mask(
     losses: np.ndarray,
     seg: np.ndarray,
@@ -243,6 +302,8 @@ class QualityResult:
         segments: objects mode: source objects the object segmenter finds on the real source image
             (the ones checked).
         lost: objects mode: how many of them it does not find on the variant.
+        outline_recall: ``quality_outlines``: share of the outlines inside the source's objects (found
+            on the real source image) found on the variant; None when there were none to check.
     """
 
     agreement: float
@@ -252,14 +313,18 @@ class QualityResult:
     ignored_share: float = 0.0
     segments: int | None = None
     lost: int | None = None
+    outline_recall: float | None = None
 
     def provenance(self) -> dict[str, float]:
         """``{"agreement", "miou", "ignored_share"}`` for ``Provenance.quality`` (NaN values left out),
-        plus ``segments`` and ``segments_lost`` in objects mode."""
+        plus ``segments`` and ``segments_lost`` in objects mode and ``outline_recall`` when outlines were
+        checked."""
         values = {"agreement": self.agreement, "miou": self.miou, "ignored_share": self.ignored_share}
         out = {k: float(v) for k, v in values.items() if math.isfinite(v)}
         if self.segments is not None:
             out["segments"], out["segments_lost"] = float(self.segments), float(self.lost or 0)
+        if self.outline_recall is not None:
+            out["outline_recall"] = float(self.outline_recall)
         return out
 
 
@@ -286,6 +351,10 @@ def summarize(results: Sequence[QualityResult]) -> dict[str, float]:
     if checked:
         out["segments_checked"] = float(sum(r.segments or 0 for r in checked))
         out["segments_lost"] = float(sum(r.lost or 0 for r in checked))
+    outlined = [r.outline_recall for r in results if r.outline_recall is not None]
+    if outlined:
+        out["outlines_checked"] = float(len(outlined))
+        out["outlines_merged"] = float(sum(v < OUTLINE_RECALL for v in outlined))
     return out
 
 
@@ -342,6 +411,8 @@ class QualityFilter:
         min_pixels: objects mode: smallest object checked.
         object_judge: objects mode: the binary segmenter (class 1 = an object of ``object_classes``).
         object_classes: objects mode: the class ids that are objects.
+        outline_judge: objects mode, optional: the binary outline segmenter (class 1 = an outline,
+            :func:`label_outlines`); given, a variant must also keep the outlines inside the source's objects.
         meta: what defines the filter (written to ``filter.json``).
     """
 
@@ -359,6 +430,7 @@ class QualityFilter:
         min_pixels: int = 16,
         object_judge: Segmenter | None = None,
         object_classes: Sequence[int] = (),
+        outline_judge: Segmenter | None = None,
         meta: dict[str, Any] | None = None,
     ) -> None:
         if mode not in ("image", "objects", "pixel"):
@@ -375,7 +447,10 @@ class QualityFilter:
         self.mode, self.threshold, self.factor = mode, float(threshold), float(factor)
         self.ignore_index, self.mask_value = ignore_index, int(mask_value)
         self.min_pixels = int(min_pixels)
+        if outline_judge is not None and mode != "objects":
+            raise ValueError("an outline judge checks touching objects in objects mode only")
         self.object_judge, self.object_classes = object_judge, [int(c) for c in object_classes]
+        self.outline_judge = outline_judge
         self.meta = dict(meta or {})
 
     @classmethod
@@ -445,10 +520,23 @@ class QualityFilter:
                 "classes": [info.classes[i] for i in object_ids],
                 "key": object_judge.meta["key"],
             }
+        outline_judge = None
+        if object_ids and g.quality_outlines:  # the binary outline segmenter (label_outlines)
+            outlines = DatasetInfo(
+                name=f"{info.name}-outlines", classes=("other", "outline"), labels=("seg",)
+            )
+            outlined = [dataclasses.replace(s, seg=label_outlines(np.asarray(s.seg), s.depth, g.quality_depth_jump)
+                                            .astype(np.uint8)) for s in labelled]  # fmt: skip
+            outline_judge = judge_factory("seg", outlined, outlines, folder / "outlines", config=cfg.perception,
+                                          steps=steps, seed=cfg.seed, device=device)  # fmt: skip
+            with_depth = sum(s.depth is not None for s in labelled)
+            meta["outlines"] = {"key": outline_judge.meta["key"], "depth_jump": g.quality_depth_jump,
+                                "images_with_depth": with_depth}  # fmt: skip
         return cls(
             judge, info.num_classes, medians, mode=g.quality_mode, threshold=g.quality_threshold,
             factor=g.quality_pixel_factor, ignore_index=info.ignore_index, mask_value=ignore_value(info),
-            min_pixels=g.quality_min_pixels, object_judge=object_judge, object_classes=object_ids, meta=meta,
+            min_pixels=g.quality_min_pixels, object_judge=object_judge, object_classes=object_ids,
+            outline_judge=outline_judge, meta=meta,
         )  # fmt: skip
 
     @staticmethod
@@ -472,6 +560,22 @@ class QualityFilter:
         bar.close()
         return class_median_losses(np.concatenate(losses), np.concatenate(labels), info.num_classes)
 
+    def _outline_recall(
+        self, images: np.ndarray, segs: np.ndarray, sources: np.ndarray
+    ) -> list[float | None]:
+        """Per variant: the share of the outlines inside its source's objects that the outline judge finds
+        on the real source image and, within one pixel, on the variant (None: no outline judge, or fewer
+        than :data:`MIN_OUTLINE_PIXELS` such outline pixels on the source)."""
+        if self.outline_judge is None:
+            return [None] * len(images)
+        on_source = self.outline_judge.raw(sources).argmax(1).numpy() == 1
+        near_variant = _grow(self.outline_judge.raw(images).argmax(1).numpy() == 1)
+        out: list[float | None] = []
+        for seg, src, var in zip(segs, on_source, near_variant, strict=True):
+            checked = src & _interior(np.isin(np.asarray(seg), self.object_classes))
+            out.append(float(var[checked].mean()) if checked.sum() >= MIN_OUTLINE_PIXELS else None)
+        return out
+
     def score(
         self, images: np.ndarray, segs: np.ndarray, sources: np.ndarray | None = None
     ) -> list[QualityResult]:
@@ -487,6 +591,7 @@ class QualityFilter:
             raise ValueError(f"images {images.shape} and labels {segs.shape} do not match")
         found: list[np.ndarray] = []
         objects: list[np.ndarray] = []
+        outline_recall: list[float | None] = [None] * len(images)
         if self.mode == "objects":
             if sources is None or np.shape(sources) != images.shape:
                 raise ValueError(
@@ -503,6 +608,7 @@ class QualityFilter:
                                           None, self.min_pixels)  # fmt: skip
                 found.append(segment_share(src, index, len(classes)) >= 0.5)
                 objects.append(segment_share(var, index, len(classes)) >= 0.5)
+            outline_recall = self._outline_recall(images, segs, np.asarray(sources))
         logits = self.segmenter.raw(images)
         preds = logits.argmax(1).numpy()
         losses = pixel_losses(logits, segs, self.ignore_index) if self.mode == "pixel" else None
@@ -516,8 +622,11 @@ class QualityFilter:
                     results.append(QualityResult(agreement, miou, keep))
                     continue
                 lost = int(np.sum(found[i] & ~objects[i]))
-                results.append(QualityResult(agreement, miou, keep and lost == 0, segments=int(found[i].sum()),
-                                             lost=lost))  # fmt: skip
+                recall = outline_recall[i]
+                apart = recall is None or recall >= OUTLINE_RECALL
+                results.append(QualityResult(agreement, miou, keep and lost == 0 and apart,
+                                             segments=int(found[i].sum()), lost=lost,
+                                             outline_recall=recall))  # fmt: skip
                 continue
             mask = pixel_mask(losses[i], segs[i], self.class_medians, self.factor, self.ignore_index)
             labelled = int(np.isfinite(losses[i]).sum())

@@ -35,7 +35,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,8 +50,10 @@ __all__ = [
     "confusion_scores",
     "depth_agreement",
     "diversity",
+    "instance_boundaries",
     "l1_distance",
     "normal_agreement",
+    "object_separation",
     "rms_distance",
     "seg_alignment",
     "seg_confusion",
@@ -196,6 +198,108 @@ def object_placement(
         if judged
         else float("nan"),
         objects=len(flat),
+        recall=recall,
+    )
+
+
+def _neighbour_pairs(
+    instances: np.ndarray,
+) -> Iterator[tuple[np.ndarray, np.ndarray, tuple[Any, ...], tuple[Any, ...]]]:
+    """For the right and lower 4-neighbour: (ids here, ids there, index of here, index of there)."""
+    h, w = instances.shape[-2:]
+    for dy, dx in ((0, 1), (1, 0)):
+        here = (..., slice(0, h - dy), slice(0, w - dx))
+        there = (..., slice(dy, h), slice(dx, w))
+        yield instances[here], instances[there], here, there
+
+
+def instance_boundaries(instances: np.ndarray) -> np.ndarray:
+    """Object outlines: the pixels with a 4-neighbour of another instance, where at least one of the two
+    is an object (``instances >= 0``; -1 is background). Both sides of a boundary are marked, so a boundary
+    between two touching objects is two pixels wide.
+
+    Args:
+        instances: (..., H, W) object index of each pixel (-1: no object).
+
+    Returns:
+        (..., H, W) bool.
+    """
+    inst = np.asarray(instances)
+    out = np.zeros(inst.shape, bool)
+    for a, b, here, there in _neighbour_pairs(inst):
+        edge = (a != b) & ((a >= 0) | (b >= 0))
+        out[here] |= edge
+        out[there] |= edge
+    return out
+
+
+@dataclass
+class ObjectSeparation:
+    """Whether touching objects stay apart in the variants (:func:`object_separation`).
+
+    Attributes:
+        separated: share of the counted pairs of touching objects whose shared boundary is found.
+        pairs: number of counted pairs (both objects at least ``min_pixels``).
+        recall: each counted pair's share of its shared boundary found, image by image.
+    """
+
+    separated: float
+    pairs: int
+    recall: list[list[float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"separated": self.separated, "pairs": self.pairs}
+
+
+def object_separation(
+    boundary: np.ndarray,
+    instances: np.ndarray,
+    min_pixels: int = 16,
+    threshold: float = 0.5,
+    tolerance: int = 1,
+) -> ObjectSeparation:
+    """Are touching objects still two objects? For each pair of source objects that touch (4-neighbours),
+    their shared boundary is the pixels of either object next to the other; the pair is **separated** when
+    ``boundary`` (e.g. an outline judge's prediction on the variant) marks at least ``threshold`` of those
+    pixels, a pixel counting as marked when a marked pixel lies within ``tolerance`` pixels (Chebyshev).
+    Two spheres drawn as one blob cover both objects' pixels, so :func:`object_placement` counts both as
+    in place; their boundary is gone, and this counts the pair as merged.
+
+    Args:
+        boundary: (B, H, W) bool or 0/1 predicted outline pixels.
+        instances: (B, H, W) object index of each source pixel (-1: no object).
+        min_pixels: pairs with an object of smaller visible area are not counted.
+        threshold: the share of the shared boundary that must be found.
+        tolerance: how far (pixels) a marked pixel may lie from a boundary pixel it accounts for.
+    """
+    if np.shape(boundary) != np.shape(instances) or np.ndim(boundary) != 3:
+        raise ValueError(f"expected (B, H, W) boundaries and instances of one shape, got "
+                         f"{np.shape(boundary)} and {np.shape(instances)}")  # fmt: skip
+    found = torch.from_numpy(np.asarray(boundary).astype(np.float32))[:, None]
+    if tolerance > 0:
+        found = torch.nn.functional.max_pool2d(found, 2 * tolerance + 1, stride=1, padding=tolerance)
+    near = found[:, 0].numpy() > 0
+    recall: list[list[float]] = []
+    for marked, inst in zip(near, np.asarray(instances), strict=True):
+        ids, counts = np.unique(inst[inst >= 0], return_counts=True)
+        big = set(ids[counts >= min_pixels].tolist())
+        shared: dict[tuple[int, int], np.ndarray] = {}
+        for a, b, here, there in _neighbour_pairs(inst):
+            touch = (a != b) & (a >= 0) & (b >= 0)
+            for pair in {
+                (min(x, y), max(x, y)) for x, y in zip(a[touch].tolist(), b[touch].tolist(), strict=True)
+            }:
+                if not set(pair) <= big:
+                    continue
+                mask = shared.setdefault(pair, np.zeros(inst.shape, bool))
+                on = touch & (np.minimum(a, b) == pair[0]) & (np.maximum(a, b) == pair[1])
+                mask[here] |= on
+                mask[there] |= on
+        recall.append([float(marked[m].mean()) for _, m in sorted(shared.items())])
+    flat = [r for row in recall for r in row]
+    return ObjectSeparation(
+        separated=float(np.mean([r >= threshold for r in flat])) if flat else float("nan"),
+        pairs=len(flat),
         recall=recall,
     )
 
