@@ -1,12 +1,16 @@
 """Experiment (issue #14): fine-tune the shipped toy ControlNet on CPU, optionally on layouts extracted
 from photometrically jittered images (the target stays the original image), so that appearance left
-in the layouts might stop steering the generated appearance under a domain-shift prompt.
+in the layouts might stop steering the generated appearance under a domain-shift prompt, and optionally
+with more loss weight on the layouts' edges (``--edge-weight``, ``ControlTrainSettings.edge_weight``), so
+that touching objects keep their outlines. Images are trained at the ControlNet's model size (the
+shipped pair's ``lumen.supersample``).
 
 Writes ``OUT/assets`` (the shipped base plus the fine-tuned ControlNet, with a valid ``asset.json``)
 for ``benchmarks/ceiling.py --assets OUT/assets``; resumes from ``OUT/train/checkpoints``::
 
     python scripts/finetune_toy_controlnet.py --images 2048 --steps 2400 --jitter 0.5 --out runs/ft-jitter
     python scripts/finetune_toy_controlnet.py --images 2048 --steps 2400 --jitter 0.0 --out runs/ft-control
+    python scripts/finetune_toy_controlnet.py --images 2048 --steps 2000 --jitter 0.0 --edge-weight 2 --out runs/ft-edge
 
 The scenes are drawn with their own seed (977), all four domains; results are in docs/models.md.
 """
@@ -51,12 +55,14 @@ def main() -> None:
     from pipeline.io import sha256_file
     from pipeline.lumen.base import load_base
     from pipeline.lumen.controlnet import ControlTrainSettings, LumenTrainer
-    from pipeline.lumen.stages import condition_maker
+    from pipeline.lumen.stages import condition_maker, model_size, to_model_size
 
     p = argparse.ArgumentParser(description=(__doc__ or "").split("\n\n")[0])
     p.add_argument("--images", type=int, default=2048)
     p.add_argument("--steps", type=int, default=2400)
     p.add_argument("--jitter", type=float, default=0.5, help="share of images whose layout is jittered")
+    p.add_argument("--edge-weight", type=float, default=0.0, help="ControlTrainSettings.edge_weight")
+    p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     n, steps, p_jit, work = args.images, args.steps, args.jitter, args.out
@@ -64,7 +70,9 @@ def main() -> None:
     shipped = ASSETS_DIR / "tiny-lumen-layout"
     meta = json.loads((shipped / "asset.json").read_text())
     lay = meta["config"]["layouts"]
-    cfg = load_config(ROOT / "configs/demo.yaml")
+    cfg = load_config(
+        ROOT / "configs/demo.yaml", [f"lumen.supersample={meta['config']['lumen'].get('supersample', 1)}"]
+    )
     cfg = cfg.model_copy(update={"layouts": cfg.layouts.model_copy(update={
         **{k: v for k, v in lay.items() if k in ("layer", "timestep", "num_components")}, "cache": False,
         "dtype": "float32"})})  # fmt: skip
@@ -82,10 +90,11 @@ def main() -> None:
     conds = make(cond_src).astype(np.float32)
     print("conditions", conds.shape, flush=True)
     controlnet = ControlNetModel.from_pretrained(shipped).float()
-    settings = ControlTrainSettings(steps=steps, batch_size=16, lr=5e-5, warmup_steps=20, checkpoint_every=100,
-                                    validate_every=10**9, seed=0, mixed_precision="no")  # fmt: skip
+    settings = ControlTrainSettings(steps=steps, batch_size=16, lr=args.lr, warmup_steps=20, checkpoint_every=100,
+                                    validate_every=10**9, seed=0, mixed_precision="no", edge_weight=args.edge_weight)  # fmt: skip
     trainer = LumenTrainer(base, controlnet, work / "train", settings, device=torch.device("cpu"))
-    trainer.fit(np.stack([s.image for s in samples]), conds, [s.caption for s in samples], progress=True)
+    images = np.stack([s.image for s in to_model_size(samples, model_size(cfg, base))])
+    trainer.fit(images, conds, [s.caption for s in samples], progress=True)
     out = work / "assets"
     shutil.rmtree(out, ignore_errors=True)
     shutil.copytree(ASSETS_DIR / "tiny-base", out / "tiny-base")
@@ -98,7 +107,7 @@ def main() -> None:
     save_file({k: v.half() for k, v in tensors.items()}, str(dst / "diffusion_pytorch_model.safetensors"))
     meta["files"] = {rel: sha256_file(dst / rel) for rel in meta["files"]}
     meta["training"] = {**meta.get("training", {}), "finetune": {"images": n, "steps": steps, "p_jitter": p_jit,
-                                                                  "seed": 977}}  # fmt: skip
+                                                                  "edge_weight": args.edge_weight, "lr": args.lr, "seed": 977}}  # fmt: skip
     (dst / "asset.json").write_text(json.dumps(meta, indent=2))
     print("wrote", out, hashlib.sha256(json.dumps(meta["files"]).encode()).hexdigest()[:8])
 

@@ -91,6 +91,31 @@ def test_controlnet_training_reduces_the_loss_on_a_fixed_batch(tmp_path: Path, d
     assert (tmp_path / "train_log.csv").read_text().count("\n") == 81
 
 
+def test_edge_weights_rise_on_condition_edges_and_are_one_on_flat_conditions() -> None:
+    from pipeline.lumen.controlnet import edge_weights
+
+    flat = torch.full((2, 3, 16, 16), 0.5)
+    assert torch.equal(edge_weights(flat, (4, 4), 2.0), torch.ones(2, 1, 4, 4))
+    step = torch.zeros(1, 3, 16, 16)
+    step[..., 8:] = 1.0  # a vertical edge between columns 7 and 8: latent columns 1 and 2 hold it
+    w = edge_weights(step, (4, 4), 2.0)
+    assert w.shape == (1, 1, 4, 4) and w.mean().item() == pytest.approx(3.0)
+    assert (w[..., 2] > 1).all() and (w[..., [0, 1, 3]] == 1).all()
+
+
+def test_edge_weighted_loss_equals_the_plain_loss_on_flat_conditions(tmp_path: Path, data) -> None:
+    images, conds, captions = data
+    base = tiny_base(captions)
+    plain = _trainer(base, tmp_path / "a", steps=1)
+    weighted = _trainer(base, tmp_path / "b", steps=1)
+    weighted.s.edge_weight = 4.0
+    flat = np.full_like(conds, 0.5)
+    for t in (plain, weighted):
+        t._prepare(images, captions)
+    assert _fixed_loss(weighted, flat) == pytest.approx(_fixed_loss(plain, flat), rel=1e-5)
+    assert _fixed_loss(weighted, conds) != pytest.approx(_fixed_loss(plain, conds), rel=1e-4)
+
+
 def test_checkpoint_kill_resume_matches_an_uninterrupted_run(tmp_path: Path, data) -> None:
     images, conds, captions = data
     straight = _trainer(tiny_base(captions), tmp_path / "a", steps=6)

@@ -41,6 +41,7 @@ __all__ = [
     "LumenTrainer",
     "TrainingData",
     "build_controlnet",
+    "edge_weights",
     "embedding_channels",
     "encode_training_data",
     "fit_condition_map",
@@ -156,6 +157,26 @@ class ControlTrainSettings:
     validate_every: int = 500
     flip: bool = True
     seed: int = 0
+    edge_weight: float = 0.0
+    """Extra loss weight on the condition's edges (label-free: from the condition itself). Each latent
+    pixel's squared error is weighted by ``1 + edge_weight * e``, where ``e`` is the condition's gradient
+    magnitude pooled to the latent grid and divided by its batch mean, so that the weights average
+    ``1 + edge_weight``; 0 is the plain noise-prediction loss (:func:`edge_weights`)."""
+
+
+def edge_weights(conds: torch.Tensor, latent_size: tuple[int, int], edge_weight: float) -> torch.Tensor:
+    """Per-latent-pixel loss weights (B, 1, h, w) from conditions (B, C, H, W): ``1 + edge_weight * e``,
+    with ``e`` the conditions' 4-neighbour gradient magnitude (summed over channels), max-pooled onto the
+    ``latent_size`` grid and normalised to mean 1 over the batch. Flat conditions give weights 1."""
+    c = conds.float()
+    dy = torch.zeros_like(c[:, :1])
+    dx = torch.zeros_like(c[:, :1])
+    dy[..., 1:, :] = (c[..., 1:, :] - c[..., :-1, :]).abs().sum(1, keepdim=True)
+    dx[..., :, 1:] = (c[..., :, 1:] - c[..., :, :-1]).abs().sum(1, keepdim=True)
+    e = F.adaptive_max_pool2d(torch.maximum(dx, dy), latent_size)
+    mean = e.mean()
+    e = e / mean if float(mean) > 0 else torch.zeros_like(e)
+    return 1 + edge_weight * e
 
 
 @dataclass
@@ -285,7 +306,10 @@ class LumenTrainer:
         pred = self.base.unet(
             noisy, t, emb, down_block_additional_residuals=down, mid_block_additional_residual=mid
         ).sample
-        return F.mse_loss(pred.float(), noise.float())
+        if not self.s.edge_weight:
+            return F.mse_loss(pred.float(), noise.float())
+        weights = edge_weights(cond, tuple(pred.shape[-2:]), self.s.edge_weight).to(pred.device)
+        return ((pred.float() - noise.float()) ** 2 * weights).mean() / weights.mean()
 
     def _lr(self, step: int) -> float:
         return self.s.lr * min(1.0, (step + 1) / max(1, self.s.warmup_steps))
