@@ -21,6 +21,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from pipeline.io import atomic_write_json  # noqa: E402
 from pipeline.report.gains import metric_info, paired_test  # noqa: E402
 
 
@@ -94,10 +95,7 @@ def main(argv: list[str] | None = None) -> int:
         result[arm] = rows
         print(_table(arm, rows), end="\n\n")
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(args.out)
+        atomic_write_json(args.out, result)
         print("wrote", args.out)
     return 0
 

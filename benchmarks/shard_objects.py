@@ -21,7 +21,6 @@ table and writes JSON::
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -110,6 +109,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "shard_objects", help="judge cache")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "shard_objects.json")
     args = p.parse_args(argv)
+    from pipeline.io import atomic_write_json
+
     torch.set_grad_enabled(False)
     size = (args.size[0], args.size[1])
     found, outline = _judges(args.judge_images, args.judge_steps, args.judge_seed, args.work, size)
@@ -129,10 +130,7 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "shard_objects", "judge_images": args.judge_images, "judge_steps": args.judge_steps,
         "judge_seed": args.judge_seed, "runs": results,
     }  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = args.out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    tmp.replace(args.out)
+    atomic_write_json(args.out, report)
     print("wrote", args.out)
     return 0
 
