@@ -155,6 +155,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="generate.strength: below 1 the variants start from their source image's noised latent (SDEdit)",
     )  # fmt: skip
     p.add_argument(
+        "--layout-sharpen", type=float, nargs=2, default=None, metavar=("K", "R"),
+        help="generate.layout_sharpen K with generate.layout_sharpen_radius R: unsharp-mask the layouts "
+        "before the ControlNet, cond + K * (cond - box blur of radius R px) (docs/models.md)",
+    )  # fmt: skip
+    p.add_argument(
         "--variation", default="",
         help="a variation prompt put before each caption, as generate.variation_prompts with the demo's "
         "template '{variation}, {caption}' (e.g. 'dim night light'): fidelity under a domain shift",
@@ -308,6 +313,10 @@ def _lumen_rows(
         reducer_path=lumen_dir / "pca.safetensors",
     )
     conds = make(val).astype(np.float32)
+    if args.layout_sharpen:
+        from pipeline.conditions import sharpen
+
+        conds = sharpen(conds, args.layout_sharpen[0], int(args.layout_sharpen[1]))
     controlnet = ControlNetModel.from_pretrained(lumen_dir).to(device).eval()
     gen = LumenGenerator(base, controlnet, scheduler=args.scheduler, device=device)
     rows: dict[str, Any] = {}
@@ -539,7 +548,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "benchmark": "ceiling", "dataset": args.dataset, "label": args.label, "assets": {"base": str(base_dir), "lumen": str(lumen_dir)},
         "base_training": verify_asset(base_dir).get("training"), "lumen_training": meta.get("training"),
-        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance, "strength": args.strength, "variation": args.variation, "template": args.template, "judge_domains": args.judge_domains,
+        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance, "strength": args.strength, "layout_sharpen": args.layout_sharpen, "variation": args.variation, "template": args.template, "judge_domains": args.judge_domains,
         "judge": {"train_images": args.train_images, "steps": args.judge_steps}, "rows": rows,
         "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip

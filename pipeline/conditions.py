@@ -18,7 +18,15 @@ import numpy as np
 
 from pipeline.data.sample import DatasetInfo, Sample
 
-__all__ = ["CONDITIONS", "condition_channels", "depth_map", "edge_map", "seg_onehot", "sparse_mask"]
+__all__ = [
+    "CONDITIONS",
+    "condition_channels",
+    "depth_map",
+    "edge_map",
+    "seg_onehot",
+    "sharpen",
+    "sparse_mask",
+]
 
 
 def seg_onehot(seg: np.ndarray, num_classes: int, ignore_index: int | None = None) -> np.ndarray:
@@ -77,6 +85,23 @@ def edge_map(image: np.ndarray, low: int = 60, high: int = 150) -> np.ndarray:
 
     gray = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY)
     return (cv2.Canny(gray, low, high) > 0).astype(np.float32)[None]
+
+
+def sharpen(conds: np.ndarray, amount: float, radius: int) -> np.ndarray:
+    """Unsharp masking of (B, C, H, W) conditions: ``conds + amount * (conds - blur)``, ``blur`` a
+    (2 radius + 1)² box filter with replicated edges, per channel. Neural layouts are bilinear upsamplings
+    of coarse features, so the boundary between two touching objects is a ramp several pixels wide;
+    sharpening steepens it (``generate.layout_sharpen``, docs/models.md). Flat regions are unchanged."""
+    import cv2
+
+    c = np.ascontiguousarray(conds, dtype=np.float32)
+    if amount == 0 or radius < 1:
+        return c
+    k = 2 * radius + 1
+    blur = np.stack(
+        [np.stack([cv2.blur(ch, (k, k), borderType=cv2.BORDER_REPLICATE) for ch in item]) for item in c]
+    )
+    return c + np.float32(amount) * (c - blur)
 
 
 def depth_map(depth: np.ndarray) -> np.ndarray:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from _tiny import PRESET
 
-from pipeline.conditions import depth_map, edge_map, seg_onehot, sparse_mask
+from pipeline.conditions import depth_map, edge_map, seg_onehot, sharpen, sparse_mask
 from pipeline.data import ToyScenes
 from pipeline.lumen.base import BaseModelNotFoundError, build_tiny_components, load_base
 from pipeline.lumen.controlnet import ControlTrainSettings, LumenTrainer, build_controlnet, embedding_channels
@@ -182,6 +182,25 @@ def test_variant_seeds_and_prompts_are_deterministic() -> None:
     assert [s.out_key for s in specs[:3]] == ["a-v00", "a-v01", "a-v02"]
     assert [s.prompt for s in specs[:3]] == ["cap a, at night", "cap a, in snow", "cap a, at night"]
     assert len({s.seed for s in specs}) == 6
+
+
+def test_sharpen_keeps_flat_layouts_and_steepens_boundaries() -> None:
+    flat = np.full((1, 2, 8, 8), 0.3, np.float32)
+    np.testing.assert_allclose(sharpen(flat, 2.0, 2), flat, atol=1e-6)
+    step = np.zeros((2, 1, 8, 8), np.float32)
+    step[..., 4:] = 1.0
+    out = sharpen(step, 1.0, 1)
+    assert out.shape == step.shape and out.dtype == np.float32
+    assert out[0, 0, 0, 4] > 1.0 and out[0, 0, 0, 3] < 0.0  # both sides of the boundary pushed apart
+    np.testing.assert_allclose(out[..., :2], 0.0, atol=1e-6)  # away from the boundary: unchanged
+    np.testing.assert_allclose(out[..., 6:], 1.0, atol=1e-6)
+    # against a direct box filter: 3x3 mean with replicated borders
+    rng = np.random.default_rng(0)
+    c = rng.random((1, 1, 5, 5)).astype(np.float32)
+    padded = np.pad(c[0, 0], 1, mode="edge")
+    blur = np.mean([padded[dy : dy + 5, dx : dx + 5] for dy in range(3) for dx in range(3)], axis=0)
+    np.testing.assert_allclose(sharpen(c, 0.5, 1)[0, 0], c[0, 0] + 0.5 * (c[0, 0] - blur), atol=1e-5)
+    assert np.array_equal(sharpen(c, 0.0, 4), c)
 
 
 def test_sparse_masking_hides_the_configured_share_per_class() -> None:

@@ -178,6 +178,7 @@ def test_expand_writes_real_and_synthetic_shards_with_the_expected_keys(tmp_path
     )
     assert (record["steps"], record["conditioning_scale"]) == (2, cfg.generate.conditioning_scale)
     assert record["condition_guidance"] is None and record["strength"] is None
+    record_of_plain = record
     again = run_expand(cfg, tmp_path, progress=False)  # everything is done: nothing is redone
     assert (again.real, again.synthetic) == (0, 0)
 
@@ -201,8 +202,10 @@ def test_expand_writes_real_and_synthetic_shards_with_the_expected_keys(tmp_path
     for folder in ("base", "lumen"):
         shutil.copytree(tmp_path / folder, sdedit / folder)
     half = cfg.model_copy(
-        update={"generate": cfg.generate.model_copy(update={"strength": 0.5, "condition_guidance": True})}
-    )
+        update={"generate": cfg.generate.model_copy(
+            update={"strength": 0.5, "condition_guidance": True, "layout_sharpen": 2.0, "layout_sharpen_radius": 1}
+        )}
+    )  # fmt: skip
     assert run_expand(half, sdedit, progress=False).synthetic == 6
     started = {s.key: s for s in iter_samples(sdedit / "shards" / "synthetic")}
     assert not np.array_equal(started[variant.key].image, variant.image)
@@ -210,6 +213,8 @@ def test_expand_writes_real_and_synthetic_shards_with_the_expected_keys(tmp_path
         d["json"] for d in read_shards(sdedit / "shards" / "synthetic") if d["__key__"] == variant.key
     )
     assert (record["strength"], record["condition_guidance"]) == (0.5, True)
+    assert record["layout_sharpen"] == [2.0, 1]
+    assert record_of_plain["layout_sharpen"] is None
 
 
 def _filtered_run(tmp_path: Path, quality: dict) -> Any:

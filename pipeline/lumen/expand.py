@@ -31,6 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from pipeline.conditions import sharpen
 from pipeline.config import LumenConfig
 from pipeline.data import Quarantine, build_dataset, iter_valid, resize_sample
 from pipeline.data.sample import Sample
@@ -235,7 +236,10 @@ def generate_chunk(
     results: list[QualityResult] = []
     if specs:
         with ctx.worker() as worker:  # up to expand_slots(cfg) chunks at once, each on its own models
-            conds = dict(zip((s.key for s in samples), worker.make_conditions(samples), strict=True))
+            made = worker.make_conditions(samples)
+            if g.layout_sharpen:  # steepen the boundaries between touching objects (docs/models.md)
+                made = sharpen(np.asarray(made), g.layout_sharpen, g.layout_sharpen_radius)
+            conds = dict(zip((s.key for s in samples), made, strict=True))
 
             def make(idx: list[int], seeds_: list[int]) -> np.ndarray:
                 chosen = [specs[i] for i in idx]
@@ -415,7 +419,8 @@ def write_chunk(
         prov = {**common, "source_key": src.key, "synthetic": True, "variant": v["variant"], "seed": v["seed"],
                 "prompt": v["prompt"], "guidance": g.guidance_scale, "conditioning_scale": g.conditioning_scale, "steps": g.steps, "scheduler": g.scheduler,
                 **({"strength": g.strength} if g.strength < 1 else {}),
-                **({"condition_guidance": True} if g.condition_guidance else {}), "models": ctx.models, "layout": ctx.layout_meta}  # fmt: skip
+                **({"condition_guidance": True} if g.condition_guidance else {}),
+                **({"layout_sharpen": [g.layout_sharpen, g.layout_sharpen_radius]} if g.layout_sharpen else {}), "models": ctx.models, "layout": ctx.layout_meta}  # fmt: skip
         if "quality" in v:
             prov["quality"] = v["quality"]
         if "class_edit" in v:

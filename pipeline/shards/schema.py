@@ -115,6 +115,9 @@ class Provenance(BaseModel):
     condition_guidance: bool | None = Field(
         None, description="set when guidance also amplified the layout (generate.condition_guidance)"
     )
+    layout_sharpen: tuple[float, int] | None = Field(
+        None, description="set when the layout was sharpened: (amount, radius px) (generate.layout_sharpen)"
+    )
     models: dict[str, ModelIdentity] = Field(default_factory=dict, description="role -> model, e.g. 'base'")
     layout: dict[str, Any] | None = Field(
         None, description="layout spec: backbone, layer, timestep, PCA hash, N"
