@@ -2,24 +2,16 @@
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
+from _bench import load_benchmark
 
 from pipeline.synthesis.metrics import object_placement
 
 
 @pytest.fixture(scope="module")
 def ceiling():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "ceiling.py"
-    spec = importlib.util.spec_from_file_location("ceiling_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("ceiling")
 
 
 def test_object_groups_follow_object_placement_order_sizes_and_contact(ceiling) -> None:

@@ -2,23 +2,17 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _bench import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def compare_gains():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "compare_gains.py"
-    spec = importlib.util.spec_from_file_location("compare_gains_benchmark", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("compare_gains")
 
 
 def _report(miou: dict[str, list[float]]) -> dict[str, Any]:
