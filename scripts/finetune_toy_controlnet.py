@@ -11,6 +11,7 @@ for ``benchmarks/ceiling.py --assets OUT/assets``; resumes from ``OUT/train/chec
     python scripts/finetune_toy_controlnet.py --images 2048 --steps 2400 --jitter 0.5 --out runs/ft-jitter
     python scripts/finetune_toy_controlnet.py --images 2048 --steps 2400 --jitter 0.0 --out runs/ft-control
     python scripts/finetune_toy_controlnet.py --images 2048 --steps 2000 --jitter 0.0 --edge-weight 2 --out runs/ft-edge
+    python scripts/finetune_toy_controlnet.py --images 2048 --steps 2000 --jitter 0.0 --sharpen 2 4 --out runs/ft-sharpen
 
 The scenes are drawn with their own seed (977), all four domains; results are in docs/models.md.
 """
@@ -48,6 +49,7 @@ def main() -> None:
     from safetensors.torch import load_file, save_file
 
     from pipeline.assets import ASSETS_DIR
+    from pipeline.conditions import sharpen
     from pipeline.config import load_config
     from pipeline.data import ToyScenes
     from pipeline.data.memory import InMemoryDataset
@@ -63,6 +65,14 @@ def main() -> None:
     p.add_argument("--jitter", type=float, default=0.5, help="share of images whose layout is jittered")
     p.add_argument("--edge-weight", type=float, default=0.0, help="ControlTrainSettings.edge_weight")
     p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument(
+        "--sharpen",
+        type=float,
+        nargs=2,
+        default=None,
+        metavar=("K", "R"),
+        help="train on sharpened layouts (generate.layout_sharpen K, layout_sharpen_radius R)",
+    )
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     n, steps, p_jit, work = args.images, args.steps, args.jitter, args.out
@@ -88,6 +98,8 @@ def main() -> None:
     make, _ = condition_maker(cfg, base, str(card["base_model"]), InMemoryDataset(cond_src, ds.info), work,
                               reducer_path=shipped / "pca.safetensors")  # fmt: skip
     conds = make(cond_src).astype(np.float32)
+    if args.sharpen:  # in-distribution for generate.layout_sharpen
+        conds = sharpen(conds, args.sharpen[0], int(args.sharpen[1]))
     print("conditions", conds.shape, flush=True)
     controlnet = ControlNetModel.from_pretrained(shipped).float()
     settings = ControlTrainSettings(steps=steps, batch_size=16, lr=args.lr, warmup_steps=20, checkpoint_every=100,
@@ -107,7 +119,7 @@ def main() -> None:
     save_file({k: v.half() for k, v in tensors.items()}, str(dst / "diffusion_pytorch_model.safetensors"))
     meta["files"] = {rel: sha256_file(dst / rel) for rel in meta["files"]}
     meta["training"] = {**meta.get("training", {}), "finetune": {"images": n, "steps": steps, "p_jitter": p_jit,
-                                                                  "edge_weight": args.edge_weight, "lr": args.lr, "seed": 977}}  # fmt: skip
+                                                                  "edge_weight": args.edge_weight, "sharpen": args.sharpen, "lr": args.lr, "seed": 977}}  # fmt: skip
     (dst / "asset.json").write_text(json.dumps(meta, indent=2))
     print("wrote", out, hashlib.sha256(json.dumps(meta["files"]).encode()).hexdigest()[:8])
 
