@@ -471,6 +471,13 @@ class GenerateConfig(_Section):
         "touching objects at some cost in judge mIoU (0: off; docs/models.md)",
     )
     layout_sharpen_radius: int = Field(4, ge=1, le=32, description="box-blur radius of layout_sharpen, in px")
+    layout_sharpen_until: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="share of the denoising steps (the first ones, where the coarse structure forms) that "
+        "see the sharpened layout; the rest see the plain one (1: every step; docs/models.md)",
+    )
     condition_guidance: bool = Field(
         False,
         description="classifier-free guidance on the layout as well as the prompt: the unconditional half "

@@ -290,3 +290,58 @@ def test_condition_guidance_changes_nothing_without_guidance(models, conds: np.n
     plain = gen.generate(conds, PROMPTS, SEEDS, steps=3, guidance_scale=1.0)
     cg = gen.generate(conds, PROMPTS, SEEDS, steps=3, guidance_scale=1.0, condition_guidance=True)
     np.testing.assert_array_equal(plain, cg)
+
+
+@pytest.mark.parametrize("condition_guidance", [False, True])
+def test_early_conditions_drive_the_first_steps_and_the_conditions_the_rest(
+    models, conds: np.ndarray, condition_guidance: bool
+) -> None:
+    base, cn = models
+    gen = LumenGenerator(base, cn)
+    early = conds[::-1].copy()
+    kw = {"steps": 4, "guidance_scale": 3.0, "condition_guidance": condition_guidance}
+    # which condition embedding the ControlNet saw at each step (the fixed embedding ignores its input)
+    seen: list[torch.Tensor] = []
+    hook = cn.register_forward_pre_hook(
+        lambda m, args: seen.append(m.controlnet_cond_embedding(None).clone())
+    )
+    try:
+        mixed = gen.generate(conds, PROMPTS, SEEDS, early_conditions=early, early_fraction=0.5, **kw)
+    finally:
+        hook.remove()
+    with torch.inference_mode():
+        emb = {
+            name: cn.controlnet_cond_embedding(torch.from_numpy(c))
+            for name, c in [("early", early), ("late", conds)]
+        }
+    rows = len(PROMPTS) * (1 if condition_guidance else 2)
+    assert len(seen) == 4 and all(s.shape[0] == rows for s in seen)
+    for step, s in enumerate(seen):
+        expected = emb["early" if step < 2 else "late"]
+        torch.testing.assert_close(s[: len(PROMPTS)], expected, atol=1e-5, rtol=1e-5)
+    # the end points are the plain generations
+    plain = gen.generate(conds, PROMPTS, SEEDS, **kw)
+    np.testing.assert_array_equal(
+        gen.generate(conds, PROMPTS, SEEDS, early_conditions=early, early_fraction=0.0, **kw), plain
+    )
+    np.testing.assert_array_equal(
+        gen.generate(conds, PROMPTS, SEEDS, early_conditions=early, early_fraction=1.0, **kw),
+        gen.generate(early, PROMPTS, SEEDS, **kw),
+    )
+    assert np.abs(mixed.astype(int) - plain.astype(int)).max() > 10
+
+
+def test_early_conditions_are_validated(models, conds: np.ndarray) -> None:
+    base, cn = models
+    with pytest.raises(ValueError, match="early_fraction must be in"):
+        LumenGenerator(base, cn).generate(
+            conds, PROMPTS, SEEDS, steps=2, early_conditions=conds, early_fraction=1.5
+        )
+    with pytest.raises(ValueError, match="early_conditions must have"):
+        LumenGenerator(base, cn).generate(
+            conds, PROMPTS, SEEDS, steps=2, early_conditions=conds[:2], early_fraction=0.5
+        )
+    with pytest.raises(ValueError, match="fast generation path"):
+        LumenGenerator(base, cn, fast=False).generate(
+            conds, PROMPTS, SEEDS, steps=2, early_conditions=conds, early_fraction=0.5
+        )

@@ -203,7 +203,8 @@ def test_expand_writes_real_and_synthetic_shards_with_the_expected_keys(tmp_path
         shutil.copytree(tmp_path / folder, sdedit / folder)
     half = cfg.model_copy(
         update={"generate": cfg.generate.model_copy(
-            update={"strength": 0.5, "condition_guidance": True, "layout_sharpen": 2.0, "layout_sharpen_radius": 1}
+            update={"strength": 0.5, "condition_guidance": True, "layout_sharpen": 2.0, "layout_sharpen_radius": 1,
+                    "layout_sharpen_until": 0.5}
         )}
     )  # fmt: skip
     assert run_expand(half, sdedit, progress=False).synthetic == 6
@@ -214,7 +215,8 @@ def test_expand_writes_real_and_synthetic_shards_with_the_expected_keys(tmp_path
     )
     assert (record["strength"], record["condition_guidance"]) == (0.5, True)
     assert record["layout_sharpen"] == [2.0, 1]
-    assert record_of_plain["layout_sharpen"] is None
+    assert record["layout_sharpen_until"] == 0.5
+    assert record_of_plain["layout_sharpen"] is None and record_of_plain["layout_sharpen_until"] is None
 
 
 def _filtered_run(tmp_path: Path, quality: dict) -> Any:

@@ -236,9 +236,14 @@ def generate_chunk(
     results: list[QualityResult] = []
     if specs:
         with ctx.worker() as worker:  # up to expand_slots(cfg) chunks at once, each on its own models
-            made = worker.make_conditions(samples)
+            made = np.asarray(worker.make_conditions(samples))
+            sharp: dict[str, np.ndarray] = {}
             if g.layout_sharpen:  # steepen the boundaries between touching objects (docs/models.md)
-                made = sharpen(np.asarray(made), g.layout_sharpen, g.layout_sharpen_radius)
+                sharpened = sharpen(made, g.layout_sharpen, g.layout_sharpen_radius)
+                if g.layout_sharpen_until >= 1:
+                    made = sharpened
+                else:  # the sharpened layout for the first steps only
+                    sharp = dict(zip((s.key for s in samples), sharpened, strict=True))
             conds = dict(zip((s.key for s in samples), made, strict=True))
 
             def make(idx: list[int], seeds_: list[int]) -> np.ndarray:
@@ -251,6 +256,8 @@ def generate_chunk(
                     conditioning_scale=g.conditioning_scale, feature_edit=edit, strength=g.strength,
                     condition_guidance=g.condition_guidance,
                     init_images=np.stack([s.image for s in sources]) if g.strength < 1 else None,
+                    early_conditions=np.stack([sharp[sp.key] for sp in chosen]).astype(np.float32) if sharp else None,
+                    early_fraction=g.layout_sharpen_until if sharp else 0.0,
                     output_size=ctx.size,  # lumen.supersample: generated larger, downsampled to the labels' size
                 )  # fmt: skip
 
@@ -420,7 +427,8 @@ def write_chunk(
                 "prompt": v["prompt"], "guidance": g.guidance_scale, "conditioning_scale": g.conditioning_scale, "steps": g.steps, "scheduler": g.scheduler,
                 **({"strength": g.strength} if g.strength < 1 else {}),
                 **({"condition_guidance": True} if g.condition_guidance else {}),
-                **({"layout_sharpen": [g.layout_sharpen, g.layout_sharpen_radius]} if g.layout_sharpen else {}), "models": ctx.models, "layout": ctx.layout_meta}  # fmt: skip
+                **({"layout_sharpen": [g.layout_sharpen, g.layout_sharpen_radius]} if g.layout_sharpen else {}),
+                **({"layout_sharpen_until": g.layout_sharpen_until} if g.layout_sharpen and g.layout_sharpen_until < 1 else {}), "models": ctx.models, "layout": ctx.layout_meta}  # fmt: skip
         if "quality" in v:
             prov["quality"] = v["quality"]
         if "class_edit" in v:

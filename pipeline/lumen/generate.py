@@ -187,11 +187,12 @@ class _FixedEmbedding(torch.nn.Module):
 
 
 @contextmanager
-def _fixed_condition_embedding(controlnet: Any, value: torch.Tensor) -> Iterator[None]:
+def _fixed_condition_embedding(controlnet: Any, value: torch.Tensor) -> Iterator[_FixedEmbedding]:
     original = controlnet.controlnet_cond_embedding
-    controlnet.controlnet_cond_embedding = _FixedEmbedding(value)
+    fixed = _FixedEmbedding(value)
+    controlnet.controlnet_cond_embedding = fixed
     try:
-        yield
+        yield fixed
     finally:
         controlnet.controlnet_cond_embedding = original
 
@@ -349,6 +350,8 @@ class LumenGenerator:
         strength: float = 1.0,
         output_size: tuple[int, int] | None = None,
         condition_guidance: bool = False,
+        early_conditions: np.ndarray | torch.Tensor | None = None,
+        early_fraction: float = 0.0,
     ) -> np.ndarray:
         """Generate ``len(prompts)`` images; returns (B, H, W, 3) uint8.
 
@@ -379,6 +382,12 @@ class LumenGenerator:
                 unconditional half runs without the ControlNet (as diffusers' guess mode does), so
                 ``guidance_scale`` also amplifies the layout's pull. The ControlNet then runs on half the
                 rows. The fast path only; ignored without guidance or a ControlNet.
+            early_conditions: (B, C, H, W) conditions the ControlNet sees in the first
+                ``early_fraction`` of the denoising steps run, ``conditions`` in the rest (e.g. a
+                sharpened layout while the coarse structure forms, the plain one for the detail). The
+                fast path only.
+            early_fraction: share of the denoising steps run that see ``early_conditions``, rounded to
+                whole steps (0: never, 1: every step).
         """
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -420,6 +429,18 @@ class LumenGenerator:
             raise ValueError("class edits (feature_edit) need the fast generation path")
         if condition_guidance and not self.fast and self.controlnet is not None:
             raise ValueError("condition_guidance needs the fast generation path")
+        early_t: torch.Tensor | None = None
+        if not 0.0 <= early_fraction <= 1.0:
+            raise ValueError(f"early_fraction must be in [0, 1], got {early_fraction}")
+        if early_conditions is not None and early_fraction > 0 and self.controlnet is not None:
+            if not self.fast:
+                raise ValueError("early_conditions need the fast generation path")
+            early_t = torch.as_tensor(np.asarray(early_conditions, dtype=np.float32))
+            if cond_t is None or early_t.shape != cond_t.shape:
+                raise ValueError(
+                    f"early_conditions must have the conditions' shape {None if cond_t is None else tuple(cond_t.shape)}, "
+                    f"got {tuple(early_t.shape)}"
+                )
         with self._lock, _num_threads(self.threads), torch.inference_mode(), feature_edit or nullcontext():
             for i in range(0, len(prompts), batch_size):
                 if feature_edit is not None:
@@ -428,9 +449,10 @@ class LumenGenerator:
                 batch = (list(prompts[i : i + batch_size]), [int(s) for s in seeds[i : i + batch_size]])
                 if self.fast:
                     init = None if init_t is None else (init_t[i : i + batch_size], strength)
+                    early = None if early_t is None else (early_t[i : i + batch_size], early_fraction)
                     images = self._fast_batch(
                         cond, *batch, (h, w), steps, guidance_scale, conditioning_scale, init,
-                        condition_guidance,
+                        condition_guidance, early,
                     )  # fmt: skip
                 else:
                     images = self._stock_batch(
@@ -545,6 +567,7 @@ class LumenGenerator:
         conditioning_scale: float,
         init: tuple[torch.Tensor, float] | None = None,
         condition_guidance: bool = False,
+        early: tuple[torch.Tensor, float] | None = None,
     ) -> np.ndarray:
         unet, vae, f = self.base.unet, self.base.vae, self.base.vae_scale
         # A guidance-distilled UNet (pipeline.lumen.distill) takes w as an input: one pass, no guidance
@@ -577,23 +600,28 @@ class LumenGenerator:
             latents = sched.add_noise(z0 * vae.config.scaling_factor, noise, timesteps[:1].repeat(len(seeds)))
         step_kwargs = _step_kwargs(sched, [torch.Generator().manual_seed(s) for s in seeds])
         # 3. The ControlNet's condition embedding, once per image (shared by both guidance halves).
+        #    With early conditions, their embedding stands in for the first steps.
         fixed: Any = nullcontext()
+        embeddings: list[torch.Tensor] = []
         if cond is not None and self.controlnet is not None:
-            cond = cond.to(self.device, self.controlnet.dtype)
-            if self.controlnet.config.controlnet_conditioning_channel_order == "bgr":
-                cond = cond.flip(1)
-            with self._autocast():
-                cond_emb = self.controlnet.controlnet_cond_embedding(cond)
             doubled = guidance and not condition_guidance
-            fixed = _fixed_condition_embedding(
-                self.controlnet, torch.cat([cond_emb] * 2) if doubled else cond_emb
-            )
+            for c in [cond] if early is None else [early[0], cond]:
+                c = c.to(self.device, self.controlnet.dtype)
+                if self.controlnet.config.controlnet_conditioning_channel_order == "bgr":
+                    c = c.flip(1)
+                with self._autocast():
+                    c_emb = self.controlnet.controlnet_cond_embedding(c)
+                embeddings.append(torch.cat([c_emb] * 2) if doubled else c_emb)
+            fixed = _fixed_condition_embedding(self.controlnet, embeddings[0])
+        early_steps = 0 if early is None else round(early[1] * len(timesteps))
         skip = len(prompts) if guidance and condition_guidance and self.controlnet is not None else 0
         self._sync()
         t1 = time.perf_counter()
         # 4. Denoising loop: both guidance halves in one forward pass.
-        with fixed:
-            for t in timesteps:
+        with fixed as fixed_embedding:
+            for n, t in enumerate(timesteps):
+                if early_steps and n == early_steps:  # the early conditions' steps are done
+                    fixed_embedding.value = embeddings[1]
                 x = torch.cat([latents] * 2) if guidance else latents
                 x = sched.scale_model_input(x, t)
                 eps = self._predict_noise(x, t, emb, cond, conditioning_scale, timestep_cond, skip)

@@ -118,6 +118,13 @@ class Provenance(BaseModel):
     layout_sharpen: tuple[float, int] | None = Field(
         None, description="set when the layout was sharpened: (amount, radius px) (generate.layout_sharpen)"
     )
+    layout_sharpen_until: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="set when only the first steps saw the sharpened layout: their share "
+        "(generate.layout_sharpen_until)",
+    )
     models: dict[str, ModelIdentity] = Field(default_factory=dict, description="role -> model, e.g. 'base'")
     layout: dict[str, Any] | None = Field(
         None, description="layout spec: backbone, layer, timestep, PCA hash, N"
