@@ -12,7 +12,9 @@ The judges are trained for ``--judge-steps`` on ``--judge-images`` toy scenes in
 variants are prompted into other domains than their sources), drawn with their own seed
 (``--judge-seed``, default 1), so they never saw the runs' scenes (``data.seed`` 0): unlike a run's
 quality filter, whose judges train on the run's own real images. The runs' real shards give each
-judge's ceiling. Compares runs side by side, e.g. with and without ``generate.quality_filter``; prints a
+judge's ceiling. ``--oracle-domains evening night`` adds a third row per run: its real sources re-rendered
+by the toy-scene renderer in those domains (``ToyScenes.oracle``, the gains study's oracle), the ceiling
+for variants prompted into them. Compares runs side by side, e.g. with and without ``generate.quality_filter``; prints a
 table and writes JSON::
 
     python benchmarks/shard_objects.py runs/demo-a runs/demo-b --out benchmarks/results/shard_objects.json
@@ -64,8 +66,11 @@ def _judges(images: int, steps: int, seed: int, work: Path, size: tuple[int, int
     return found, outline
 
 
-def score_run(run: Path, found: Any, outline: Any) -> dict[str, Any]:
-    """``{"real": ..., "synthetic": ...}``: the placement and separation scores of a run's shards."""
+def score_run(
+    run: Path, found: Any, outline: Any, oracle_domains: list[str] | None = None, oracle_variants: int = 2
+) -> dict[str, Any]:
+    """``{"real": ..., "synthetic": ...}`` (and ``"oracle"`` with ``oracle_domains``): the placement and
+    separation scores of a run's shards (and of its real sources re-rendered in those domains)."""
     from pipeline.config import load_config
     from pipeline.data import build_dataset
     from pipeline.data.toyscenes import ToyScenes
@@ -77,10 +82,14 @@ def score_run(run: Path, found: Any, outline: Any) -> dict[str, Any]:
     if not isinstance(source, ToyScenes):
         raise ValueError(f"{run}: shard_objects needs a toy-scene run (data.adapter toyscenes)")
     out: dict[str, Any] = {}
-    for kind in ("real", "synthetic"):
-        samples = list(iter_samples(run / "shards" / kind))
+    shards = {kind: list(iter_samples(run / "shards" / kind)) for kind in ("real", "synthetic")}
+    for kind, samples in shards.items():
         if not samples:
             raise ValueError(f"{run}: no {kind} samples in {run / 'shards' / kind}")
+    if oracle_domains:
+        shards["oracle"] = [source.oracle(s.key, v, oracle_domains) for s in shards["real"]
+                            for v in range(oracle_variants)]  # fmt: skip
+    for kind, samples in shards.items():
         keys = [s.key if kind == "real" else str(s.meta["source_key"]) for s in samples]
         images = np.stack([s.image for s in samples])
         objects = [source.objects(k, images.shape[1:3]) for k in keys]
@@ -108,13 +117,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", type=int, nargs=2, default=[64, 64], help="the runs' image size (H W)")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "shard_objects", help="judge cache")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "shard_objects.json")
+    p.add_argument(
+        "--oracle-domains", nargs="+", default=None, metavar="DOMAIN",
+        help="also score each run's real sources re-rendered in these toy-scene domains (e.g. the "
+        "variants' evening night): the ceiling for variants prompted into them",
+    )  # fmt: skip
+    p.add_argument("--oracle-variants", type=int, default=2, help="re-renders per real source")
     args = p.parse_args(argv)
     from pipeline.io import atomic_write_json
 
     torch.set_grad_enabled(False)
     size = (args.size[0], args.size[1])
     found, outline = _judges(args.judge_images, args.judge_steps, args.judge_seed, args.work, size)
-    results = {str(run): score_run(run, found, outline) for run in args.runs}
+    results = {str(run): score_run(run, found, outline, args.oracle_domains, args.oracle_variants)
+               for run in args.runs}  # fmt: skip
     lines = [
         "| run | shard | images | objects in place | images with all in place | touching pairs apart |",
         "|---|---|---:|---:|---:|---:|",
@@ -128,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(lines))
     report = {
         "benchmark": "shard_objects", "judge_images": args.judge_images, "judge_steps": args.judge_steps,
-        "judge_seed": args.judge_seed, "runs": results,
+        "judge_seed": args.judge_seed, "oracle_domains": args.oracle_domains,
+        "oracle_variants": args.oracle_variants if args.oracle_domains else None, "runs": results,
     }  # fmt: skip
     atomic_write_json(args.out, report)
     print("wrote", args.out)
