@@ -511,3 +511,48 @@ def test_quality_settings_that_cannot_work_fail_before_any_work() -> None:
     assert (
         check_quality_filter(good, info) == "quality filter: objects mode over ['sphere', 'box'], 2 retries"
     )
+
+
+@pytest.mark.parametrize("until", [1.0, 0.5])
+def test_evaluate_synthesis_generates_with_the_configs_conditioning_settings(
+    monkeypatch: pytest.MonkeyPatch, until: float
+) -> None:
+    """Variants are made as expand makes them: conditioning scale, condition guidance, SDEdit strength
+    and layout sharpening come from ``generate``, and they are part of the score cache key."""
+    from pipeline.conditions import sharpen
+    from pipeline.lumen.generate import LumenGenerator
+    from pipeline.synthesis.inputs import EvalSettings, OpenedRun, RunSpec
+    from pipeline.synthesis.scoring import generate_variants, score_key
+
+    g = {"conditioning_scale": 1.5, "condition_guidance": True, "strength": 0.6, "layout_sharpen": 2.0,
+         "layout_sharpen_radius": 2, "layout_sharpen_until": until}  # fmt: skip
+    cfg = build_config({"generate": g})
+    scenes = ToyScenes(num_images=2, image_size=(RES, RES))
+    sources = [scenes.load(k) for k in scenes.keys()]
+    conds = np.random.default_rng(0).random((2, 3, RES, RES)).astype(np.float32)
+    seen: dict = {}
+
+    def fake_generate(self, conditions, prompts, seeds, **kwargs):  # type: ignore[no-untyped-def]
+        seen.update(kwargs, conditions=conditions)
+        return np.zeros((len(prompts), RES, RES, 3), np.uint8)
+
+    monkeypatch.setattr(LumenGenerator, "generate", fake_generate)
+    monkeypatch.setattr(LumenGenerator, "__init__", lambda self, *a, **k: None)
+    run = OpenedRun(RunSpec("x", None), "layout", 3, base=None, base_id="b", controlnet=object())  # type: ignore[arg-type]
+    settings = EvalSettings(variants=2)
+    generate_variants(run, sources, cfg, settings, 0, torch.device("cpu"), conds)
+    assert (seen["conditioning_scale"], seen["condition_guidance"], seen["strength"]) == (1.5, True, 0.6)
+    assert seen["init_images"].shape == (4, RES, RES, 3)
+    np.testing.assert_array_equal(seen["init_images"][1], sources[0].image)
+    sharp = sharpen(np.repeat(conds, 2, 0), 2.0, 2)
+    if until == 1.0:
+        np.testing.assert_allclose(seen["conditions"], sharp)
+        assert seen["early_conditions"] is None
+    else:
+        np.testing.assert_allclose(seen["conditions"], np.repeat(conds, 2, 0))
+        np.testing.assert_allclose(seen["early_conditions"], sharp)
+        assert seen["early_fraction"] == 0.5
+    # a different conditioning setting is a different cached score
+    keys = {score_key(run, 0, settings, c, {}, "b", sources)
+            for c in (cfg, build_config({"generate": {**g, "conditioning_scale": 1.0}}))}  # fmt: skip
+    assert len(keys) == 2

@@ -132,16 +132,23 @@ def score_key(run: OpenedRun, seed: int, settings: EvalSettings, cfg: LumenConfi
         "version": 1, "condition": run.condition, "controlnet": run.weights_sha256, "base": run.base_id,
         "seed": seed, "keys": [s.key for s in val], "size": list(val[0].image.shape), "variants": settings.variants,
         "steps": settings.generation_steps(cfg), "guidance": settings.guidance_scale(cfg),
-        "generate": {k: g[k] for k in ("scheduler", "prompt_template", "variation_prompts")},
+        "generate": {k: g[k] for k in ("scheduler", "prompt_template", "variation_prompts", *CONDITIONING)},
         "judges": {t: j.meta.get("key") for t, j in judges.items()}, "latent_base": latent_base,
         "data": config_dict(cfg.data),
     }  # fmt: skip
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
+# the generate settings that change how a variant follows its condition; variants use them as expand does
+CONDITIONING = ("conditioning_scale", "condition_guidance", "strength", "layout_sharpen", "layout_sharpen_radius",
+                "layout_sharpen_until")  # fmt: skip
+
+
 def generate_variants(run: OpenedRun, sources: Sequence[Sample], cfg: LumenConfig, settings: EvalSettings,
                       seed: int, device: torch.device, conditions: np.ndarray | None) -> np.ndarray:  # fmt: skip
-    """K variants of each source, source-major, with expand's prompts and per-variant seeds."""
+    """K variants of each source, source-major, with expand's prompts, per-variant seeds and conditioning
+    settings (``generate.conditioning_scale``, ``condition_guidance``, ``strength``, ``layout_sharpen*``)."""
+    from pipeline.conditions import sharpen
     from pipeline.lumen.generate import LumenGenerator, plan_variants
 
     g = cfg.generate
@@ -151,10 +158,17 @@ def generate_variants(run: OpenedRun, sources: Sequence[Sample], cfg: LumenConfi
     )  # fmt: skip
     gen = LumenGenerator(run.base, run.controlnet, scheduler=g.scheduler, device=device)
     conds = None if conditions is None else np.repeat(conditions.astype(np.float32), settings.variants, 0)
+    early = None
+    if conds is not None and g.layout_sharpen:
+        sharp = sharpen(conds, g.layout_sharpen, g.layout_sharpen_radius)
+        conds, early = (sharp, None) if g.layout_sharpen_until >= 1 else (conds, sharp)
+    init = np.repeat(np.stack([s.image for s in sources]), settings.variants, 0) if g.strength < 1 else None
     return gen.generate(
         conds, [s.prompt for s in specs], [s.seed for s in specs], steps=settings.generation_steps(cfg),
         guidance_scale=settings.guidance_scale(cfg), batch_size=settings.batch_size,
-        size=sources[0].image.shape[:2],
+        size=sources[0].image.shape[:2], conditioning_scale=g.conditioning_scale,
+        condition_guidance=g.condition_guidance and run.controlnet is not None, strength=g.strength,
+        init_images=init, early_conditions=early, early_fraction=g.layout_sharpen_until if early is not None else 0.0,
     )  # fmt: skip
 
 
