@@ -552,6 +552,20 @@ def test_evaluate_synthesis_generates_with_the_configs_conditioning_settings(
         np.testing.assert_allclose(seen["conditions"], np.repeat(conds, 2, 0))
         np.testing.assert_allclose(seen["early_conditions"], sharp)
         assert seen["early_fraction"] == 0.5
+    assert (seen["size"], seen["output_size"]) == ((RES, RES), (RES, RES))
+    # a supersampled ControlNet (its card says so) gets conditions at its size and generates there
+    from pipeline.synthesis.scoring import model_sources
+
+    big = OpenedRun(RunSpec("x", None), "layout", 3, base=None, base_id="b", controlnet=object(),  # type: ignore[arg-type]
+                    card={"supersample": 2})  # fmt: skip
+    assert model_sources(big, cfg, sources)[0].image.shape == (2 * RES, 2 * RES, 3)
+    generate_variants(
+        big, sources, cfg, settings, 0, torch.device("cpu"), np.repeat(np.repeat(conds, 2, 2), 2, 3)
+    )
+    assert (seen["size"], seen["output_size"]) == ((2 * RES, 2 * RES), (RES, RES))
+    assert score_key(big, 0, settings, cfg, {}, "b", sources) != score_key(
+        run, 0, settings, cfg, {}, "b", sources
+    )
     # a different conditioning setting is a different cached score
     keys = {score_key(run, 0, settings, c, {}, "b", sources)
             for c in (cfg, build_config({"generate": {**g, "conditioning_scale": 1.0}}))}  # fmt: skip

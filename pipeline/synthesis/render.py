@@ -235,11 +235,13 @@ def plot_tradeoff(doc: Mapping[str, Any], path: str | os.PathLike[str],
 def save_grid(path: Path, sources: Sequence[Sample], images: np.ndarray, conditions: np.ndarray | None,
               k: int, count: int) -> None:  # fmt: skip
     """The first ``count`` sources, one row each: source | condition preview | its K variants."""
-    from pipeline.lumen.generate import condition_preview
+    from pipeline.lumen.generate import condition_preview, resize_images
     from pipeline.viz import image_grid, save_png
 
     rows = []
     for i, s in enumerate(sources[:count]):
         preview = condition_preview(conditions[i]) if conditions is not None else np.zeros_like(s.image)
+        if preview.shape != s.image.shape:  # a supersampled model's condition
+            preview = resize_images(preview[None], s.image.shape[:2])[0]
         rows.append([s.image, preview, *images[i * k : (i + 1) * k]])
     save_png(path, image_grid(rows))

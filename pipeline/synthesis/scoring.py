@@ -132,11 +132,29 @@ def score_key(run: OpenedRun, seed: int, settings: EvalSettings, cfg: LumenConfi
         "version": 1, "condition": run.condition, "controlnet": run.weights_sha256, "base": run.base_id,
         "seed": seed, "keys": [s.key for s in val], "size": list(val[0].image.shape), "variants": settings.variants,
         "steps": settings.generation_steps(cfg), "guidance": settings.guidance_scale(cfg),
+        "supersample": supersample(run, cfg),
         "generate": {k: g[k] for k in ("scheduler", "prompt_template", "variation_prompts", *CONDITIONING)},
         "judges": {t: j.meta.get("key") for t, j in judges.items()}, "latent_base": latent_base,
         "data": config_dict(cfg.data),
     }  # fmt: skip
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def supersample(run: OpenedRun, cfg: LumenConfig) -> int:
+    """The factor a run's model generates above the labels' size (``lumen.supersample``): its
+    ControlNet card's, else the config's (the base model alone)."""
+    if run.controlnet is not None and "supersample" in run.card:
+        return int(run.card["supersample"])
+    return int(cfg.lumen.supersample)
+
+
+def model_sources(run: OpenedRun, cfg: LumenConfig, sources: Sequence[Sample]) -> list[Sample]:
+    """``sources`` at the size the run's model works at (its conditions are made from these)."""
+    from pipeline.data import resize_sample
+
+    k = supersample(run, cfg)
+    h, w = sources[0].image.shape[:2]
+    return list(sources) if k == 1 else [resize_sample(s, (k * h, k * w)) for s in sources]
 
 
 # the generate settings that change how a variant follows its condition; variants use them as expand does
@@ -147,7 +165,10 @@ CONDITIONING = ("conditioning_scale", "condition_guidance", "strength", "layout_
 def generate_variants(run: OpenedRun, sources: Sequence[Sample], cfg: LumenConfig, settings: EvalSettings,
                       seed: int, device: torch.device, conditions: np.ndarray | None) -> np.ndarray:  # fmt: skip
     """K variants of each source, source-major, with expand's prompts, per-variant seeds and conditioning
-    settings (``generate.conditioning_scale``, ``condition_guidance``, ``strength``, ``layout_sharpen*``)."""
+    settings (``generate.conditioning_scale``, ``condition_guidance``, ``strength``, ``layout_sharpen*``).
+
+    A supersampled model generates at its own size (``conditions`` are made from
+    :func:`model_sources`) and the variants are area-downsampled to the sources' size, as in expand."""
     from pipeline.conditions import sharpen
     from pipeline.lumen.generate import LumenGenerator, plan_variants
 
@@ -163,10 +184,12 @@ def generate_variants(run: OpenedRun, sources: Sequence[Sample], cfg: LumenConfi
         sharp = sharpen(conds, g.layout_sharpen, g.layout_sharpen_radius)
         conds, early = (sharp, None) if g.layout_sharpen_until >= 1 else (conds, sharp)
     init = np.repeat(np.stack([s.image for s in sources]), settings.variants, 0) if g.strength < 1 else None
+    k = supersample(run, cfg)
     return gen.generate(
         conds, [s.prompt for s in specs], [s.seed for s in specs], steps=settings.generation_steps(cfg),
         guidance_scale=settings.guidance_scale(cfg), batch_size=settings.batch_size,
-        size=sources[0].image.shape[:2], conditioning_scale=g.conditioning_scale,
+        size=tuple(k * d for d in sources[0].image.shape[:2]), output_size=sources[0].image.shape[:2],
+        conditioning_scale=g.conditioning_scale,
         condition_guidance=g.condition_guidance and run.controlnet is not None, strength=g.strength,
         init_images=init, early_conditions=early, early_fraction=g.layout_sharpen_until if early is not None else 0.0,
     )  # fmt: skip
@@ -249,7 +272,7 @@ class Scorer:
                 per_seed.append(unclean(json.loads(cache.read_text())["scores"]))
                 continue
             if conditions is None and run.make is not None:
-                conditions = run.make(self.val)
+                conditions = run.make(model_sources(run, self.cfg, self.val))
             per_seed.append(
                 self._generate_and_score(run, seed, conditions, cache, key, grid if i == 0 else None)
             )
