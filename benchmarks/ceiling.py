@@ -160,6 +160,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "before the ControlNet, cond + K * (cond - box blur of radius R px) (docs/models.md)",
     )  # fmt: skip
     p.add_argument(
+        "--layout-guidance", type=float, default=None, metavar="W",
+        help="generate.layout_guidance: with --condition-guidance, the layout's own guidance weight "
+        "(--guidance then weighs the prompt alone)",
+    )  # fmt: skip
+    p.add_argument(
         "--layout-sharpen-until", type=float, default=1.0, metavar="F",
         help="generate.layout_sharpen_until: the first F of the denoising steps see the sharpened layout, "
         "the rest the plain one",
@@ -335,7 +340,7 @@ def _lumen_rows(
             imgs = gen.generate(conds, prompts, [seed * 1000 + i for i in range(len(val))], steps=args.steps,
                                 guidance_scale=args.guidance, conditioning_scale=scale, strength=args.strength,
                                 condition_guidance=args.condition_guidance, init_images=np.stack([s.image for s in val]) if args.strength < 1 else None,
-                                output_size=val[0].size, early_conditions=early,
+                                output_size=val[0].size, early_conditions=early, layout_guidance=args.layout_guidance,
                                 early_fraction=args.layout_sharpen_until if early is not None else 0.0)  # fmt: skip
             scores.append(miou(imgs))
             placed.append(placement(imgs))
@@ -556,7 +561,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "benchmark": "ceiling", "dataset": args.dataset, "label": args.label, "assets": {"base": str(base_dir), "lumen": str(lumen_dir)},
         "base_training": verify_asset(base_dir).get("training"), "lumen_training": meta.get("training"),
-        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance, "strength": args.strength, "layout_sharpen": args.layout_sharpen, "layout_sharpen_until": args.layout_sharpen_until, "variation": args.variation, "template": args.template, "judge_domains": args.judge_domains,
+        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance, "strength": args.strength, "layout_sharpen": args.layout_sharpen, "layout_sharpen_until": args.layout_sharpen_until, "layout_guidance": args.layout_guidance, "variation": args.variation, "template": args.template, "judge_domains": args.judge_domains,
         "judge": {"train_images": args.train_images, "steps": args.judge_steps}, "rows": rows,
         "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip

@@ -484,6 +484,13 @@ class GenerateConfig(_Section):
         "runs without the ControlNet, so guidance_scale also amplifies the layout's pull (fewer lost "
         "objects on toy scenes, docs/models.md); false: the stock pipelines' guidance",
     )
+    layout_guidance: float | None = Field(
+        None,
+        ge=0,
+        description="with condition_guidance, the layout's own guidance weight: guidance_scale then weighs "
+        "the prompt alone and a third UNet pass per step (the prompt without the ControlNet) sets the two "
+        "apart (null: both use guidance_scale; docs/models.md)",
+    )
     scheduler: Literal["ddim", "dpm", "euler", "pndm"] = "ddim"
     prompt_template: str = "{caption}"
     variation_prompts: list[str] = Field(default_factory=list)
@@ -565,6 +572,9 @@ class GenerateConfig(_Section):
             )
         if self.strength < 1 and self.scheduler == "pndm":
             raise ValueError("generate.strength < 1 needs the ddim, dpm or euler scheduler, not pndm")
+        if self.layout_guidance is not None and not self.condition_guidance:
+            raise ValueError("generate.layout_guidance weighs the layout apart from the prompt: it needs "
+                             "generate.condition_guidance=true")  # fmt: skip
         if self.edited_per_map and not self.edits:
             raise ValueError("generate.edited_per_map > 0 needs generate.edits, e.g. [hflip, shift, scale]")
         if self.source == "labels" and not self.keep_unedited and not self.edited_per_map:

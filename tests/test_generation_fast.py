@@ -345,3 +345,23 @@ def test_early_conditions_are_validated(models, conds: np.ndarray) -> None:
         LumenGenerator(base, cn, fast=False).generate(
             conds, PROMPTS, SEEDS, steps=2, early_conditions=conds, early_fraction=0.5
         )
+
+
+def test_layout_guidance_sets_the_prompts_and_the_layouts_pull_apart(models, conds: np.ndarray) -> None:
+    base, cn = models
+    gen = LumenGenerator(base, cn)
+    kw = {"steps": 3, "guidance_scale": 3.0, "condition_guidance": True}
+    two_rows = gen.generate(conds, PROMPTS, SEEDS, **kw)
+    # equal weights: the three-row split is the two-row guidance, term for term
+    same = gen.generate(conds, PROMPTS, SEEDS, layout_guidance=3.0, **kw)
+    assert np.abs(same.astype(int) - two_rows.astype(int)).max() <= 1
+    # no layout weight: the prompt row alone, i.e. the base model with stock guidance and no ControlNet
+    no_layout = gen.generate(conds, PROMPTS, SEEDS, layout_guidance=0.0, **kw)
+    base_only = LumenGenerator(base, None).generate(
+        None, PROMPTS, SEEDS, steps=3, guidance_scale=3.0, size=(RES, RES)
+    )
+    assert np.abs(no_layout.astype(int) - base_only.astype(int)).max() <= 1
+    stronger = gen.generate(conds, PROMPTS, SEEDS, layout_guidance=6.0, **kw)
+    assert np.abs(stronger.astype(int) - two_rows.astype(int)).max() > 10
+    with pytest.raises(ValueError, match="needs condition_guidance"):
+        gen.generate(conds, PROMPTS, SEEDS, steps=2, layout_guidance=2.0)

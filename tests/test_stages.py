@@ -204,7 +204,7 @@ def test_expand_writes_real_and_synthetic_shards_with_the_expected_keys(tmp_path
     half = cfg.model_copy(
         update={"generate": cfg.generate.model_copy(
             update={"strength": 0.5, "condition_guidance": True, "layout_sharpen": 2.0, "layout_sharpen_radius": 1,
-                    "layout_sharpen_until": 0.5}
+                    "layout_sharpen_until": 0.5, "layout_guidance": 4.0}
         )}
     )  # fmt: skip
     assert run_expand(half, sdedit, progress=False).synthetic == 6
@@ -216,6 +216,7 @@ def test_expand_writes_real_and_synthetic_shards_with_the_expected_keys(tmp_path
     assert (record["strength"], record["condition_guidance"]) == (0.5, True)
     assert record["layout_sharpen"] == [2.0, 1]
     assert record["layout_sharpen_until"] == 0.5
+    assert record["layout_guidance"] == 4.0 and record_of_plain["layout_guidance"] is None
     assert record_of_plain["layout_sharpen"] is None and record_of_plain["layout_sharpen_until"] is None
 
 

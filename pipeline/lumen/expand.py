@@ -257,7 +257,7 @@ def generate_chunk(
                     condition_guidance=g.condition_guidance,
                     init_images=np.stack([s.image for s in sources]) if g.strength < 1 else None,
                     early_conditions=np.stack([sharp[sp.key] for sp in chosen]).astype(np.float32) if sharp else None,
-                    early_fraction=g.layout_sharpen_until if sharp else 0.0,
+                    early_fraction=g.layout_sharpen_until if sharp else 0.0, layout_guidance=g.layout_guidance,
                     output_size=ctx.size,  # lumen.supersample: generated larger, downsampled to the labels' size
                 )  # fmt: skip
 
@@ -428,7 +428,8 @@ def write_chunk(
                 **({"strength": g.strength} if g.strength < 1 else {}),
                 **({"condition_guidance": True} if g.condition_guidance else {}),
                 **({"layout_sharpen": [g.layout_sharpen, g.layout_sharpen_radius]} if g.layout_sharpen else {}),
-                **({"layout_sharpen_until": g.layout_sharpen_until} if g.layout_sharpen and g.layout_sharpen_until < 1 else {}), "models": ctx.models, "layout": ctx.layout_meta}  # fmt: skip
+                **({"layout_sharpen_until": g.layout_sharpen_until} if g.layout_sharpen and g.layout_sharpen_until < 1 else {}),
+                **({"layout_guidance": g.layout_guidance} if g.layout_guidance is not None else {}), "models": ctx.models, "layout": ctx.layout_meta}  # fmt: skip
         if "quality" in v:
             prov["quality"] = v["quality"]
         if "class_edit" in v:

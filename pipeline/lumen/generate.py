@@ -352,6 +352,7 @@ class LumenGenerator:
         condition_guidance: bool = False,
         early_conditions: np.ndarray | torch.Tensor | None = None,
         early_fraction: float = 0.0,
+        layout_guidance: float | None = None,
     ) -> np.ndarray:
         """Generate ``len(prompts)`` images; returns (B, H, W, 3) uint8.
 
@@ -388,6 +389,11 @@ class LumenGenerator:
                 fast path only.
             early_fraction: share of the denoising steps run that see ``early_conditions``, rounded to
                 whole steps (0: never, 1: every step).
+            layout_guidance: with ``condition_guidance``, a separate guidance weight for the layout:
+                ``eps = e0 + guidance_scale * (e_prompt - e0) + layout_guidance * (e_both - e_prompt)``,
+                with a third row per image (the prompt without the ControlNet), so the prompt's pull
+                (e.g. a domain shift) and the layout's are set apart. None: both use ``guidance_scale``
+                (two rows, ``e0 + guidance_scale * (e_both - e0)``, the same when they are equal).
         """
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -429,6 +435,8 @@ class LumenGenerator:
             raise ValueError("class edits (feature_edit) need the fast generation path")
         if condition_guidance and not self.fast and self.controlnet is not None:
             raise ValueError("condition_guidance needs the fast generation path")
+        if layout_guidance is not None and not condition_guidance:
+            raise ValueError("layout_guidance needs condition_guidance")
         early_t: torch.Tensor | None = None
         if not 0.0 <= early_fraction <= 1.0:
             raise ValueError(f"early_fraction must be in [0, 1], got {early_fraction}")
@@ -452,7 +460,7 @@ class LumenGenerator:
                     early = None if early_t is None else (early_t[i : i + batch_size], early_fraction)
                     images = self._fast_batch(
                         cond, *batch, (h, w), steps, guidance_scale, conditioning_scale, init,
-                        condition_guidance, early,
+                        condition_guidance, early, layout_guidance,
                     )  # fmt: skip
                 else:
                     images = self._stock_batch(
@@ -568,6 +576,7 @@ class LumenGenerator:
         init: tuple[torch.Tensor, float] | None = None,
         condition_guidance: bool = False,
         early: tuple[torch.Tensor, float] | None = None,
+        layout_guidance: float | None = None,
     ) -> np.ndarray:
         unet, vae, f = self.base.unet, self.base.vae, self.base.vae_scale
         # A guidance-distilled UNet (pipeline.lumen.distill) takes w as an input: one pass, no guidance
@@ -614,7 +623,14 @@ class LumenGenerator:
                 embeddings.append(torch.cat([c_emb] * 2) if doubled else c_emb)
             fixed = _fixed_condition_embedding(self.controlnet, embeddings[0])
         early_steps = 0 if early is None else round(early[1] * len(timesteps))
-        skip = len(prompts) if guidance and condition_guidance and self.controlnet is not None else 0
+        guided_layout = guidance and condition_guidance and self.controlnet is not None
+        skip = len(prompts) if guided_layout else 0
+        # a separate layout weight: rows [no prompt, no layout; prompt, no layout; prompt and layout]
+        three = guided_layout and layout_guidance is not None
+        if three:
+            emb = torch.cat([emb, emb[len(prompts) :]])
+            skip = 2 * len(prompts)
+        halves = 3 if three else 2
         self._sync()
         t1 = time.perf_counter()
         # 4. Denoising loop: both guidance halves in one forward pass.
@@ -622,10 +638,14 @@ class LumenGenerator:
             for n, t in enumerate(timesteps):
                 if early_steps and n == early_steps:  # the early conditions' steps are done
                     fixed_embedding.value = embeddings[1]
-                x = torch.cat([latents] * 2) if guidance else latents
+                x = torch.cat([latents] * halves) if guidance else latents
                 x = sched.scale_model_input(x, t)
                 eps = self._predict_noise(x, t, emb, cond, conditioning_scale, timestep_cond, skip)
-                if guidance:
+                if three:
+                    eps_uncond, eps_prompt, eps_both = eps.chunk(3)
+                    eps = (eps_uncond + guidance_scale * (eps_prompt - eps_uncond)
+                           + float(layout_guidance or 0.0) * (eps_both - eps_prompt))  # fmt: skip
+                elif guidance:
                     eps_uncond, eps_text = eps.chunk(2)
                     eps = eps_uncond + guidance_scale * (eps_text - eps_uncond)
                 latents = sched.step(eps, t, latents, **step_kwargs, return_dict=False)[0]

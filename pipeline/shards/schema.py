@@ -118,6 +118,9 @@ class Provenance(BaseModel):
     layout_sharpen: tuple[float, int] | None = Field(
         None, description="set when the layout was sharpened: (amount, radius px) (generate.layout_sharpen)"
     )
+    layout_guidance: float | None = Field(
+        None, ge=0, description="set when the layout had its own guidance weight (generate.layout_guidance)"
+    )
     layout_sharpen_until: float | None = Field(
         None,
         gt=0,

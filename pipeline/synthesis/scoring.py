@@ -159,7 +159,7 @@ def model_sources(run: OpenedRun, cfg: LumenConfig, sources: Sequence[Sample]) -
 
 # the generate settings that change how a variant follows its condition; variants use them as expand does
 CONDITIONING = ("conditioning_scale", "condition_guidance", "strength", "layout_sharpen", "layout_sharpen_radius",
-                "layout_sharpen_until")  # fmt: skip
+                "layout_sharpen_until", "layout_guidance")  # fmt: skip
 
 
 def generate_variants(run: OpenedRun, sources: Sequence[Sample], cfg: LumenConfig, settings: EvalSettings,
@@ -191,6 +191,7 @@ def generate_variants(run: OpenedRun, sources: Sequence[Sample], cfg: LumenConfi
         size=tuple(k * d for d in sources[0].image.shape[:2]), output_size=sources[0].image.shape[:2],
         conditioning_scale=g.conditioning_scale,
         condition_guidance=g.condition_guidance and run.controlnet is not None, strength=g.strength,
+        layout_guidance=g.layout_guidance if g.condition_guidance and run.controlnet is not None else None,
         init_images=init, early_conditions=early, early_fraction=g.layout_sharpen_until if early is not None else 0.0,
     )  # fmt: skip
 
