@@ -525,7 +525,7 @@ def test_evaluate_synthesis_generates_with_the_configs_conditioning_settings(
     from pipeline.synthesis.scoring import generate_variants, score_key
 
     g = {"conditioning_scale": 1.5, "condition_guidance": True, "strength": 0.6, "layout_sharpen": 2.0,
-         "layout_sharpen_radius": 2, "layout_sharpen_until": until}  # fmt: skip
+         "layout_sharpen_radius": 2, "layout_sharpen_until": until, "layout_guidance": 4.0}  # fmt: skip
     cfg = build_config({"generate": g})
     scenes = ToyScenes(num_images=2, image_size=(RES, RES))
     sources = [scenes.load(k) for k in scenes.keys()]
@@ -542,6 +542,7 @@ def test_evaluate_synthesis_generates_with_the_configs_conditioning_settings(
     settings = EvalSettings(variants=2)
     generate_variants(run, sources, cfg, settings, 0, torch.device("cpu"), conds)
     assert (seen["conditioning_scale"], seen["condition_guidance"], seen["strength"]) == (1.5, True, 0.6)
+    assert seen["layout_guidance"] == 4.0
     assert seen["init_images"].shape == (4, RES, RES, 3)
     np.testing.assert_array_equal(seen["init_images"][1], sources[0].image)
     sharp = sharpen(np.repeat(conds, 2, 0), 2.0, 2)
