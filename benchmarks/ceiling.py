@@ -325,10 +325,10 @@ def _lumen_rows(
     conds = make(val).astype(np.float32)
     early = None
     if args.layout_sharpen:
-        from pipeline.conditions import sharpen
+        from pipeline.conditions import sharpen_schedule
 
-        sharp = sharpen(conds, args.layout_sharpen[0], int(args.layout_sharpen[1]))
-        conds, early = (sharp, None) if args.layout_sharpen_until >= 1 else (conds, sharp)
+        conds, early = sharpen_schedule(conds, args.layout_sharpen[0], int(args.layout_sharpen[1]),
+                                        args.layout_sharpen_until)  # fmt: skip
     controlnet = ControlNetModel.from_pretrained(lumen_dir).to(device).eval()
     gen = LumenGenerator(base, controlnet, scheduler=args.scheduler, device=device)
     rows: dict[str, Any] = {}

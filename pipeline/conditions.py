@@ -104,6 +104,18 @@ def sharpen(conds: np.ndarray, amount: float, radius: int) -> np.ndarray:
     return c + np.float32(amount) * (c - blur)
 
 
+def sharpen_schedule(
+    conds: np.ndarray, amount: float, radius: int, until: float = 1.0
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """``(conditions, early_conditions)`` for ``LumenGenerator.generate``: with ``until`` >= 1 the sharpened
+    conditions for every step (no early ones); below 1 the plain conditions, and the sharpened ones for
+    the first ``until`` of the steps (``generate.layout_sharpen_until``); ``amount`` 0 leaves both plain."""
+    if not amount:
+        return np.asarray(conds, dtype=np.float32), None
+    sharp = sharpen(conds, amount, radius)
+    return (sharp, None) if until >= 1 else (np.asarray(conds, dtype=np.float32), sharp)
+
+
 def depth_map(depth: np.ndarray) -> np.ndarray:
     """(H, W) depth -> (1, H, W) float32 inverse depth scaled to [0, 1] per image; invalid (0) stays 0."""
     valid = np.isfinite(depth) & (depth > 0)

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from pipeline.conditions import sharpen
+from pipeline.conditions import sharpen_schedule
 from pipeline.config import LumenConfig
 from pipeline.data import Quarantine, build_dataset, iter_valid, resize_sample
 from pipeline.data.sample import Sample
@@ -236,15 +236,11 @@ def generate_chunk(
     results: list[QualityResult] = []
     if specs:
         with ctx.worker() as worker:  # up to expand_slots(cfg) chunks at once, each on its own models
-            made = np.asarray(worker.make_conditions(samples))
-            sharp: dict[str, np.ndarray] = {}
-            if g.layout_sharpen:  # steepen the boundaries between touching objects (docs/models.md)
-                sharpened = sharpen(made, g.layout_sharpen, g.layout_sharpen_radius)
-                if g.layout_sharpen_until >= 1:
-                    made = sharpened
-                else:  # the sharpened layout for the first steps only
-                    sharp = dict(zip((s.key for s in samples), sharpened, strict=True))
+            # steepen the boundaries between touching objects, for every step or the first ones (docs/models.md)
+            made, early = sharpen_schedule(np.asarray(worker.make_conditions(samples)), g.layout_sharpen,
+                                           g.layout_sharpen_radius, g.layout_sharpen_until)  # fmt: skip
             conds = dict(zip((s.key for s in samples), made, strict=True))
+            sharp = {} if early is None else dict(zip((s.key for s in samples), early, strict=True))
 
             def make(idx: list[int], seeds_: list[int]) -> np.ndarray:
                 chosen = [specs[i] for i in idx]

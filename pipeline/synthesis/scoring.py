@@ -169,7 +169,7 @@ def generate_variants(run: OpenedRun, sources: Sequence[Sample], cfg: LumenConfi
 
     A supersampled model generates at its own size (``conditions`` are made from
     :func:`model_sources`) and the variants are area-downsampled to the sources' size, as in expand."""
-    from pipeline.conditions import sharpen
+    from pipeline.conditions import sharpen_schedule
     from pipeline.lumen.generate import LumenGenerator, plan_variants
 
     g = cfg.generate
@@ -180,9 +180,10 @@ def generate_variants(run: OpenedRun, sources: Sequence[Sample], cfg: LumenConfi
     gen = LumenGenerator(run.base, run.controlnet, scheduler=g.scheduler, device=device)
     conds = None if conditions is None else np.repeat(conditions.astype(np.float32), settings.variants, 0)
     early = None
-    if conds is not None and g.layout_sharpen:
-        sharp = sharpen(conds, g.layout_sharpen, g.layout_sharpen_radius)
-        conds, early = (sharp, None) if g.layout_sharpen_until >= 1 else (conds, sharp)
+    if conds is not None:
+        conds, early = sharpen_schedule(
+            conds, g.layout_sharpen, g.layout_sharpen_radius, g.layout_sharpen_until
+        )
     init = np.repeat(np.stack([s.image for s in sources]), settings.variants, 0) if g.strength < 1 else None
     k = supersample(run, cfg)
     return gen.generate(
