@@ -151,6 +151,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument(
+        "--supersample", type=int, default=None,
+        help="lumen.supersample: generate at this multiple of the labels' size (default: the ControlNet's own, "
+        "from its asset.json); the layouts are made at that size too",
+    )  # fmt: skip
+    p.add_argument(
         "--strength", type=float, default=1.0,
         help="generate.strength: below 1 the variants start from their source image's noised latent (SDEdit)",
     )  # fmt: skip
@@ -232,7 +237,7 @@ def _config(args: argparse.Namespace) -> tuple[Any, Path, Path, dict[str, Any]]:
     meta = verify_asset(lumen_dir)
     verify_asset(base_dir)
     lay = meta.get("config", {}).get("layouts", {})
-    supersample = int(meta.get("config", {}).get("lumen", {}).get("supersample", 1))
+    supersample = args.supersample or int(meta.get("config", {}).get("lumen", {}).get("supersample", 1))
     cfg = cfg.model_copy(
         update={
             "lumen": cfg.lumen.model_copy(update={"supersample": supersample}),
@@ -561,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "benchmark": "ceiling", "dataset": args.dataset, "label": args.label, "assets": {"base": str(base_dir), "lumen": str(lumen_dir)},
         "base_training": verify_asset(base_dir).get("training"), "lumen_training": meta.get("training"),
-        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance, "strength": args.strength, "layout_sharpen": args.layout_sharpen, "layout_sharpen_until": args.layout_sharpen_until, "layout_guidance": args.layout_guidance, "variation": args.variation, "template": args.template, "judge_domains": args.judge_domains,
+        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance, "strength": args.strength, "supersample": args.supersample, "layout_sharpen": args.layout_sharpen, "layout_sharpen_until": args.layout_sharpen_until, "layout_guidance": args.layout_guidance, "variation": args.variation, "template": args.template, "judge_domains": args.judge_domains,
         "judge": {"train_images": args.train_images, "steps": args.judge_steps}, "rows": rows,
         "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip

@@ -478,6 +478,17 @@ class GenerateConfig(_Section):
         description="share of the denoising steps (the first ones, where the coarse structure forms) that "
         "see the sharpened layout; the rest see the plain one (1: every step; docs/models.md)",
     )
+    supersample: int | None = Field(
+        None,
+        ge=1,
+        le=4,
+        description="generate at this multiple of data.image_size instead of lumen.supersample (the factor "
+        "the ControlNet was trained at): the sources are upsampled, their conditions made and the variants "
+        "generated on the larger grid, then downsampled (area) to the labels' size. The convolutional base "
+        "and ControlNet run at any multiple of their downsampling; on toy scenes 3 keeps touching objects "
+        "apart that the trained factor 2 merges, at 2.3x the generation time (null: lumen.supersample; "
+        "docs/models.md)",
+    )
     condition_guidance: bool = Field(
         False,
         description="classifier-free guidance on the layout as well as the prompt: the unconditional half "

@@ -381,15 +381,19 @@ def _check_sizes(cfg: LumenConfig, stage: Stage, run_dir: Path | None) -> list[s
     if stage == "train-base":
         return [f"base.resolution {res} fits {model} (multiple of {factor})"]
     h, w = cfg.data.image_size or (res, res)
-    k = cfg.lumen.supersample
-    if (k * h) % factor or (k * w) % factor:
-        step = factor // math.gcd(factor, k)  # sides whose k-fold is a multiple of factor
-        near = [max(step, round(v / step) * step) for v in (h, w)]
-        times = f" x lumen.supersample={k}" if k > 1 else ""
-        raise ConfigError(
-            f"data.image_size={[h, w]}{times}: the generator ({model}) needs sides that are multiples of "
-            f"{factor}; try data.image_size={near}"
-        )
+    factors = [("lumen.supersample", cfg.lumen.supersample)]
+    if cfg.generate.supersample is not None and stage in ("expand", "gains", "run"):
+        factors.append(("generate.supersample", cfg.generate.supersample))
+    for name, k in factors:
+        if (k * h) % factor or (k * w) % factor:
+            step = factor // math.gcd(factor, k)  # sides whose k-fold is a multiple of factor
+            near = [max(step, round(v / step) * step) for v in (h, w)]
+            times = f" x {name}={k}" if k > 1 else ""
+            raise ConfigError(
+                f"data.image_size={[h, w]}{times}: the generator ({model}) needs sides that are multiples of "
+                f"{factor}; try data.image_size={near}"
+            )
+    k = factors[-1][1]
     at = f" (generated at {[k * h, k * w]})" if k > 1 else ""
     return [f"data.image_size {[h, w]}{at} fits {model} (multiple of {factor})"]
 

@@ -144,11 +144,14 @@ def test_generate_strength_is_bounded_and_needs_source_images_and_a_skipping_sch
 def test_layout_guidance_needs_condition_guidance_and_sharpen_until_is_a_share() -> None:
     g = build_config({"name": "s", "generate": {"condition_guidance": True, "layout_guidance": 5}}).generate
     assert g.layout_guidance == 5.0 and build_config({"name": "s"}).generate.layout_guidance is None
+    assert build_config({"name": "s"}).generate.supersample is None
     for gen, match in [
         ({"layout_guidance": 5}, "needs generate.condition_guidance=true"),
         ({"condition_guidance": True, "layout_guidance": -1}, "layout_guidance"),
         ({"layout_sharpen_until": 0}, "layout_sharpen_until"),
         ({"layout_sharpen_until": 1.5}, "layout_sharpen_until"),
+        ({"supersample": 0}, "supersample"),
+        ({"supersample": 5}, "supersample"),
     ]:
         with pytest.raises(ConfigError, match=match):
             build_config({"name": "s", "generate": gen})

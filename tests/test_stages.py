@@ -125,6 +125,24 @@ def test_supersampled_model_trains_larger_and_writes_variants_at_the_labels_size
     with pytest.raises(ValueError, match="differ from those the ControlNet was trained on"):
         run_expand(one, tmp_path, progress=False)  # a 2x ControlNet is not used at 1x
 
+    # generate.supersample=3: the same 2x ControlNet generates at 3x from layouts made at 3x, and the
+    # variants are still written at the labels' size; the provenance records the layouts' size
+    from pipeline.shards.reader import read_shards
+
+    at3 = tmp_path / "at3x"
+    for name in ("base", "lumen"):
+        shutil.copytree(tmp_path / name, at3 / name)
+    shutil.copy(tmp_path / "pca.safetensors", at3 / "pca.safetensors")
+    cfg3 = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"supersample": 3})})
+    assert run_expand(cfg3, at3, progress=False).synthetic == 3
+    larger = {s.key: s for s in iter_samples(at3 / "shards" / "synthetic")}
+    for v in variants:
+        assert larger[v.key].image.shape == (RES, RES, 3) and np.array_equal(larger[v.key].seg, v.seg)
+        assert not np.array_equal(larger[v.key].image, v.image)
+    records = [d["json"] for d in read_shards(at3 / "shards" / "synthetic")]
+    assert all(r["layout"]["layout"]["size"] == [3 * RES, 3 * RES] for r in records)
+    assert all(r["layout"]["supersample"] == 3 for r in records)
+
 
 def test_expand_writes_real_and_synthetic_shards_with_the_expected_keys(tmp_path: Path) -> None:
     from pipeline.lumen.expand import run_expand

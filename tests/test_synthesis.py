@@ -567,6 +567,16 @@ def test_evaluate_synthesis_generates_with_the_configs_conditioning_settings(
     assert score_key(big, 0, settings, cfg, {}, "b", sources) != score_key(
         run, 0, settings, cfg, {}, "b", sources
     )
+    # generate.supersample overrides the card's factor: conditions, generation size and cache key follow
+    at3 = build_config({"generate": {**g, "supersample": 3}})
+    assert model_sources(big, at3, sources)[0].image.shape == (3 * RES, 3 * RES, 3)
+    generate_variants(
+        big, sources, at3, settings, 0, torch.device("cpu"), np.repeat(np.repeat(conds, 3, 2), 3, 3)
+    )
+    assert (seen["size"], seen["output_size"]) == ((3 * RES, 3 * RES), (RES, RES))
+    assert score_key(big, 0, settings, at3, {}, "b", sources) != score_key(
+        big, 0, settings, cfg, {}, "b", sources
+    )
     # a different conditioning setting is a different cached score
     keys = {score_key(run, 0, settings, c, {}, "b", sources)
             for c in (cfg, build_config({"generate": {**g, "conditioning_scale": 1.0}}))}  # fmt: skip

@@ -239,12 +239,23 @@ def test_preflight_checks_image_size_against_the_generator(tmp_path: Path) -> No
     with pytest.raises(ConfigError, match=r"data\.image_size=\[40, 40\].*multiples of 16.*\[32, 32\]"):
         preflight(cfg, "expand")
     assert preflight(cfg, "evaluate").config.perception.tasks == ["seg", "depth", "normal"]  # no generator
+    # generate.supersample is checked too: 8 px x 2 fits the generator, 8 px x 3 does not
+    at3 = build_config(
+        {"data": {"image_size": [8, 8]}, "lumen": {"supersample": 2}, "generate": {"supersample": 3}}
+    )
+    with pytest.raises(
+        ConfigError, match=r"data\.image_size=\[8, 8\] x generate\.supersample=3.*multiples of 16"
+    ):
+        preflight(at3, "expand")
 
 
 def test_preflight_checks_sizes_against_the_shipped_base_a_run_would_use() -> None:
     demo = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
     (sizes,) = [c for c in preflight(demo, "expand").checks if " fits " in c]
     assert "the shipped base tiny-base" in sizes and "[128, 128]" in sizes
+    at3 = demo.model_copy(update={"generate": demo.generate.model_copy(update={"supersample": 3})})
+    (sizes,) = [c for c in preflight(at3, "expand").checks if " fits " in c]
+    assert "[192, 192]" in sizes
     (sizes,) = [c for c in preflight(demo, "train-base").checks if " fits " in c]
     assert "the tiny base preset" in sizes  # train-base makes a new base of base.preset
 

@@ -28,6 +28,7 @@ from pipeline.lumen.stages import (
     base_folder,
     collect_samples,
     condition_maker,
+    generation_config,
     generation_size,
     load_run_base,
     lumen_folder,
@@ -278,6 +279,14 @@ _CONTEXTS: dict[tuple[str, str], ExpandContext] = {}
 _CONTEXTS_LOCK = threading.Lock()
 
 
+def _same_layouts(trained: dict[str, Any] | None, made: dict[str, Any] | None, any_size: bool) -> bool:
+    """Whether a run makes the layouts its ControlNet was trained on; with ``any_size`` up to their size
+    (``generate.supersample`` runs the ControlNet at another multiple of the labels' size on purpose)."""
+    if trained is None or made is None or not any_size:
+        return trained == made
+    return {k: v for k, v in trained.items() if k != "size"} == {k: v for k, v in made.items() if k != "size"}
+
+
 def expand_context(
     cfg: LumenConfig, run_dir: Path, progress: bool = False, judge_factory: JudgeFactory | None = None
 ) -> ExpandContext:
@@ -305,8 +314,14 @@ def _build_context(
     controlnet, card = _load_controlnet(cn_folder, device)
     source: SampleSource = build_dataset(cfg.data, "train")
     reducer = shipped_reducer(cfg, cn_folder)
-    make_conditions, cond_meta = condition_maker(cfg, base, base_id, source, run_dir, reducer_path=reducer)
-    if card.get("condition") == "layout" and card.get("layout") != cond_meta.get("layout"):
+    gen_cfg = generation_config(cfg)  # generate.supersample: conditions at the generation size
+    make_conditions, cond_meta = condition_maker(
+        gen_cfg, base, base_id, source, run_dir, reducer_path=reducer
+    )
+    any_size = cfg.generate.supersample is not None
+    if card.get("condition") == "layout" and not _same_layouts(
+        card.get("layout"), cond_meta.get("layout"), any_size
+    ):
         raise ValueError(
             "the layouts this run would make differ from those the ControlNet was trained on "
             f"({cn_folder / 'lumen.json'}); retrain it or restore the run's pca.safetensors (kmeans.safetensors)"
@@ -318,8 +333,12 @@ def _build_context(
     from_labels = None
     real_source = source
     if uses_mapper(cfg):  # label maps -> mapper -> layouts (maps only, or edited maps beside the images)
+        trained = {
+            **cond_meta,
+            "layout": card.get("layout") or cond_meta.get("layout"),
+        }  # what the mapper maps to
         from_labels = _label_source(
-            cfg, run_dir, source, generation_size(cfg, base), cond_meta, make_conditions
+            gen_cfg, run_dir, source, generation_size(cfg, base), trained, make_conditions
         )
         source, make_conditions, mapper_meta, models["mapper"], _ = from_labels
         cond_meta = {**cond_meta, **mapper_meta}
@@ -343,7 +362,7 @@ def _build_context(
         own_cn, _ = _load_controlnet(cn_folder, device)
         if cfg.generate.source == "labels" and from_labels is not None:  # maps only: the mapper is shared
             return GenerationWorker(from_labels[1], generator(own_base, own_cn))
-        make, _ = condition_maker(cfg, own_base, base_id, real_source, run_dir, reducer_path=reducer)
+        make, _ = condition_maker(gen_cfg, own_base, base_id, real_source, run_dir, reducer_path=reducer)
         if from_labels is not None:  # images + edited maps: this worker's own extractor, the shared mapper
             make = _with_maps(source, make, from_labels[4])
         return GenerationWorker(make, generator(own_base, own_cn))

@@ -131,7 +131,7 @@ class GenerationPlan:
     evaluations: int | None  # synthetic_samples x steps x passes_per_step
     chunk_size: int
     chunks: int | None  # resumable units of work (generate.chunk_size source images each)
-    supersample: int = 1  # lumen.supersample: generated at supersample x size, then downsampled to size
+    supersample: int = 1  # generated at supersample x size, then downsampled (generate. or lumen.supersample)
 
 
 @dataclass(frozen=True)
@@ -413,7 +413,7 @@ def _plan_generation(
         steps=g.steps, passes_per_step=passes,
         evaluations=None if synthetic is None else synthetic * g.steps * passes,
         chunk_size=g.chunk_size, chunks=None if sources is None else math.ceil(sources / g.chunk_size),
-        supersample=cfg.lumen.supersample,
+        supersample=cfg.generate.supersample or cfg.lumen.supersample,
     )  # fmt: skip
 
 
@@ -740,7 +740,7 @@ def _render(plan: RunPlan) -> str:
         "",
         f"generation ({g.model}, {g.sampler}) at {g.size[0]}x{g.size[1]}"
         + (
-            f" (generated at {g.supersample * g.size[0]}x{g.supersample * g.size[1]}, lumen.supersample "
+            f" (generated at {g.supersample * g.size[0]}x{g.supersample * g.size[1]}, supersample "
             f"{g.supersample}; a multiple of {g.size_multiple}):"
             if g.supersample > 1
             else f" (a multiple of {g.size_multiple}):"

@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "base_folder",
     "collect_samples",
+    "generation_config",
     "generation_size",
     "load_run_base",
     "lumen_folder",
@@ -196,6 +197,16 @@ def model_size(cfg: LumenConfig, base: BaseComponents) -> tuple[int, int]:
             f"lumen.supersample={k} x {[h, w]} must be a multiple of {factor} for this base model"
         )
     return k * h, k * w
+
+
+def generation_config(cfg: LumenConfig) -> LumenConfig:
+    """The config variants are generated under: ``generate.supersample``, when set, replaces
+    ``lumen.supersample`` (the factor the ControlNet was trained at), so that conditions are made and
+    variants generated at that multiple of the labels' size. Everything else is ``cfg``."""
+    k = cfg.generate.supersample
+    if k is None or k == cfg.lumen.supersample:
+        return cfg
+    return cfg.model_copy(update={"lumen": cfg.lumen.model_copy(update={"supersample": k})})
 
 
 def to_model_size(samples: Sequence[Sample], size: tuple[int, int]) -> list[Sample]:

@@ -216,6 +216,10 @@ def open_run(spec: RunSpec, cfg: LumenConfig, bases: BaseModels, default: tuple[
     if run_cfg.lumen.condition == "layout" and pca is None:
         raise FileNotFoundError(f"{run_dir} has no {name}: the layouts cannot be reproduced")
     no_cache = run_cfg.model_copy(update={"layouts": run_cfg.layouts.model_copy(update={"cache": False})})
+    if cfg.generate.supersample is not None:  # conditions at the size the variants are generated at
+        no_cache = no_cache.model_copy(
+            update={"lumen": no_cache.lumen.model_copy(update={"supersample": cfg.generate.supersample})}
+        )
     make, _ = condition_maker(no_cache, base, base_id, val, run_dir, reducer_path=pca)
     controlnet = ControlNetModel.from_pretrained(lumen_dir).to(bases.device).eval()
     n = run_cfg.layouts.channels if run_cfg.lumen.condition == "layout" else None

@@ -141,8 +141,10 @@ def score_key(run: OpenedRun, seed: int, settings: EvalSettings, cfg: LumenConfi
 
 
 def supersample(run: OpenedRun, cfg: LumenConfig) -> int:
-    """The factor a run's model generates above the labels' size (``lumen.supersample``): its
-    ControlNet card's, else the config's (the base model alone)."""
+    """The factor a run's model generates above the labels' size: ``generate.supersample`` when set, else
+    its ControlNet card's ``lumen.supersample``, else the config's (the base model alone)."""
+    if cfg.generate.supersample is not None:
+        return int(cfg.generate.supersample)
     if run.controlnet is not None and "supersample" in run.card:
         return int(run.card["supersample"])
     return int(cfg.lumen.supersample)
