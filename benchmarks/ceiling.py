@@ -44,6 +44,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -156,6 +157,11 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "from its asset.json); the layouts are made at that size too",
     )  # fmt: skip
     p.add_argument(
+        "--layouts-at-trained-size", action="store_true",
+        help="with --supersample: make the layouts at the ControlNet's trained size and upsample them "
+        "(bilinear) to the generation size, instead of extracting them at the generation size",
+    )  # fmt: skip
+    p.add_argument(
         "--strength", type=float, default=1.0,
         help="generate.strength: below 1 the variants start from their source image's noised latent (SDEdit)",
     )  # fmt: skip
@@ -237,7 +243,8 @@ def _config(args: argparse.Namespace) -> tuple[Any, Path, Path, dict[str, Any]]:
     meta = verify_asset(lumen_dir)
     verify_asset(base_dir)
     lay = meta.get("config", {}).get("layouts", {})
-    supersample = args.supersample or int(meta.get("config", {}).get("lumen", {}).get("supersample", 1))
+    args.trained_supersample = int(meta.get("config", {}).get("lumen", {}).get("supersample", 1))
+    supersample = args.supersample or args.trained_supersample
     cfg = cfg.model_copy(
         update={
             "lumen": cfg.lumen.model_copy(update={"supersample": supersample}),
@@ -319,6 +326,11 @@ def _lumen_rows(
     from pipeline.lumen.stages import condition_maker
 
     card = json.loads((lumen_dir / "lumen.json").read_text())
+    trained = args.layouts_at_trained_size and args.trained_supersample != cfg.lumen.supersample
+    if trained:  # the layouts at the ControlNet's own size, upsampled below
+        cfg = cfg.model_copy(
+            update={"lumen": cfg.lumen.model_copy(update={"supersample": args.trained_supersample})}
+        )
     make, _ = condition_maker(
         cfg,
         base,
@@ -328,6 +340,10 @@ def _lumen_rows(
         reducer_path=lumen_dir / "pca.safetensors",
     )
     conds = make(val).astype(np.float32)
+    if trained:
+        k = args.supersample
+        big = (k * val[0].size[0], k * val[0].size[1])
+        conds = F.interpolate(torch.from_numpy(conds), size=big, mode="bilinear", align_corners=False).numpy()
     early = None
     if args.layout_sharpen:
         from pipeline.conditions import sharpen_schedule
@@ -566,7 +582,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "benchmark": "ceiling", "dataset": args.dataset, "label": args.label, "assets": {"base": str(base_dir), "lumen": str(lumen_dir)},
         "base_training": verify_asset(base_dir).get("training"), "lumen_training": meta.get("training"),
-        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance, "strength": args.strength, "supersample": args.supersample, "layout_sharpen": args.layout_sharpen, "layout_sharpen_until": args.layout_sharpen_until, "layout_guidance": args.layout_guidance, "variation": args.variation, "template": args.template, "judge_domains": args.judge_domains,
+        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance, "strength": args.strength, "supersample": args.supersample, "layouts_at_trained_size": args.layouts_at_trained_size, "layout_sharpen": args.layout_sharpen, "layout_sharpen_until": args.layout_sharpen_until, "layout_guidance": args.layout_guidance, "variation": args.variation, "template": args.template, "judge_domains": args.judge_domains,
         "judge": {"train_images": args.train_images, "steps": args.judge_steps}, "rows": rows,
         "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip
