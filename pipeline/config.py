@@ -486,8 +486,8 @@ class GenerateConfig(_Section):
         "the ControlNet was trained at): the sources are upsampled, their conditions made and the variants "
         "generated on the larger grid, then downsampled (area) to the labels' size. The convolutional base "
         "and ControlNet run at any multiple of their downsampling; on toy scenes 3 keeps touching objects "
-        "apart that the trained factor 2 merges, at 2.3x the generation time (null: lumen.supersample; "
-        "docs/models.md)",
+        "apart that the trained factor 2 merges, at some cost in appearance and 2.3x the generation time "
+        "(null: lumen.supersample; docs/models.md)",
     )
     condition_guidance: bool = Field(
         False,

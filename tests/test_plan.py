@@ -106,8 +106,9 @@ def test_plan_command_prints_the_table(capsys: pytest.CaptureFixture[str]) -> No
     out = capsys.readouterr().out
     assert "train images  64" in out
     assert "synthetic samples   128" in out  # 64 images x 2 variants
-    assert "12 steps x 2" in out and "real+synthetic" in out
-    assert "generated at 192x192, supersample 3" in out  # generate.supersample of the 2x ControlNet
+    assert "20 steps x 2" in out and "real+synthetic" in out
+    assert main(["plan", str(DEMO), "generate.supersample=3"]) == 0
+    assert "generated at 192x192, supersample 3" in capsys.readouterr().out  # the 2x ControlNet at 3x
 
 
 def test_plan_json_is_the_plan(capsys: pytest.CaptureFixture[str]) -> None:

@@ -252,10 +252,10 @@ def test_preflight_checks_image_size_against_the_generator(tmp_path: Path) -> No
 def test_preflight_checks_sizes_against_the_shipped_base_a_run_would_use() -> None:
     demo = load_config(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml")
     (sizes,) = [c for c in preflight(demo, "expand").checks if " fits " in c]
-    assert "the shipped base tiny-base" in sizes and "[192, 192]" in sizes  # generate.supersample: 3
-    at2 = demo.model_copy(update={"generate": demo.generate.model_copy(update={"supersample": None})})
-    (sizes,) = [c for c in preflight(at2, "expand").checks if " fits " in c]
-    assert "[128, 128]" in sizes  # lumen.supersample: 2, the ControlNet's own factor
+    assert "the shipped base tiny-base" in sizes and "[128, 128]" in sizes  # lumen.supersample: 2
+    at3 = demo.model_copy(update={"generate": demo.generate.model_copy(update={"supersample": 3})})
+    (sizes,) = [c for c in preflight(at3, "expand").checks if " fits " in c]
+    assert "[192, 192]" in sizes  # the 2x ControlNet generating at 3x
     (sizes,) = [c for c in preflight(demo, "train-base").checks if " fits " in c]
     assert "the tiny base preset" in sizes  # train-base makes a new base of base.preset
 
