@@ -581,7 +581,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "prepare-camvid":
         prepare_camvid(args)
     else:
-        torch.set_num_threads(max(1, min(6, args.workers)))
+        # on a GPU a few threads feed it; on CPU the threads do the training: all cores (the data is
+        # loaded before training starts, so the loader workers do not compete with them)
+        threads = (os.cpu_count() or 1) if args.device == "cpu" else min(6, args.workers)
+        torch.set_num_threads(max(1, threads))
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
