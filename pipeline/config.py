@@ -502,6 +502,19 @@ class GenerateConfig(_Section):
         "the prompt alone and a third UNet pass per step (the prompt without the ControlNet) sets the two "
         "apart (null: both use guidance_scale; docs/models.md)",
     )
+    candidates: int = Field(
+        1,
+        ge=1,
+        le=8,
+        description="generate this many candidates per variant and keep the one whose own layout (read back "
+        "from the generated image by the layout extractor) agrees best with its condition: label-free "
+        "selection, K times the generation cost (1: off; layout ControlNets only; docs/models.md)",
+    )
+    candidate_score: Literal["edges", "cosine", "mse"] = Field(
+        "edges",
+        description="candidates > 1: how a candidate's layout is compared with its condition "
+        "(pipeline.synthesis.metrics.layout_agreement; edges: where the boundaries are)",
+    )
     scheduler: Literal["ddim", "dpm", "euler", "pndm"] = "ddim"
     prompt_template: str = "{caption}"
     variation_prompts: list[str] = Field(default_factory=list)
@@ -583,6 +596,10 @@ class GenerateConfig(_Section):
             )
         if self.strength < 1 and self.scheduler == "pndm":
             raise ValueError("generate.strength < 1 needs the ddim, dpm or euler scheduler, not pndm")
+        if self.candidates > 1 and (self.source != "images" or self.edited_per_map):
+            raise ValueError("generate.candidates compares the layout read back from each candidate with the "
+                             "one its source image gave: it needs generate.source=images and no "
+                             "edited_per_map")  # fmt: skip
         if self.layout_guidance is not None and not self.condition_guidance:
             raise ValueError("generate.layout_guidance weighs the layout apart from the prompt: it needs "
                              "generate.condition_guidance=true")  # fmt: skip

@@ -36,6 +36,7 @@ __all__ = [
     "STAGES",
     "PreflightReport",
     "check_adapter_settings",
+    "check_candidates",
     "check_class_edits",
     "check_label_source",
     "check_quality_filter",
@@ -144,9 +145,23 @@ def preflight(cfg: LumenConfig, stage: Stage = "run", run_dir: Path | None = Non
     # 9. The quality filter's object classes exist and the data has seg labels to train its segmenters.
     if stage in ("expand", "gains", "run") and cfg.generate.quality_filter:
         report.checks.append(check_quality_filter(cfg, info))
+    # 10. Candidate selection reads layouts back from generated images.
+    if stage in ("expand", "gains", "run") and cfg.generate.candidates > 1:
+        report.checks.append(check_candidates(cfg))
     report.seconds = round(time.time() - t0, 2)
     log.info("preflight (%s) passed in %.2f s: %s", stage, report.seconds, "; ".join(report.checks))
     return report
+
+
+def check_candidates(cfg: LumenConfig) -> str:
+    """``generate.candidates`` compares neural layouts: the ControlNet must take them."""
+    g = cfg.generate
+    if cfg.lumen.condition != "layout":
+        raise ConfigError(
+            f"generate.candidates={g.candidates} keeps the candidate whose neural layout agrees best with its "
+            f"condition; lumen.condition={cfg.lumen.condition!r} is not a layout (set generate.candidates=1)"
+        )
+    return f"candidates: best of {g.candidates} by layout agreement ({g.candidate_score}), {g.candidates}x generation"
 
 
 def check_quality_filter(cfg: LumenConfig, info: DatasetInfo) -> str:

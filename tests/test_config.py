@@ -155,3 +155,29 @@ def test_layout_guidance_needs_condition_guidance_and_sharpen_until_is_a_share()
     ]:
         with pytest.raises(ConfigError, match=match):
             build_config({"name": "s", "generate": gen})
+
+
+def test_candidates_are_bounded_and_need_source_images_and_a_layout_controlnet() -> None:
+    from pipeline.preflight import preflight
+
+    g = build_config({"name": "s", "generate": {"candidates": 4, "candidate_score": "mse"}}).generate
+    assert (g.candidates, g.candidate_score) == (4, "mse")
+    assert (
+        build_config({"name": "s"}).generate.candidates,
+        build_config({"name": "s"}).generate.candidate_score,
+    ) == (1, "edges")
+    for gen, match in [
+        ({"candidates": 0}, "candidates"),
+        ({"candidates": 9}, "candidates"),
+        ({"candidate_score": "psnr"}, "candidate_score"),
+        ({"candidates": 2, "source": "labels"}, "needs generate.source=images"),
+    ]:
+        with pytest.raises(ConfigError, match=match):
+            build_config({"name": "s", "generate": gen})
+    seg = build_config(
+        {"name": "s", "data": {"num_images": 4}, "lumen": {"condition": "seg"}, "generate": {"candidates": 2}}
+    )
+    with pytest.raises(ConfigError, match="not a layout"):
+        preflight(seg, "expand")
+    ok = build_config({"name": "s", "data": {"num_images": 4}, "generate": {"candidates": 2}})
+    assert any("best of 2 by layout agreement" in c for c in preflight(ok, "expand").checks)

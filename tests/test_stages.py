@@ -605,3 +605,63 @@ def test_train_controls_then_expand_with_class_edits(tmp_path: Path) -> None:
         if d["json"].get("class_edit")
     ]
     assert weights and all(w == pytest.approx(report["one_minus_iou"]["floor"], abs=1e-4) for w in weights)
+
+
+def test_candidates_keep_the_variant_whose_layout_agrees_best_and_record_the_choice(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``generate.candidates``: each variant is the best of K by layout agreement (ties to the earlier);
+    candidate 0 is exactly the variant without selection, the others come from their own seeds; the
+    shards record the choice, and the seed remakes the kept image."""
+    import hashlib
+
+    import pipeline.synthesis.metrics as metrics
+    from pipeline.lumen.expand import run_expand
+    from pipeline.shards.reader import iter_samples, read_shards
+
+    cfg = _filtered_run(tmp_path / "one", {"quality_filter": False})
+    summary = run_expand(cfg, tmp_path / "one", progress=False)
+    assert summary.synthetic == 6
+    shutil.copytree(tmp_path / "one", tmp_path / "three", ignore=shutil.ignore_patterns("shards", "expand*"))
+    calls: dict[str, list[np.ndarray]] = {}
+    real_agreement = metrics.layout_agreement
+
+    def spy(reference, candidates, score="cosine"):  # type: ignore[no-untyped-def]
+        out = real_agreement(reference, candidates, score)
+        calls.setdefault(hashlib.sha256(np.ascontiguousarray(reference).tobytes()).hexdigest(), []).append(
+            out
+        )
+        return out
+
+    monkeypatch.setattr(metrics, "layout_agreement", spy)
+    three = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"candidates": 3})})
+    assert run_expand(three, tmp_path / "three", progress=False).synthetic == 6
+    assert sorted(len(c) for c in calls.values()) == [3, 3]  # two chunks, three candidates each
+    best = {len(c[0]): np.stack(c) for c in calls.values()}  # chunk of 4 variants, chunk of 2
+    assert sorted(best) == [2, 4]
+
+    plain = {s.key: s.image for s in iter_samples(tmp_path / "one" / "shards" / "synthetic")}
+    chosen = {s.key: s.image for s in iter_samples(tmp_path / "three" / "shards" / "synthetic")}
+    records = {d["__key__"]: d["json"] for d in read_shards(tmp_path / "three" / "shards" / "synthetic")}
+    assert set(records) == set(plain) == set(chosen)
+    for index, n in ((0, 4), (1, 2)):
+        meta = json.loads(chunk_files(tmp_path / "three", index)[1].read_text())
+        scores = best[n]
+        for j, v in enumerate(meta["variants"]):
+            c = v["candidate"]
+            assert c == int(np.argmax(scores[:, j])) and v["layout_agreement"] == pytest.approx(
+                scores[c, j], abs=1e-6
+            )
+            sel = records[v["out_key"]]["selection"]
+            assert sel == {
+                "candidates": 3,
+                "score": "edges",
+                "chosen": c,
+                "layout_agreement": v["layout_agreement"],
+            }
+            own = variant_seed(cfg.seed, v["key"], v["variant"])
+            assert records[v["out_key"]]["seed"] == (
+                own if c == 0 else variant_seed(cfg.seed, f"{v['key']}#candidate{c}", v["variant"])
+            )
+            assert np.array_equal(chosen[v["out_key"]], plain[v["out_key"]]) == (c == 0)
+    assert len({r["selection"]["chosen"] for r in records.values()}) > 1  # the choice is not always the first

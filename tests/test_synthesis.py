@@ -37,6 +37,7 @@ from pipeline.synthesis.metrics import (
     diversity,
     instance_boundaries,
     l1_distance,
+    layout_agreement,
     normal_agreement,
     object_placement,
     object_separation,
@@ -108,6 +109,28 @@ def test_instance_boundaries_mark_both_sides_of_object_edges_only() -> None:
     assert not edges[0, 0] and not edges[5, 5]  # background next to background only
     assert instance_boundaries(inst[None]).shape == (1, 6, 6)
     assert not instance_boundaries(np.full((4, 4), -1)).any()
+
+
+def test_layout_agreement_prefers_the_candidate_that_keeps_its_conditions_boundary() -> None:
+    ref = np.full((1, 2, 8, 8), 0.5)
+    ref[0, 0, :, :4], ref[0, 0, :, 4:] = 0.9, 0.2  # two regions, a vertical boundary between columns 3 | 4
+    ref[0, 1, :, :4], ref[0, 1, :, 4:] = 0.3, 0.8
+    merged = ref.copy()
+    merged[:, :, :, 4:6] = ref[:, :, :, :1]  # the left region grew over the boundary: it moved to 5 | 6
+    for score in ("cosine", "edges", "mse"):
+        same = layout_agreement(ref, ref, score)
+        worse = layout_agreement(ref, merged, score)
+        assert same.shape == (1,) and same[0] > worse[0], score
+    assert layout_agreement(ref, ref, "cosine")[0] == pytest.approx(1.0)
+    assert layout_agreement(ref, ref, "edges")[0] == pytest.approx(1.0)
+    assert layout_agreement(ref, ref, "mse")[0] == 0.0
+    assert layout_agreement(ref, 1 - ref, "cosine")[0] == pytest.approx(-1.0)  # every vector reversed
+    flat = np.full((1, 2, 8, 8), 0.5)
+    assert layout_agreement(flat, ref, "edges")[0] == 0.0  # no boundary to compare: no information
+    with pytest.raises(ValueError, match="unknown layout agreement"):
+        layout_agreement(ref, ref, "psnr")
+    with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
+        layout_agreement(ref[0], ref[0])
 
 
 def test_object_separation_counts_a_merged_pair_and_skips_small_objects() -> None:

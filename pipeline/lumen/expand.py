@@ -25,7 +25,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,8 +38,14 @@ from pipeline.data.sample import Sample
 from pipeline.execution import Deferred, Future, TrackerFactory, tqdm_tracker
 from pipeline.faults import kill_point
 from pipeline.io import atomic_open, atomic_write_json, atomic_write_text, sha256_file
-from pipeline.lumen.expand_context import ExpandContext, expand_context, expand_slots, stage_hash
-from pipeline.lumen.generate import plan_variants, variant_seed
+from pipeline.lumen.expand_context import (
+    ExpandContext,
+    GenerationWorker,
+    expand_context,
+    expand_slots,
+    stage_hash,
+)
+from pipeline.lumen.generate import VariantSpec, plan_variants, variant_seed
 from pipeline.runs import RunPaths, stage_key
 from pipeline.shards.writer import MANIFEST_NAME, ShardSetWriter
 from pipeline.synthesis.judging import JudgeFactory
@@ -233,12 +239,14 @@ def generate_chunk(
     plans = _class_edit_plans(ctx, [by_key[sp.key] for sp in specs], [sp.seed for sp in specs])
     seeds = [sp.seed for sp in specs]
     attempts = [1] * len(specs)
+    picked: dict[int, dict[str, Any]] = {}  # generate.candidates: the chosen candidate of each variant
     results: list[QualityResult] = []
     if specs:
         with ctx.worker() as worker:  # up to expand_slots(cfg) chunks at once, each on its own models
             # steepen the boundaries between touching objects, for every step or the first ones (docs/models.md)
-            made, early = sharpen_schedule(np.asarray(worker.make_conditions(samples)), g.layout_sharpen,
-                                           g.layout_sharpen_radius, g.layout_sharpen_until)  # fmt: skip
+            plain = np.asarray(worker.make_conditions(samples))
+            made, early = sharpen_schedule(plain, g.layout_sharpen, g.layout_sharpen_radius,
+                                           g.layout_sharpen_until)  # fmt: skip
             conds = dict(zip((s.key for s in samples), made, strict=True))
             sharp = {} if early is None else dict(zip((s.key for s in samples), early, strict=True))
 
@@ -259,6 +267,10 @@ def generate_chunk(
 
             everything = list(range(len(specs)))
             images = make(everything, seeds)
+            if g.candidates > 1:  # keep the candidate whose own layout agrees best with its condition
+                layouts = dict(zip((s.key for s in samples), plain, strict=True))
+                reference = np.stack([layouts[sp.key] for sp in specs]).astype(np.float32)
+                images, seeds, picked = _best_candidates(cfg, worker, specs, by_key, reference, make, images)
             if ctx.quality is not None:
                 results = _score_quality(ctx, [by_key[sp.key] for sp in specs], images)
                 for attempt in range(2, g.quality_retries + 2):  # regenerate what the filter drops
@@ -272,11 +284,12 @@ def generate_chunk(
                     for j, i in enumerate(redo):
                         images[i], results[i] = again[j], scored[j]
                         seeds[i], attempts[i] = new_seeds[j], attempt
+                        picked.pop(i, None)  # a retry is one generation, not a choice among candidates
     variants = [
         {"out_key": sp.out_key, "key": sp.key, "variant": sp.variant, "seed": seed, "prompt": sp.prompt,
-         **({"attempt": attempt} if g.quality_retries else {}),
+         **({"attempt": attempt} if g.quality_retries else {}), **picked.get(i, {}),
          **({"class_edit": {k: v for k, v in plan.items() if k != "class_id"}} if plan else {})}
-        for sp, plan, seed, attempt in zip(specs, plans, seeds, attempts, strict=True)
+        for i, (sp, plan, seed, attempt) in enumerate(zip(specs, plans, seeds, attempts, strict=True))
     ]  # fmt: skip
     arrays: dict[str, np.ndarray] = {"images": images}
     if results:
@@ -305,6 +318,48 @@ def generate_chunk(
     }
     atomic_write_json(meta, record)
     return ChunkResult(index, meta, reused=False, seconds=time.time() - t0, record=record)
+
+
+def _best_candidates(
+    cfg: LumenConfig,
+    worker: GenerationWorker,
+    specs: Sequence[VariantSpec],
+    sources: dict[str, Sample],
+    reference: np.ndarray,
+    make: Callable[[list[int], list[int]], np.ndarray],
+    first: np.ndarray,
+) -> tuple[np.ndarray, list[int], dict[int, dict[str, Any]]]:
+    """``generate.candidates``: the first candidates are ``first`` (the variants' own seeds); each further
+    one is generated under ``variant_seed(seed, f"{key}#candidate{c}", variant)``. Every candidate's layout
+    is read back from its image by the run's extractor and compared with its condition ``reference``
+    (``layout_agreement``, ``generate.candidate_score``); the best one is kept, ties to the earlier.
+    Returns the kept images, their seeds (so each can be remade) and, per variant, its provenance:
+    ``{"candidate": c, "layout_agreement": score}``."""
+    from pipeline.synthesis.metrics import layout_agreement
+
+    g = cfg.generate
+    if worker.read_layouts is None:
+        raise RuntimeError("generate.candidates > 1 needs a worker built with read_layouts")
+    read = worker.read_layouts
+
+    def agreement(images: np.ndarray) -> np.ndarray:
+        back = read([replace(sources[sp.key], image=im) for sp, im in zip(specs, images, strict=True)])
+        return layout_agreement(reference, np.asarray(back, dtype=np.float32), g.candidate_score)
+
+    best, best_score = first.copy(), agreement(first)
+    seeds = [sp.seed for sp in specs]
+    chosen = np.zeros(len(specs), int)
+    for c in range(1, g.candidates):
+        seeds_c = [variant_seed(cfg.seed, f"{sp.key}#candidate{c}", sp.variant) for sp in specs]
+        images = make(list(range(len(specs))), seeds_c)
+        score = agreement(images)
+        better = score > best_score
+        best[better], chosen[better] = images[better], c
+        best_score = np.where(better, score, best_score)
+        seeds = [s_c if b else s for s, s_c, b in zip(seeds, seeds_c, better, strict=True)]
+    picked = {i: {"candidate": int(chosen[i]), "layout_agreement": round(float(best_score[i]), 6)}
+              for i in range(len(specs))}  # fmt: skip
+    return best, seeds, picked
 
 
 def _class_edit_plans(
@@ -430,6 +485,9 @@ def write_chunk(
             prov["quality"] = v["quality"]
         if "class_edit" in v:
             prov["class_edit"] = v["class_edit"]
+        if "candidate" in v:  # generate.candidates: which one was kept, and why
+            prov["selection"] = {"candidates": g.candidates, "score": g.candidate_score,
+                                 "chosen": v["candidate"], "layout_agreement": v["layout_agreement"]}  # fmt: skip
         if "label_source" in src.meta:  # made from a label map (edited, or as it is)
             prov["source_key"] = src.meta.get("source_key", src.key)
             prov["label_source"], prov["edits"] = src.meta.get("label_source"), src.meta.get("edits", [])

@@ -134,10 +134,13 @@ class ExpandContext:
 
 @dataclass
 class GenerationWorker:
-    """A condition function and a generator over one private copy of the models."""
+    """A condition function and a generator over one private copy of the models; with
+    ``generate.candidates`` > 1 also ``read_layouts``, the same layouts without the on-disk cache (it reads
+    the layout of a generated candidate, which has its source's key)."""
 
     make_conditions: ConditionFn
     generator: LumenGenerator
+    read_layouts: ConditionFn | None = None
 
 
 def expand_slots(cfg: LumenConfig) -> int:
@@ -352,7 +355,15 @@ def _build_context(
             own_base, own_cn, _ = load_student(student, device=device)
         return LumenGenerator(own_base, own_cn, scheduler=cfg.generate.scheduler, device=device)
 
-    first = GenerationWorker(make_conditions, generator(base, controlnet))
+    def reader(own_base: BaseComponents) -> ConditionFn | None:
+        """generate.candidates: an uncached layout maker over ``own_base`` (its extractor hooks the UNet
+        only during a call, so it can share the worker's)."""
+        if cfg.generate.candidates == 1:
+            return None
+        uncached = gen_cfg.model_copy(update={"layouts": gen_cfg.layouts.model_copy(update={"cache": False})})
+        return condition_maker(uncached, own_base, base_id, real_source, run_dir, reducer_path=reducer)[0]
+
+    first = GenerationWorker(make_conditions, generator(base, controlnet), reader(base))
 
     def build_worker() -> GenerationWorker:
         # From the files, not a copy of the first worker's modules: a copy taken while that worker
@@ -365,7 +376,7 @@ def _build_context(
         make, _ = condition_maker(gen_cfg, own_base, base_id, real_source, run_dir, reducer_path=reducer)
         if from_labels is not None:  # images + edited maps: this worker's own extractor, the shared mapper
             make = _with_maps(source, make, from_labels[4])
-        return GenerationWorker(make, generator(own_base, own_cn))
+        return GenerationWorker(make, generator(own_base, own_cn), reader(own_base))
 
     controls = class_weights = None
     if cfg.generate.class_edits.classes:

@@ -128,10 +128,11 @@ class GenerationPlan:
     sampler: str
     steps: int
     passes_per_step: int  # UNet + ControlNet evaluations per step: 2 with classifier-free guidance
-    evaluations: int | None  # synthetic_samples x steps x passes_per_step
+    evaluations: int | None  # synthetic_samples x candidates x steps x passes_per_step
     chunk_size: int
     chunks: int | None  # resumable units of work (generate.chunk_size source images each)
     supersample: int = 1  # generated at supersample x size, then downsampled (generate. or lumen.supersample)
+    candidates: int = 1  # generate.candidates: generated per variant, the best kept by layout agreement
 
 
 @dataclass(frozen=True)
@@ -411,9 +412,9 @@ def _plan_generation(
         model=g.model, source=g.source, source_images=sources, variants=g.variants,
         synthetic_samples=synthetic, size=size, size_multiple=multiple, sampler=g.scheduler,
         steps=g.steps, passes_per_step=passes,
-        evaluations=None if synthetic is None else synthetic * g.steps * passes,
+        evaluations=None if synthetic is None else synthetic * g.candidates * g.steps * passes,
         chunk_size=g.chunk_size, chunks=None if sources is None else math.ceil(sources / g.chunk_size),
-        supersample=cfg.generate.supersample or cfg.lumen.supersample,
+        supersample=cfg.generate.supersample or cfg.lumen.supersample, candidates=g.candidates,
     )  # fmt: skip
 
 
@@ -736,6 +737,10 @@ def _render(plan: RunPlan) -> str:
     passes = f"{g.steps} steps x {g.passes_per_step}" + (
         " (classifier-free guidance: 2 passes)" if g.passes_per_step == 2 else " (1 pass)"
     )
+    per_sample = g.steps * g.passes_per_step
+    if g.candidates > 1:  # generate.candidates: K generations per kept sample
+        passes = f"{g.candidates} candidates x {passes}"
+        per_sample *= g.candidates
     lines += [
         "",
         f"generation ({g.model}, {g.sampler}) at {g.size[0]}x{g.size[1]}"
@@ -748,7 +753,7 @@ def _render(plan: RunPlan) -> str:
         f"  source {'images    ' if g.source == 'images' else 'label maps'}   {_n(g.source_images)}",
         f"  variants per image  {g.variants}",
         f"  synthetic samples   {_n(g.synthetic_samples)}",
-        f"  per sample          {passes} = {g.steps * g.passes_per_step} UNet+ControlNet evaluations",
+        f"  per sample          {passes} = {per_sample} UNet+ControlNet evaluations",
         f"  evaluations         {_n(g.evaluations)}",
         f"  chunks              {_n(g.chunks)} of {g.chunk_size} source images (runner {p.runner}, "
         f"{p.max_workers} workers, {p.gpu_concurrency} device slot(s) each)",

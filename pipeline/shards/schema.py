@@ -143,6 +143,11 @@ class Provenance(BaseModel):
     class_edit: dict[str, Any] | None = Field(
         None, description="class-specific appearance edit: class, direction, strength (generate.class_edits)"
     )
+    selection: dict[str, Any] | None = Field(
+        None,
+        description="set when the variant was chosen among candidates (generate.candidates): candidates, "
+        "score, chosen (0 = the variant's own seed) and its layout_agreement",
+    )
 
     @model_validator(mode="after")
     def _synthetic_needs_variant(self) -> Provenance:

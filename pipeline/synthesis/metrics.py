@@ -52,6 +52,7 @@ __all__ = [
     "diversity",
     "instance_boundaries",
     "l1_distance",
+    "layout_agreement",
     "normal_agreement",
     "object_separation",
     "rms_distance",
@@ -302,6 +303,52 @@ def object_separation(
         pairs=len(flat),
         recall=recall,
     )
+
+
+LAYOUT_AGREEMENTS = ("cosine", "edges", "mse")
+"""The scores :func:`layout_agreement` knows."""
+
+
+def _layout_edges(layouts: np.ndarray) -> np.ndarray:
+    """(B, C, H, W) -> (B, H, W): the gradient magnitude over all channels (central differences)."""
+    x = np.asarray(layouts, dtype=np.float64)
+    gy = np.zeros_like(x)
+    gx = np.zeros_like(x)
+    gy[:, :, 1:-1] = (x[:, :, 2:] - x[:, :, :-2]) / 2
+    gx[:, :, :, 1:-1] = (x[:, :, :, 2:] - x[:, :, :, :-2]) / 2
+    return np.sqrt((gx * gx + gy * gy).sum(axis=1))
+
+
+def layout_agreement(reference: np.ndarray, candidates: np.ndarray, score: str = "cosine") -> np.ndarray:
+    """How well each candidate's own layout matches the layout it was generated from: (B,) float64,
+    higher is better. Both are (B, C, H, W) neural layouts in [0, 1] (0.5 the dataset mean, as
+    :class:`pipeline.layouts.LayoutExtractor` makes them): ``reference[i]`` the condition, ``candidates[i]``
+    the layout extracted again from the generated image. Label-free: a variant that merges two touching
+    objects, or loses one, no longer carries the boundary its condition had.
+
+    - ``cosine``: the mean over pixels of the cosine between the centred (``- 0.5``) layout vectors;
+    - ``edges``: the Pearson correlation of the two layouts' gradient magnitudes (where the boundaries are);
+    - ``mse``: minus the mean squared difference.
+    """
+    ref = np.asarray(reference, dtype=np.float64)
+    cand = np.asarray(candidates, dtype=np.float64)
+    if ref.shape != cand.shape or ref.ndim != 4:
+        raise ValueError(f"layouts must both be (B, C, H, W), got {ref.shape} and {cand.shape}")
+    if score == "mse":
+        return np.asarray(-((ref - cand) ** 2).mean(axis=(1, 2, 3)))
+    if score == "cosine":
+        a, b = ref - 0.5, cand - 0.5
+        num = (a * b).sum(axis=1)
+        den = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
+        return np.asarray(np.where(den > 1e-12, num / np.maximum(den, 1e-12), 0.0).mean(axis=(1, 2)))
+    if score == "edges":
+        ea = _layout_edges(ref).reshape(len(ref), -1)
+        eb = _layout_edges(cand).reshape(len(cand), -1)
+        ea = ea - ea.mean(axis=1, keepdims=True)
+        eb = eb - eb.mean(axis=1, keepdims=True)
+        den = np.sqrt((ea * ea).sum(axis=1) * (eb * eb).sum(axis=1))
+        return np.asarray(np.where(den > 1e-12, (ea * eb).sum(axis=1) / np.maximum(den, 1e-12), 0.0))
+    raise ValueError(f"unknown layout agreement score {score!r}; expected one of {LAYOUT_AGREEMENTS}")
 
 
 def depth_agreement(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
