@@ -53,6 +53,7 @@ __all__ = [
     "instance_boundaries",
     "l1_distance",
     "layout_agreement",
+    "layout_edges",
     "normal_agreement",
     "object_separation",
     "rms_distance",
@@ -309,7 +310,7 @@ LAYOUT_AGREEMENTS = ("cosine", "edges", "mse")
 """The scores :func:`layout_agreement` knows."""
 
 
-def _layout_edges(layouts: np.ndarray) -> np.ndarray:
+def layout_edges(layouts: np.ndarray) -> np.ndarray:
     """(B, C, H, W) -> (B, H, W): the gradient magnitude over all channels (central differences)."""
     x = np.asarray(layouts, dtype=np.float64)
     gy = np.zeros_like(x)
@@ -342,8 +343,8 @@ def layout_agreement(reference: np.ndarray, candidates: np.ndarray, score: str =
         den = np.sqrt((a * a).sum(axis=1) * (b * b).sum(axis=1))
         return np.asarray(np.where(den > 1e-12, num / np.maximum(den, 1e-12), 0.0).mean(axis=(1, 2)))
     if score == "edges":
-        ea = _layout_edges(ref).reshape(len(ref), -1)
-        eb = _layout_edges(cand).reshape(len(cand), -1)
+        ea = layout_edges(ref).reshape(len(ref), -1)
+        eb = layout_edges(cand).reshape(len(cand), -1)
         ea = ea - ea.mean(axis=1, keepdims=True)
         eb = eb - eb.mean(axis=1, keepdims=True)
         den = np.sqrt((ea * ea).sum(axis=1) * (eb * eb).sum(axis=1))
