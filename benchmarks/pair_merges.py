@@ -110,11 +110,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--work", type=Path, default=Path("runs/ceiling"), help="ceiling.py's --work (cached judges)"
     )
+    p.add_argument(
+        "--supersample", type=int, default=None,
+        help="generate at this multiple of the labels' size (generate.supersample; default: the ControlNet's own)",
+    )  # fmt: skip
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pair_merges.json")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
     started = time.perf_counter()
-    cargs = ceiling._parse_args(["--images", str(args.images), "--variation", args.variation])
+    more = ["--supersample", str(args.supersample)] if args.supersample else []
+    cargs = ceiling._parse_args(["--images", str(args.images), "--variation", args.variation, *more])
     cfg, base_dir, lumen_dir, _ = ceiling._config(cargs)
     device = torch.device("cpu")
     base = load_base(base_dir).to(device)
@@ -183,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in ("layout", "boundary_contrast", "rgb", "colour_distance")
     }
     doc = {"benchmark": "pair_merges", "images": len(val), "seeds": args.seeds, "variation": args.variation,
+           "supersample": cfg.lumen.supersample,
            "pairs": rows, "groups": groups, "correlation_with_merge_rate": corr,
            "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)
