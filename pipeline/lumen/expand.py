@@ -329,8 +329,8 @@ def _best_candidates(
     make: Callable[[list[int], list[int]], np.ndarray],
     first: np.ndarray,
 ) -> tuple[np.ndarray, list[int], dict[int, dict[str, Any]]]:
-    """``generate.candidates``: the first candidates are ``first`` (the variants' own seeds); each further
-    one is generated under ``variant_seed(seed, f"{key}#candidate{c}", variant)``. Every candidate's layout
+    """``generate.candidates``: candidate 0 of each variant is its image in ``first`` (its own seed); each
+    further one is generated under ``variant_seed(seed, f"{key}#candidate{c}", variant)``. Every candidate's layout
     is read back from its image by the run's extractor and compared with its condition ``reference``
     (``layout_agreement``, ``generate.candidate_score``); the best one is kept, ties to the earlier.
     Returns the kept images, their seeds (so each can be remade) and, per variant, its provenance:
