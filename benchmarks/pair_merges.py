@@ -60,7 +60,7 @@ def _pair_rows(
     instances: np.ndarray, classes: list[list[int]], images: np.ndarray, layouts: np.ndarray, min_pixels: int
 ) -> list[dict[str, Any]]:
     """One row per counted touching pair, in ``object_separation``'s order (image, then sorted ids)."""
-    from layout_separation import pair_separability
+    from layout_separation import pair_separability, touching_pairs
 
     from pipeline.synthesis.metrics import layout_edges
 
@@ -69,12 +69,7 @@ def _pair_rows(
     for i, (inst, cls) in enumerate(zip(instances, classes, strict=True)):
         ids, counts = np.unique(inst[inst >= 0], return_counts=True)
         area = dict(zip(ids.tolist(), counts.tolist(), strict=True))
-        pairs = set()
-        for dy, dx in ((0, 1), (1, 0)):
-            a, b = inst[: inst.shape[0] - dy, : inst.shape[1] - dx], inst[dy:, dx:]
-            m = (a >= 0) & (b >= 0) & (a != b)
-            pairs |= {(min(x, y), max(x, y)) for x, y in zip(a[m].tolist(), b[m].tolist(), strict=True)}
-        for a, b in sorted(pairs):
+        for a, b in sorted(touching_pairs(inst)):
             if area[a] < min_pixels or area[b] < min_pixels:
                 continue
             only = np.where((inst == a) | (inst == b), inst, -1)[None]
