@@ -94,14 +94,8 @@ def main(argv: list[str] | None = None) -> int:
 
     val = load_split(cfg, "val", args.images, size)
     f_val = features(val)
-    comps = pca.components
-
-    def residual(f: torch.Tensor) -> torch.Tensor:
-        centred = f - pca.mean.view(1, -1, 1, 1)
-        return centred - torch.einsum("bchw,nc,nd->bdhw", centred, comps, comps)
-
     fitter = PCAFitter(vectors_per_image=256)
-    fitter.update(residual(features(load_split(cfg, "train", args.fit_images, size))))
+    fitter.update(pca.residual(features(load_split(cfg, "train", args.fit_images, size))))
     extra = fitter.fit(max(args.extra))
     source = build_dataset(cfg.data, "val")
     instances = [source.objects(v.key, msize)[0] for v in val]
@@ -119,8 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     rows[f"layout, N = {pca.num_components} (shipped)"] = pair_separability(
         upsampled(shipped), instances, min_pixels
     )
+    res_val = pca.residual(f_val)
     for k in args.extra:
-        more = torch.einsum("bchw,nc->bnhw", residual(f_val), extra.components[:k]) / extra.scale[:k].view(
+        more = torch.einsum("bchw,nc->bnhw", res_val, extra.components[:k]) / extra.scale[:k].view(
             1, -1, 1, 1
         )
         rows[f"layout, N = {pca.num_components + k}"] = pair_separability(

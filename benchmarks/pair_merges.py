@@ -109,11 +109,13 @@ def main(argv: list[str] | None = None) -> int:
         "--supersample", type=int, default=None,
         help="generate at this multiple of the labels' size (generate.supersample; default: the ControlNet's own)",
     )  # fmt: skip
+    p.add_argument("--assets", type=Path, default=None, help="ceiling.py's --assets (default: the shipped)")
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "pair_merges.json")
     args = p.parse_args(argv)
     torch.set_grad_enabled(False)
     started = time.perf_counter()
     more = ["--supersample", str(args.supersample)] if args.supersample else []
+    more += ["--assets", str(args.assets)] if args.assets else []
     cargs = ceiling._parse_args(["--images", str(args.images), "--variation", args.variation, *more])
     cfg, base_dir, lumen_dir, _ = ceiling._config(cargs)
     device = torch.device("cpu")
@@ -183,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         for k in ("layout", "boundary_contrast", "rgb", "colour_distance")
     }
     doc = {"benchmark": "pair_merges", "images": len(val), "seeds": args.seeds, "variation": args.variation,
-           "supersample": cfg.lumen.supersample,
+           "supersample": cfg.lumen.supersample, "assets": str(lumen_dir),
            "pairs": rows, "groups": groups, "correlation_with_merge_rate": corr,
            "seconds": round(time.perf_counter() - started, 1)}  # fmt: skip
     args.out.parent.mkdir(parents=True, exist_ok=True)

@@ -252,6 +252,31 @@ def test_condition_map_is_recovered_and_folded_into_the_first_convolution() -> N
         remap_condition_input(cn, a, b)  # it reads 3 channels now
 
 
+def test_widened_controlnet_ignores_its_new_channels_until_trained() -> None:
+    """widen_condition_input: K zero-weighted input channels; the first convolution's output is the old
+    one whatever the new channels hold, and the new weights get gradients."""
+    from pipeline.lumen.base import build_tiny_components
+    from pipeline.lumen.controlnet import build_controlnet, widen_condition_input
+    from pipeline.lumen.tokenizer import build_tokenizer
+
+    base = build_tiny_components(build_tokenizer(["a"]), RES, seed=0, preset=PRESET)
+    cn = build_controlnet(base, 3, seed=0)
+    with torch.no_grad():
+        cn.controlnet_cond_embedding.conv_in.weight.normal_()
+    cond = torch.randn(2, 3, RES, RES)
+    with torch.no_grad():
+        before = cn.controlnet_cond_embedding.conv_in(cond)
+    widen_condition_input(cn, 2)
+    conv = cn.controlnet_cond_embedding.conv_in
+    assert cn.config.conditioning_channels == 5 and conv.in_channels == 5
+    wide = torch.cat([cond, 10 * torch.randn(2, 2, RES, RES)], 1)
+    torch.testing.assert_close(conv(wide), before, atol=1e-5, rtol=0)
+    conv(wide).square().mean().backward()
+    assert conv.weight.grad is not None and conv.weight.grad[:, 3:].abs().sum() > 0
+    with pytest.raises(ValueError, match="extra"):
+        widen_condition_input(cn, 0)
+
+
 def test_recipe_continue_base_smoke(tmp_path: Path) -> None:
     """``train --continue-base --smoke``: the shipped base's UNet trains on, then a ControlNet over it;
     nothing is exported."""

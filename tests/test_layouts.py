@@ -286,6 +286,31 @@ def test_pca_streaming_equals_one_shot() -> None:
     torch.testing.assert_close(a.explained_variance, b.explained_variance, atol=1e-4, rtol=1e-5)
 
 
+def test_extended_pca_keeps_its_components_and_adds_the_next_ones() -> None:
+    """Components fitted on the residual of a 3-component PCA are the data's 4th and 5th: the extended
+    PCA equals a 5-component fit (up to sign), and its first 3 projections are the old ones (to float rounding)."""
+    x, _ = _planted(m=3000)
+    fitter = PCAFitter()
+    fitter.update_vectors(x)
+    pca, full = fitter.fit(3), fitter.fit(5)
+    maps = x[:400].reshape(4, 10, 10, -1).permute(0, 3, 1, 2)
+    residual = pca.residual(x)
+    torch.testing.assert_close(residual @ pca.components.T, torch.zeros(len(x), 3), atol=1e-4, rtol=0)
+    torch.testing.assert_close(pca.residual(maps), residual[:400].reshape(4, 10, 10, -1).permute(0, 3, 1, 2))
+    rest = PCAFitter()
+    rest.update_vectors(residual)
+    wide = pca.extended(rest.fit(2))
+    assert wide.num_components == 5 and wide.metadata["extended"]["extra"] == 2
+    cos = (wide.components * full.components).sum(1).abs()
+    torch.testing.assert_close(cos, torch.ones(5), atol=1e-3, rtol=0)
+    torch.testing.assert_close(wide.explained_variance, full.explained_variance, rtol=1e-3, atol=1e-4)
+    torch.testing.assert_close(wide.transform(maps)[:, :3], pca.transform(maps), atol=1e-5, rtol=1e-6)
+    raw = PCAFitter()
+    raw.update_vectors(x)
+    with pytest.raises(ValueError, match="residual"):
+        pca.extended(raw.fit(2))  # fitted on the features, not the residual: same directions again
+
+
 def test_pca_drop_first_skips_leading_components() -> None:
     x, _ = _planted()
     fitter = PCAFitter()

@@ -61,8 +61,10 @@ def export_asset(
     info: dict[str, Any],
     fp16: bool = True,
     extra: dict[str, str | os.PathLike[str]] | None = None,
+    assets_dir: str | os.PathLike[str] | None = None,
 ) -> Path:
-    """Copy a diffusers folder (model index + component folders) into ``pipeline/assets/<name>``.
+    """Copy a diffusers folder (model index + component folders) into ``pipeline/assets/<name>`` (or
+    ``assets_dir/<name>``, e.g. for an experiment's assets that ``benchmarks/ceiling.py --assets`` reads).
 
     Weights are stored as float16 safetensors when ``fp16`` (halves the size; loaders upcast on CPU),
     training by-products (checkpoints, logs) are left out, ``extra`` files ({name in the asset: path})
@@ -71,7 +73,7 @@ def export_asset(
     """
     from safetensors.torch import load_file, save_file
 
-    src, dst = Path(src), ASSETS_DIR / name
+    src, dst = Path(src), Path(assets_dir or ASSETS_DIR) / name
     if dst.exists():
         shutil.rmtree(dst)
     files: dict[str, str] = {}

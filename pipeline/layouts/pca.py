@@ -110,6 +110,55 @@ class PCA:
         centred = features.float() - mean.view(1, -1, 1, 1)
         return torch.einsum("bchw,nc->bnhw", centred, comps)
 
+    def residual(self, features: torch.Tensor) -> torch.Tensor:
+        """What the components leave out: the centred features minus their projection on the components.
+
+        Args:
+            features: (M, C) vectors or (B, C, h, w) feature maps.
+
+        Returns:
+            The residual, the same shape as ``features`` (float32), orthogonal to every component.
+        """
+        proj = self.transform(features)
+        comps = self.components.to(features.device)
+        if features.ndim == 2:
+            return features.float() - self.mean.to(features.device) - proj @ comps
+        centred = features.float() - self.mean.to(features.device).view(1, -1, 1, 1)
+        return centred - torch.einsum("bnhw,nc->bchw", proj, comps)
+
+    def extended(self, extra: PCA) -> PCA:
+        """This PCA followed by ``extra``'s components: N + K components whose first N are exactly these.
+
+        ``extra`` must be fitted on :meth:`residual` features (so its components are orthogonal to these);
+        its components are centred on this PCA's mean, which is where the residual's mean lies.
+        Widening a layout this way lets a ControlNet trained on the first N channels be carried over with
+        zero weights on the new ones (:func:`pipeline.lumen.controlnet.widen_condition_input`).
+
+        Raises:
+            ValueError: other feature channels, or ``extra``'s components not orthogonal to these.
+        """
+        if extra.num_channels != self.num_channels:
+            raise ValueError(f"extra has {extra.num_channels} channels, this PCA {self.num_channels}")
+        overlap = float((extra.components @ self.components.T).abs().max())
+        if overlap > 1e-3:
+            raise ValueError(
+                f"extra components overlap these (max |cos| {overlap:.3g}): fit them on PCA.residual features"
+            )
+        n, k = self.num_components, extra.num_components
+        meta = {
+            **self.metadata,
+            "num_components": n + k,
+            "extended": {"from": self.fingerprint(), "components": n, "extra": k,
+                         "extra_explained_variance_ratio": extra.metadata.get("explained_variance_ratio")},
+        }  # fmt: skip
+        return PCA(
+            self.mean,
+            torch.cat([self.components, extra.components]),
+            torch.cat([self.explained_variance, extra.explained_variance]),
+            torch.cat([self.scale, extra.scale]),
+            metadata=meta,
+        )
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """The stored tensors by name."""
         return {name: getattr(self, name) for name in _TENSORS}

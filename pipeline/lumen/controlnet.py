@@ -46,6 +46,7 @@ __all__ = [
     "encode_training_data",
     "fit_condition_map",
     "remap_condition_input",
+    "widen_condition_input",
 ]
 
 log = logging.getLogger(__name__)
@@ -140,6 +141,21 @@ def remap_condition_input(controlnet: Any, a: np.ndarray, b: np.ndarray) -> Any:
     controlnet.controlnet_cond_embedding.conv_in = new_conv
     controlnet.register_to_config(conditioning_channels=int(a.shape[1]))
     return controlnet
+
+
+def widen_condition_input(controlnet: Any, extra: int) -> Any:
+    """Give the ControlNet ``extra`` more conditioning channels that it ignores at first (zero weights), in
+    place: its output is unchanged for any values there, and fine-tuning then learns to read them. Used
+    with :meth:`pipeline.layouts.pca.PCA.extended`, whose first channels are the old layout's.
+
+    Returns:
+        The ControlNet, now with ``conditioning_channels + extra`` conditioning channels.
+    """
+    if extra < 1:
+        raise ValueError(f"extra must be >= 1, got {extra}")
+    c = int(controlnet.controlnet_cond_embedding.conv_in.in_channels)
+    a = np.concatenate([np.eye(c, dtype=np.float32), np.zeros((c, extra), np.float32)], axis=1)
+    return remap_condition_input(controlnet, a, np.zeros(c, np.float32))
 
 
 @dataclass
