@@ -168,6 +168,7 @@ def generate_variants(run: OpenedRun, sources: Sequence[Sample], cfg: LumenConfi
                       seed: int, device: torch.device, conditions: np.ndarray | None) -> np.ndarray:  # fmt: skip
     """K variants of each source, source-major, with expand's prompts, per-variant seeds and conditioning
     settings (``generate.conditioning_scale``, ``condition_guidance``, ``strength``, ``layout_sharpen*``).
+    One candidate per variant: ``generate.candidates`` is not applied (:meth:`Scorer.run_row` warns).
 
     A supersampled model generates at its own size (``conditions`` are made from
     :func:`model_sources`) and the variants are area-downsampled to the sources' size, as in expand."""
@@ -266,6 +267,11 @@ class Scorer:
     def run_row(self, run: OpenedRun) -> dict[str, Any]:
         """Every generation seed of one run, read from the cache or generated and scored."""
         spec = run.spec
+        if self.cfg.generate.candidates > 1:
+            log.warning(
+                "%s: generate.candidates=%d is not mirrored here: each variant is scored as one candidate "
+                "(benchmarks/ceiling.py --candidates measures the selection)", spec.name, self.cfg.generate.candidates,
+            )  # fmt: skip
         conditions: np.ndarray | None = None
         per_seed: list[dict[str, float]] = []
         t0 = time.perf_counter()
