@@ -301,6 +301,10 @@ def test_extended_pca_keeps_its_components_and_adds_the_next_ones() -> None:
     rest.update_vectors(residual)
     wide = pca.extended(rest.fit(2))
     assert wide.num_components == 5 and wide.metadata["extended"]["extra"] == 2
+    assert wide.metadata["explained_variance_ratio"][:3] == pca.metadata["explained_variance_ratio"]
+    np.testing.assert_allclose(
+        wide.metadata["explained_variance_ratio"], full.metadata["explained_variance_ratio"], rtol=1e-3
+    )
     cos = (wide.components * full.components).sum(1).abs()
     torch.testing.assert_close(cos, torch.ones(5), atol=1e-3, rtol=0)
     torch.testing.assert_close(wide.explained_variance, full.explained_variance, rtol=1e-3, atol=1e-4)

@@ -151,6 +151,13 @@ class PCA:
             "extended": {"from": self.fingerprint(), "components": n, "extra": k,
                          "extra_explained_variance_ratio": extra.metadata.get("explained_variance_ratio")},
         }  # fmt: skip
+        total = self.metadata.get("total_variance")
+        if total:  # the new components' share of all the features' variance, as the first N's
+            ratios = self.metadata.get("explained_variance_ratio", [])
+            meta["explained_variance_ratio"] = [
+                *ratios,
+                *(float(v) / total for v in extra.explained_variance),
+            ]
         return PCA(
             self.mean,
             torch.cat([self.components, extra.components]),
