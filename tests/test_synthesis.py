@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import logging
 import math
 from pathlib import Path
 
@@ -534,6 +535,26 @@ def test_quality_settings_that_cannot_work_fail_before_any_work() -> None:
     assert (
         check_quality_filter(good, info) == "quality filter: objects mode over ['sphere', 'box'], 2 retries"
     )
+
+
+def test_evaluate_synthesis_warns_that_candidates_are_not_mirrored(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A run config with generate.candidates > 1 is scored one candidate per variant, and says so."""
+    from pipeline.synthesis.inputs import EvalSettings, OpenedRun, RunSpec
+    from pipeline.synthesis.scoring import EvalPaths, Scorer
+
+    run = OpenedRun(RunSpec("x", None), "layout", 3, base=None, base_id="b", controlnet=object())  # type: ignore[arg-type]
+    for k, warned in ((1, False), (4, True)):
+        cfg = build_config({"generate": {"candidates": k}})
+        scorer = Scorer(
+            cfg, EvalSettings(seeds=()), [], None, {}, None, "b", torch.device("cpu"), EvalPaths(tmp_path)  # type: ignore[arg-type]
+        )
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="pipeline.synthesis.scoring"):
+            row = scorer.run_row(run)
+        assert row["name"] == "x" and row["per_seed"] == []
+        assert ("generate.candidates=4 is not mirrored" in caplog.text) is warned
 
 
 @pytest.mark.parametrize("until", [1.0, 0.5])
