@@ -7,6 +7,7 @@ import json
 import logging
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -545,11 +546,11 @@ def test_evaluate_synthesis_warns_that_candidates_are_not_mirrored(
     from pipeline.synthesis.scoring import EvalPaths, Scorer
 
     run = OpenedRun(RunSpec("x", None), "layout", 3, base=None, base_id="b", controlnet=object())  # type: ignore[arg-type]
+    unused: Any = None  # the dataset info and the latent encoder: no seed, nothing generated or scored
+    paths = EvalPaths(tmp_path)
     for k, warned in ((1, False), (4, True)):
         cfg = build_config({"generate": {"candidates": k}})
-        scorer = Scorer(
-            cfg, EvalSettings(seeds=()), [], None, {}, None, "b", torch.device("cpu"), EvalPaths(tmp_path)  # type: ignore[arg-type]
-        )
+        scorer = Scorer(cfg, EvalSettings(seeds=()), [], unused, {}, unused, "b", torch.device("cpu"), paths)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="pipeline.synthesis.scoring"):
             row = scorer.run_row(run)
