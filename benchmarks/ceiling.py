@@ -181,6 +181,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the rest the plain one",
     )  # fmt: skip
     p.add_argument(
+        "--layout-negative-blur", type=int, default=0, metavar="R",
+        help="with --layout-guidance, the middle guidance row sees the layout under a (2R+1)^2 box blur instead "
+        "of no layout (LumenGenerator.generate(layout_negative=...)), so the layout weight amplifies what sets "
+        "the layout apart from its blur: its boundaries",
+    )  # fmt: skip
+    p.add_argument(
         "--variation", default="",
         help="a variation prompt put before each caption, as generate.variation_prompts with the demo's "
         "template '{variation}, {caption}' (e.g. 'dim night light'): fidelity under a domain shift",
@@ -360,6 +366,11 @@ def _lumen_rows(
 
         conds, early = sharpen_schedule(conds, args.layout_sharpen[0], int(args.layout_sharpen[1]),
                                         args.layout_sharpen_until)  # fmt: skip
+    negative = None
+    if args.layout_negative_blur:
+        from pipeline.conditions import box_blur
+
+        negative = box_blur(conds, args.layout_negative_blur)
     controlnet = ControlNetModel.from_pretrained(lumen_dir).to(device).eval()
     gen = LumenGenerator(base, controlnet, scheduler=args.scheduler, device=device)
     rows: dict[str, Any] = {}
@@ -376,7 +387,7 @@ def _lumen_rows(
                 imgs = gen.generate(conds, prompts, [seed * 1000 + i + 100_000 * c for i in range(len(val))], steps=args.steps,
                                     guidance_scale=args.guidance, conditioning_scale=scale, strength=args.strength,
                                     condition_guidance=args.condition_guidance, init_images=np.stack([s.image for s in val]) if args.strength < 1 else None,
-                                    output_size=val[0].size, early_conditions=early, layout_guidance=args.layout_guidance,
+                                    output_size=val[0].size, early_conditions=early, layout_guidance=args.layout_guidance, layout_negative=negative,
                                     early_fraction=args.layout_sharpen_until if early is not None else 0.0)  # fmt: skip
                 candidates.append(imgs)
                 if args.candidates > 1:  # the layout read back from each candidate, against its condition
@@ -447,6 +458,8 @@ def _placement_scorer(
     # a third judge draws object outlines (instance_boundaries of the renderer's instance maps): are two
     # touching objects still two? (object_separation)
     train_source = source if split == "train" else build_dataset(cfg.data, "train")
+    if not isinstance(train_source, ToyScenes):
+        raise SystemExit("the outline judge needs toy scenes (their instance maps)")
     outlined = [replace(s, seg=instance_boundaries(train_source.objects(s.key, size)[0]).astype(np.uint8))
                 for s in train]  # fmt: skip
     outline_info = DatasetInfo(name="toyscenes-outlines", classes=("other", "outline"), labels=("seg",))
@@ -604,8 +617,11 @@ def main(argv: list[str] | None = None) -> int:
     rows, recon = _reference_rows(args, miou, placement, judge, base, val, size, device)
     if args.oracle_domain:
         from pipeline.data import resize_sample
+        from pipeline.data.toyscenes import ToyScenes
 
         source = build_dataset(cfg.data, args.split)
+        if not isinstance(source, ToyScenes):
+            raise SystemExit("--oracle-domain needs toy scenes (they re-render a scene in another domain)")
         oracle = np.stack(
             [resize_sample(source.oracle(v.key, 0, [args.oracle_domain]), size).image for v in val]
         )
@@ -619,7 +635,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "benchmark": "ceiling", "dataset": args.dataset, "label": args.label, "assets": {"base": str(base_dir), "lumen": str(lumen_dir)},
         "base_training": verify_asset(base_dir).get("training"), "lumen_training": meta.get("training"),
-        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance, "strength": args.strength, "supersample": args.supersample, "layouts_at_trained_size": args.layouts_at_trained_size, "layout_sharpen": args.layout_sharpen, "layout_sharpen_until": args.layout_sharpen_until, "layout_guidance": args.layout_guidance, "candidates": args.candidates, "variation": args.variation, "template": args.template, "judge_domains": args.judge_domains,
+        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance, "strength": args.strength, "supersample": args.supersample, "layouts_at_trained_size": args.layouts_at_trained_size, "layout_sharpen": args.layout_sharpen, "layout_sharpen_until": args.layout_sharpen_until, "layout_guidance": args.layout_guidance, "layout_negative_blur": args.layout_negative_blur, "candidates": args.candidates, "variation": args.variation, "template": args.template, "judge_domains": args.judge_domains,
         "judge": {"train_images": args.train_images, "steps": args.judge_steps}, "rows": rows,
         "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip

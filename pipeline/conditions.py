@@ -87,21 +87,29 @@ def edge_map(image: np.ndarray, low: int = 60, high: int = 150) -> np.ndarray:
     return (cv2.Canny(gray, low, high) > 0).astype(np.float32)[None]
 
 
+def box_blur(conds: np.ndarray, radius: int) -> np.ndarray:
+    """(B, C, H, W) conditions under a (2 radius + 1)² box filter with replicated edges, per channel
+    (radius < 1: unchanged). The blurred layout keeps where each region is and drops its boundaries."""
+    import cv2
+
+    c = np.ascontiguousarray(conds, dtype=np.float32)
+    if radius < 1:
+        return c
+    k = 2 * radius + 1
+    return np.stack(
+        [np.stack([cv2.blur(ch, (k, k), borderType=cv2.BORDER_REPLICATE) for ch in item]) for item in c]
+    )
+
+
 def sharpen(conds: np.ndarray, amount: float, radius: int) -> np.ndarray:
     """Unsharp masking of (B, C, H, W) conditions: ``conds + amount * (conds - blur)``, ``blur`` a
     (2 radius + 1)² box filter with replicated edges, per channel. Neural layouts are bilinear upsamplings
     of coarse features, so the boundary between two touching objects is a ramp several pixels wide;
     sharpening steepens it (``generate.layout_sharpen``, docs/models.md). Flat regions are unchanged."""
-    import cv2
-
     c = np.ascontiguousarray(conds, dtype=np.float32)
     if amount == 0 or radius < 1:
         return c
-    k = 2 * radius + 1
-    blur = np.stack(
-        [np.stack([cv2.blur(ch, (k, k), borderType=cv2.BORDER_REPLICATE) for ch in item]) for item in c]
-    )
-    return c + np.float32(amount) * (c - blur)
+    return c + np.float32(amount) * (c - box_blur(c, radius))
 
 
 def sharpen_schedule(

@@ -7,6 +7,7 @@ import pytest
 import torch
 from _tiny import PRESET
 
+from pipeline.conditions import box_blur
 from pipeline.lumen.base import build_tiny_components
 from pipeline.lumen.controlnet import build_controlnet
 from pipeline.lumen.generate import LumenGenerator, compute_dtype, count_generation_flops
@@ -365,3 +366,26 @@ def test_layout_guidance_sets_the_prompts_and_the_layouts_pull_apart(models, con
     assert np.abs(stronger.astype(int) - two_rows.astype(int)).max() > 10
     with pytest.raises(ValueError, match="needs condition_guidance"):
         gen.generate(conds, PROMPTS, SEEDS, steps=2, layout_guidance=2.0)
+
+
+def test_a_negative_layout_takes_the_middle_guidance_rows_place(models, conds: np.ndarray) -> None:
+    base, cn = models
+    gen = LumenGenerator(base, cn)
+    kw = {"steps": 3, "guidance_scale": 3.0, "condition_guidance": True}
+    blurred = box_blur(conds, 2)
+    two_rows = gen.generate(conds, PROMPTS, SEEDS, **kw)
+    # equal weights: the negative cancels out, e0 + w (e_neg - e0) + w (e_both - e_neg) = e0 + w (e_both - e0)
+    same = gen.generate(conds, PROMPTS, SEEDS, layout_guidance=3.0, layout_negative=blurred, **kw)
+    assert np.abs(same.astype(int) - two_rows.astype(int)).max() <= 1
+    # no layout weight: the negative row alone, i.e. two-row guidance with the blurred layout
+    negative_only = gen.generate(conds, PROMPTS, SEEDS, layout_guidance=0.0, layout_negative=blurred, **kw)
+    blurred_rows = gen.generate(blurred, PROMPTS, SEEDS, **kw)
+    assert np.abs(negative_only.astype(int) - blurred_rows.astype(int)).max() <= 1
+    assert np.abs(blurred_rows.astype(int) - two_rows.astype(int)).max() > 10
+    stronger = gen.generate(conds, PROMPTS, SEEDS, layout_guidance=6.0, layout_negative=blurred, **kw)
+    no_negative = gen.generate(conds, PROMPTS, SEEDS, layout_guidance=6.0, **kw)
+    assert np.abs(stronger.astype(int) - no_negative.astype(int)).max() > 10
+    with pytest.raises(ValueError, match="needs layout_guidance"):
+        gen.generate(conds, PROMPTS, SEEDS, layout_negative=blurred, **kw)
+    with pytest.raises(ValueError, match="layout_negative must have"):
+        gen.generate(conds, PROMPTS, SEEDS, layout_guidance=5.0, layout_negative=blurred[:2], **kw)

@@ -49,6 +49,9 @@ def test_plan_counts_are_what_the_demo_config_implies(demo: tuple[LumenConfig, R
     assert plan.generation.synthetic_samples == n * g.variants == 256
     assert plan.generation.passes_per_step == 2  # guidance 3 > 1
     assert plan.generation.evaluations == 256 * g.steps * 2
+    # condition guidance: the unconditional row runs without the ControlNet; 128 px at 2x over a 4x VAE
+    assert g.condition_guidance and plan.generation.controlnet_passes_per_step == 1
+    assert plan.generation.latent_size == (32, 32)
     assert plan.generation.chunks == math.ceil(n / g.chunk_size)
     assert plan.generation.size == cfg.data.image_size == (64, 64)
     real, syn = plan.shards
@@ -56,6 +59,16 @@ def test_plan_counts_are_what_the_demo_config_implies(demo: tuple[LumenConfig, R
     for s in (real, syn):
         assert s.samples_per_shard <= cfg.shards.max_samples
         assert s.shards == math.ceil((s.samples or 0) / s.samples_per_shard)
+
+
+def test_plan_counts_a_third_row_for_layout_guidance_and_the_latents_of_a_larger_grid() -> None:
+    cfg = load_config(DEMO, ["generate.layout_guidance=5", "generate.supersample=3"])
+    g = plan_run(cfg).generation
+    assert (g.passes_per_step, g.controlnet_passes_per_step) == (3, 1)
+    assert g.evaluations == 256 * cfg.generate.steps * 3
+    assert g.latent_size == (48, 48)  # 192 px over the 4x VAE
+    stock = plan_run(load_config(DEMO, ["generate.condition_guidance=false"])).generation
+    assert (stock.passes_per_step, stock.controlnet_passes_per_step) == (2, 2)
 
 
 def test_demo_trains_only_perception_with_the_shipped_generator(demo: tuple[LumenConfig, RunPlan]) -> None:

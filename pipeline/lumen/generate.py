@@ -353,6 +353,7 @@ class LumenGenerator:
         early_conditions: np.ndarray | torch.Tensor | None = None,
         early_fraction: float = 0.0,
         layout_guidance: float | None = None,
+        layout_negative: np.ndarray | torch.Tensor | None = None,
     ) -> np.ndarray:
         """Generate ``len(prompts)`` images; returns (B, H, W, 3) uint8.
 
@@ -394,6 +395,11 @@ class LumenGenerator:
                 with a third row per image (the prompt without the ControlNet), so the prompt's pull
                 (e.g. a domain shift) and the layout's are set apart. None: both use ``guidance_scale``
                 (two rows, ``e0 + guidance_scale * (e_both - e0)``, the same when they are equal).
+            layout_negative: with ``layout_guidance``, (B, C, H, W) conditions the middle row's ControlNet
+                sees instead of no layout (e.g. the layout blurred): ``eps = e0 + guidance_scale *
+                (e_negative - e0) + layout_guidance * (e_both - e_negative)``, so a ``layout_guidance``
+                above ``guidance_scale`` amplifies only what sets the layout apart from its negative
+                (its boundaries, for a blurred one). The ControlNet then runs on two rows of three.
         """
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -437,6 +443,16 @@ class LumenGenerator:
             raise ValueError("condition_guidance needs the fast generation path")
         if layout_guidance is not None and not condition_guidance:
             raise ValueError("layout_guidance needs condition_guidance")
+        negative_t: torch.Tensor | None = None
+        if layout_negative is not None and self.controlnet is not None:
+            if layout_guidance is None:
+                raise ValueError("layout_negative needs layout_guidance (and condition_guidance)")
+            negative_t = torch.as_tensor(np.asarray(layout_negative, dtype=np.float32))
+            if cond_t is None or negative_t.shape != cond_t.shape:
+                raise ValueError(
+                    f"layout_negative must have the conditions' shape {None if cond_t is None else tuple(cond_t.shape)}, "
+                    f"got {tuple(negative_t.shape)}"
+                )
         early_t: torch.Tensor | None = None
         if not 0.0 <= early_fraction <= 1.0:
             raise ValueError(f"early_fraction must be in [0, 1], got {early_fraction}")
@@ -458,9 +474,10 @@ class LumenGenerator:
                 if self.fast:
                     init = None if init_t is None else (init_t[i : i + batch_size], strength)
                     early = None if early_t is None else (early_t[i : i + batch_size], early_fraction)
+                    negative = None if negative_t is None else negative_t[i : i + batch_size]
                     images = self._fast_batch(
                         cond, *batch, (h, w), steps, guidance_scale, conditioning_scale, init,
-                        condition_guidance, early, layout_guidance,
+                        condition_guidance, early, layout_guidance, negative,
                     )  # fmt: skip
                 else:
                     images = self._stock_batch(
@@ -577,6 +594,7 @@ class LumenGenerator:
         condition_guidance: bool = False,
         early: tuple[torch.Tensor, float] | None = None,
         layout_guidance: float | None = None,
+        negative: torch.Tensor | None = None,
     ) -> np.ndarray:
         unet, vae, f = self.base.unet, self.base.vae, self.base.vae_scale
         # A guidance-distilled UNet (pipeline.lumen.distill) takes w as an input: one pass, no guidance
@@ -609,27 +627,41 @@ class LumenGenerator:
             latents = sched.add_noise(z0 * vae.config.scaling_factor, noise, timesteps[:1].repeat(len(seeds)))
         step_kwargs = _step_kwargs(sched, [torch.Generator().manual_seed(s) for s in seeds])
         # 3. The ControlNet's condition embedding, once per image (shared by both guidance halves).
-        #    With early conditions, their embedding stands in for the first steps.
+        #    With early conditions, their embedding stands in for the first steps; with a negative
+        #    layout, its embedding comes first (the middle row of three).
+        guided_layout = guidance and condition_guidance and self.controlnet is not None
+        skip = len(prompts) if guided_layout else 0
+        # a separate layout weight: rows [no prompt, no layout; prompt, no layout (or the negative
+        # layout); prompt and layout]
+        three = guided_layout and layout_guidance is not None
+        negative = negative if three else None
         fixed: Any = nullcontext()
         embeddings: list[torch.Tensor] = []
         if cond is not None and self.controlnet is not None:
             doubled = guidance and not condition_guidance
-            for c in [cond] if early is None else [early[0], cond]:
-                c = c.to(self.device, self.controlnet.dtype)
-                if self.controlnet.config.controlnet_conditioning_channel_order == "bgr":
+            cn = self.controlnet
+
+            def embed(c: torch.Tensor) -> torch.Tensor:
+                c = c.to(self.device, cn.dtype)
+                if cn.config.controlnet_conditioning_channel_order == "bgr":
                     c = c.flip(1)
                 with self._autocast():
-                    c_emb = self.controlnet.controlnet_cond_embedding(c)
-                embeddings.append(torch.cat([c_emb] * 2) if doubled else c_emb)
+                    out: torch.Tensor = cn.controlnet_cond_embedding(c)
+                return out
+
+            negative_emb = None if negative is None else embed(negative)
+            for c in [cond] if early is None else [early[0], cond]:
+                c_emb = embed(c)
+                if doubled:
+                    c_emb = torch.cat([c_emb] * 2)
+                elif negative_emb is not None:
+                    c_emb = torch.cat([negative_emb, c_emb])
+                embeddings.append(c_emb)
             fixed = _fixed_condition_embedding(self.controlnet, embeddings[0])
         early_steps = 0 if early is None else round(early[1] * len(timesteps))
-        guided_layout = guidance and condition_guidance and self.controlnet is not None
-        skip = len(prompts) if guided_layout else 0
-        # a separate layout weight: rows [no prompt, no layout; prompt, no layout; prompt and layout]
-        three = guided_layout and layout_guidance is not None
         if three:
             emb = torch.cat([emb, emb[len(prompts) :]])
-            skip = 2 * len(prompts)
+            skip = len(prompts) if negative is not None else 2 * len(prompts)
         halves = 3 if three else 2
         self._sync()
         t1 = time.perf_counter()

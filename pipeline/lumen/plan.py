@@ -127,12 +127,14 @@ class GenerationPlan:
     size_multiple: int  # the base model's total downsampling; size must be a multiple of it
     sampler: str
     steps: int
-    passes_per_step: int  # UNet + ControlNet evaluations per step: 2 with classifier-free guidance
+    passes_per_step: int  # UNet evaluations per step: 2 with classifier-free guidance, 3 with layout_guidance
     evaluations: int | None  # synthetic_samples x candidates x steps x passes_per_step
     chunk_size: int
     chunks: int | None  # resumable units of work (generate.chunk_size source images each)
     supersample: int = 1  # generated at supersample x size, then downsampled (generate. or lumen.supersample)
     candidates: int = 1  # generate.candidates: generated per variant, the best kept by layout agreement
+    controlnet_passes_per_step: int = 0  # of passes_per_step, those that run the ControlNet too
+    latent_size: tuple[int, int] | None = None  # (h, w) of the latents every evaluation works on
 
 
 @dataclass(frozen=True)
@@ -407,14 +409,23 @@ def _plan_generation(
     sources = _source_images(cfg, dataset.train_images)
     synthetic = None if sources is None else sources * g.variants
     student = g.model != "lumen"  # guidance-distilled: w is an input, one pass per step
-    passes = 2 if g.guidance_scale > 1 and not student else 1
+    guided = g.guidance_scale > 1 and not student
+    # condition guidance: the unconditional row runs without the ControlNet; layout_guidance adds a row
+    # (the prompt, without the ControlNet) to the two
+    three = guided and g.condition_guidance and g.layout_guidance is not None
+    passes = 3 if three else 2 if guided else 1
+    controlnet_passes = 1 if guided and g.condition_guidance else passes
+    k = cfg.generate.supersample or cfg.lumen.supersample
+    vae_factor = 2 ** (_levels(cfg, [])[0] - 1)
+    latent = (k * size[0] // vae_factor, k * size[1] // vae_factor)
     return GenerationPlan(
         model=g.model, source=g.source, source_images=sources, variants=g.variants,
         synthetic_samples=synthetic, size=size, size_multiple=multiple, sampler=g.scheduler,
         steps=g.steps, passes_per_step=passes,
         evaluations=None if synthetic is None else synthetic * g.candidates * g.steps * passes,
         chunk_size=g.chunk_size, chunks=None if sources is None else math.ceil(sources / g.chunk_size),
-        supersample=cfg.generate.supersample or cfg.lumen.supersample, candidates=g.candidates,
+        supersample=k, candidates=g.candidates, controlnet_passes_per_step=controlnet_passes,
+        latent_size=latent,
     )  # fmt: skip
 
 
@@ -734,13 +745,19 @@ def _render(plan: RunPlan) -> str:
         lines.append("  none")
     if plan.reused:
         lines.append(f"  used as they are: {'; '.join(plan.reused)}")
-    passes = f"{g.steps} steps x {g.passes_per_step}" + (
-        " (classifier-free guidance: 2 passes)" if g.passes_per_step == 2 else " (1 pass)"
-    )
+    why = {1: " (1 pass)", 2: " (classifier-free guidance: 2 passes)",
+           3: " (condition guidance with generate.layout_guidance: 3 passes)"}  # fmt: skip
+    passes = f"{g.steps} steps x {g.passes_per_step}" + why.get(g.passes_per_step, "")
     per_sample = g.steps * g.passes_per_step
     if g.candidates > 1:  # generate.candidates: K generations per kept sample
         passes = f"{g.candidates} candidates x {passes}"
         per_sample *= g.candidates
+    controlnet = ""
+    if 0 < g.controlnet_passes_per_step < g.passes_per_step and g.model == "lumen":
+        controlnet = (
+            f", {per_sample * g.controlnet_passes_per_step // g.passes_per_step} of them with the ControlNet"
+        )
+    latent = "" if g.latent_size is None else f" on {g.latent_size[0]}x{g.latent_size[1]} latents"
     lines += [
         "",
         f"generation ({g.model}, {g.sampler}) at {g.size[0]}x{g.size[1]}"
@@ -753,7 +770,7 @@ def _render(plan: RunPlan) -> str:
         f"  source {'images    ' if g.source == 'images' else 'label maps'}   {_n(g.source_images)}",
         f"  variants per image  {g.variants}",
         f"  synthetic samples   {_n(g.synthetic_samples)}",
-        f"  per sample          {passes} = {per_sample} UNet+ControlNet evaluations",
+        f"  per sample          {passes} = {per_sample} UNet evaluations{latent}{controlnet}",
         f"  evaluations         {_n(g.evaluations)}",
         f"  chunks              {_n(g.chunks)} of {g.chunk_size} source images (runner {p.runner}, "
         f"{p.max_workers} workers, {p.gpu_concurrency} device slot(s) each)",
