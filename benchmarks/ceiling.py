@@ -187,6 +187,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the layout apart from its blur: its boundaries",
     )  # fmt: skip
     p.add_argument(
+        "--layout-guided-filter", nargs=2, type=float, default=None, metavar=("R", "EPS"),
+        help="refine the layouts with a colour guided filter of radius R px (at the model size) and "
+        "regulariser EPS, guided by the source images (pipeline.conditions.guided_filter): boundaries "
+        "that follow the image's edges, without the overshoot of --layout-sharpen",
+    )  # fmt: skip
+    p.add_argument(
         "--variation", default="",
         help="a variation prompt put before each caption, as generate.variation_prompts with the demo's "
         "template '{variation}, {caption}' (e.g. 'dim night light'): fidelity under a domain shift",
@@ -360,6 +366,12 @@ def _lumen_rows(
         k = args.supersample
         big = (k * val[0].size[0], k * val[0].size[1])
         conds = F.interpolate(torch.from_numpy(conds), size=big, mode="bilinear", align_corners=False).numpy()
+    if args.layout_guided_filter:
+        from pipeline.conditions import guided_filter
+        from pipeline.lumen.generate import resize_images
+
+        guides = resize_images(np.stack([s.image for s in val]), tuple(conds.shape[-2:]))
+        conds = guided_filter(conds, guides, int(args.layout_guided_filter[0]), args.layout_guided_filter[1])
     early = None
     if args.layout_sharpen:
         from pipeline.conditions import sharpen_schedule
@@ -635,7 +647,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "benchmark": "ceiling", "dataset": args.dataset, "label": args.label, "assets": {"base": str(base_dir), "lumen": str(lumen_dir)},
         "base_training": verify_asset(base_dir).get("training"), "lumen_training": meta.get("training"),
-        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance, "strength": args.strength, "supersample": args.supersample, "layouts_at_trained_size": args.layouts_at_trained_size, "layout_sharpen": args.layout_sharpen, "layout_sharpen_until": args.layout_sharpen_until, "layout_guidance": args.layout_guidance, "layout_negative_blur": args.layout_negative_blur, "candidates": args.candidates, "variation": args.variation, "template": args.template, "judge_domains": args.judge_domains,
+        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance, "strength": args.strength, "supersample": args.supersample, "layouts_at_trained_size": args.layouts_at_trained_size, "layout_sharpen": args.layout_sharpen, "layout_sharpen_until": args.layout_sharpen_until, "layout_guidance": args.layout_guidance, "layout_negative_blur": args.layout_negative_blur, "layout_guided_filter": args.layout_guided_filter, "candidates": args.candidates, "variation": args.variation, "template": args.template, "judge_domains": args.judge_domains,
         "judge": {"train_images": args.train_images, "steps": args.judge_steps}, "rows": rows,
         "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip

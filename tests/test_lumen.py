@@ -9,7 +9,7 @@ import pytest
 import torch
 from _tiny import PRESET
 
-from pipeline.conditions import depth_map, edge_map, seg_onehot, sharpen, sparse_mask
+from pipeline.conditions import depth_map, edge_map, guided_filter, seg_onehot, sharpen, sparse_mask
 from pipeline.data import ToyScenes
 from pipeline.lumen.base import BaseModelNotFoundError, build_tiny_components, load_base
 from pipeline.lumen.controlnet import ControlTrainSettings, LumenTrainer, build_controlnet, embedding_channels
@@ -201,6 +201,31 @@ def test_sharpen_keeps_flat_layouts_and_steepens_boundaries() -> None:
     blur = np.mean([padded[dy : dy + 5, dx : dx + 5] for dy in range(3) for dx in range(3)], axis=0)
     np.testing.assert_allclose(sharpen(c, 0.5, 1)[0, 0], c[0, 0] + 0.5 * (c[0, 0] - blur), atol=1e-5)
     assert np.array_equal(sharpen(c, 0.0, 4), c)
+
+
+def test_guided_filter_moves_a_layout_ramp_onto_the_image_edge() -> None:
+    image = np.zeros((1, 32, 32, 3), np.uint8)
+    image[0, :, :16] = (200, 30, 30)  # a red object left of x = 16, a green one right of it
+    image[0, :, 16:] = (30, 200, 30)
+    ramp = np.broadcast_to(np.clip((np.arange(32) - 8) / 16, 0, 1), (1, 1, 32, 32)).astype(np.float32)
+    out = guided_filter(ramp, image, 4, 1e-3)
+    assert out.shape == ramp.shape and out.dtype == np.float32
+    jump = out[0, 0, 0, 16] - out[0, 0, 0, 15]
+    assert ramp[0, 0, 0, 16] - ramp[0, 0, 0, 15] == 1 / 16 and jump > 0.3  # 1/16 per px becomes a step
+    assert out.min() >= -1e-6 and out.max() <= 1 + 1e-6  # no overshoot (unlike unsharp masking)
+    flat = np.full((2, 3, 32, 32), 0.3, np.float32)
+    np.testing.assert_allclose(guided_filter(flat, np.repeat(image, 2, 0), 4, 1e-2), flat, atol=1e-6)
+    # a guide without edges fits nothing: the filter is then two window means
+    grey = np.full((1, 32, 32, 3), 128, np.uint8)
+    rng = np.random.default_rng(0)
+    noise = rng.random((1, 1, 32, 32)).astype(np.float32)
+    padded = np.pad(noise[0, 0], 1, mode="constant", constant_values=np.nan)
+    once = np.nanmean([padded[dy : dy + 32, dx : dx + 32] for dy in range(3) for dx in range(3)], axis=0)
+    padded = np.pad(once, 1, mode="constant", constant_values=np.nan)
+    twice = np.nanmean([padded[dy : dy + 32, dx : dx + 32] for dy in range(3) for dx in range(3)], axis=0)
+    np.testing.assert_allclose(guided_filter(noise, grey, 1, 1e-2)[0, 0], twice, atol=1e-5)
+    with pytest.raises(ValueError, match="guides must be"):
+        guided_filter(ramp, image[:, :16], 4, 1e-3)
 
 
 def test_sparse_masking_hides_the_configured_share_per_class() -> None:
