@@ -162,6 +162,21 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "(bilinear) to the generation size, instead of extracting them at the generation size",
     )  # fmt: skip
     p.add_argument(
+        "--layouts-at", type=int, default=None, metavar="K",
+        help="make the layouts from the sources upsampled K times (the PCA as shipped) and resize them to the "
+        "generation size (antialiased): e.g. 3 gives the 2x generation the sharper layouts of 3x",
+    )  # fmt: skip
+    p.add_argument(
+        "--layouts-at-until", type=float, default=1.0, metavar="F",
+        help="with --layouts-at: the first F of the denoising steps see the layouts made at K x, the rest the "
+        "usual ones (as --layout-sharpen-until)",
+    )  # fmt: skip
+    p.add_argument(
+        "--layouts-at-after", type=float, default=0.0, metavar="F",
+        help="with --layouts-at: the reverse of --layouts-at-until, the first F of the steps see the usual "
+        "layouts and the rest the layouts made at K x",
+    )  # fmt: skip
+    p.add_argument(
         "--strength", type=float, default=1.0,
         help="generate.strength: below 1 the variants start from their source image's noised latent (SDEdit)",
     )  # fmt: skip
@@ -352,6 +367,11 @@ def _lumen_rows(
         cfg = cfg.model_copy(
             update={"lumen": cfg.lumen.model_copy(update={"supersample": args.trained_supersample})}
         )
+    usual_cfg = cfg
+    if args.layouts_at:
+        if trained or args.layout_sharpen:
+            raise SystemExit("--layouts-at excludes --layouts-at-trained-size and --layout-sharpen")
+        cfg = cfg.model_copy(update={"lumen": cfg.lumen.model_copy(update={"supersample": args.layouts_at})})
     make, _ = condition_maker(
         cfg,
         base,
@@ -361,6 +381,23 @@ def _lumen_rows(
         reducer_path=lumen_dir / "pca.safetensors",
     )
     conds = make(val).astype(np.float32)
+    if args.layouts_at and args.layouts_at != args.supersample:
+        from pipeline.lumen.generate import resize_tensor
+
+        gen_size = (args.supersample * val[0].size[0], args.supersample * val[0].size[1])
+        conds = resize_tensor(torch.from_numpy(conds), gen_size).numpy()
+    layouts_early, layouts_fraction = None, 0.0
+    if args.layouts_at and (args.layouts_at_until < 1 or args.layouts_at_after > 0):
+        usual, _ = condition_maker(usual_cfg, base, str(card["base_model"]), InMemoryDataset(val, info), args.work,
+                                   reducer_path=lumen_dir / "pca.safetensors")  # fmt: skip
+        if args.layouts_at_after > 0:  # the usual layouts first, the K x ones from then on
+            layouts_early, layouts_fraction = usual(val).astype(np.float32), args.layouts_at_after
+        else:  # the K x layouts for the first steps only
+            layouts_early, conds, layouts_fraction = (
+                conds,
+                usual(val).astype(np.float32),
+                args.layouts_at_until,
+            )
     plain = conds
     if trained:
         k = args.supersample
@@ -372,7 +409,7 @@ def _lumen_rows(
 
         guides = resize_images(np.stack([s.image for s in val]), tuple(conds.shape[-2:]))
         conds = guided_filter(conds, guides, int(args.layout_guided_filter[0]), args.layout_guided_filter[1])
-    early = None
+    early = layouts_early
     if args.layout_sharpen:
         from pipeline.conditions import sharpen_schedule
 
@@ -400,7 +437,7 @@ def _lumen_rows(
                                     guidance_scale=args.guidance, conditioning_scale=scale, strength=args.strength,
                                     condition_guidance=args.condition_guidance, init_images=np.stack([s.image for s in val]) if args.strength < 1 else None,
                                     output_size=val[0].size, early_conditions=early, layout_guidance=args.layout_guidance, layout_negative=negative,
-                                    early_fraction=args.layout_sharpen_until if early is not None else 0.0)  # fmt: skip
+                                    early_fraction=(layouts_fraction if layouts_early is not None else args.layout_sharpen_until) if early is not None else 0.0)  # fmt: skip
                 candidates.append(imgs)
                 if args.candidates > 1:  # the layout read back from each candidate, against its condition
                     again = make([replace(s, image=im) for s, im in zip(val, imgs, strict=True)])
@@ -647,7 +684,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "benchmark": "ceiling", "dataset": args.dataset, "label": args.label, "assets": {"base": str(base_dir), "lumen": str(lumen_dir)},
         "base_training": verify_asset(base_dir).get("training"), "lumen_training": meta.get("training"),
-        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance, "strength": args.strength, "supersample": args.supersample, "layouts_at_trained_size": args.layouts_at_trained_size, "layout_sharpen": args.layout_sharpen, "layout_sharpen_until": args.layout_sharpen_until, "layout_guidance": args.layout_guidance, "layout_negative_blur": args.layout_negative_blur, "layout_guided_filter": args.layout_guided_filter, "candidates": args.candidates, "variation": args.variation, "template": args.template, "judge_domains": args.judge_domains,
+        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance, "strength": args.strength, "supersample": args.supersample, "layouts_at_trained_size": args.layouts_at_trained_size, "layouts_at": args.layouts_at, "layouts_at_until": args.layouts_at_until, "layouts_at_after": args.layouts_at_after, "layout_sharpen": args.layout_sharpen, "layout_sharpen_until": args.layout_sharpen_until, "layout_guidance": args.layout_guidance, "layout_negative_blur": args.layout_negative_blur, "layout_guided_filter": args.layout_guided_filter, "candidates": args.candidates, "variation": args.variation, "template": args.template, "judge_domains": args.judge_domains,
         "judge": {"train_images": args.train_images, "steps": args.judge_steps}, "rows": rows,
         "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip

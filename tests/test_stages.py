@@ -10,6 +10,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from diffusers import ControlNetModel
 
 from pipeline.config import build_config
@@ -121,6 +122,28 @@ def test_supersampled_model_trains_larger_and_writes_variants_at_the_labels_size
         src = sources[v.key.rsplit("-v", 1)[0]]
         assert v.image.shape == (RES, RES, 3) and np.array_equal(v.seg, src.seg)
 
+    # generate.layout_supersample=3: layouts made at 3x with the run's PCA, resized to the 2x model size
+    from pipeline.lumen.generate import resize_tensor
+    from pipeline.lumen.stages import condition_maker, fine_condition_maker, load_run_base
+
+    base, base_id = load_run_base(cfg, tmp_path)
+    usual = condition_maker(cfg, base, base_id, data, tmp_path)[0](list(data)).astype(np.float32)
+    fine_cfg = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"layout_supersample": 3})})
+    assert fine_condition_maker(cfg, base, base_id, data, tmp_path) is None  # off
+    finer = fine_condition_maker(fine_cfg, base, base_id, data, tmp_path)
+    assert finer is not None
+    made = finer(list(data))
+    assert made.shape == usual.shape and made.dtype == np.float32
+    assert not np.allclose(made, usual)
+    at3 = fine_cfg.model_copy(update={"lumen": cfg.lumen.model_copy(update={"supersample": 3})})
+    big = condition_maker(at3, base, base_id, data, tmp_path)[0](list(data))
+    assert big.shape[-2:] == (3 * RES, 3 * RES)  # the 3x layouts, resized (antialiased) to the model size:
+    expected = resize_tensor(torch.from_numpy(big.astype(np.float32)), (2 * RES, 2 * RES)).numpy()
+    np.testing.assert_allclose(made, expected, atol=1e-6)
+    with pytest.raises(ValueError, match="nothing to refine"):
+        two = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"layout_supersample": 2})})
+        fine_condition_maker(two, base, base_id, data, tmp_path)
+
     one = cfg.model_copy(update={"lumen": cfg.lumen.model_copy(update={"supersample": 1})})
     with pytest.raises(ValueError, match="differ from those the ControlNet was trained on"):
         run_expand(one, tmp_path, progress=False)  # a 2x ControlNet is not used at 1x
@@ -144,7 +167,9 @@ def test_supersampled_model_trains_larger_and_writes_variants_at_the_labels_size
     assert all(r["layout"]["supersample"] == 3 for r in records)
 
 
-def test_expand_writes_real_and_synthetic_shards_with_the_expected_keys(tmp_path: Path) -> None:
+def test_expand_writes_real_and_synthetic_shards_with_the_expected_keys(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from pipeline.lumen.expand import run_expand
     from pipeline.shards.reader import iter_samples
     from pipeline.shards.verify import verify_shard_set
@@ -236,6 +261,33 @@ def test_expand_writes_real_and_synthetic_shards_with_the_expected_keys(tmp_path
     assert record["layout_sharpen_until"] == 0.5
     assert record["layout_guidance"] == 4.0 and record_of_plain["layout_guidance"] is None
     assert record_of_plain["layout_sharpen"] is None and record_of_plain["layout_sharpen_until"] is None
+
+    # generate.layout_supersample: the later half of the steps sees layouts made at 2x, resized back
+    fine_dir = tmp_path / "fine"
+    for folder in ("base", "lumen"):
+        shutil.copytree(tmp_path / folder, fine_dir / folder)
+    fine = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"layout_supersample": 2})})
+    from pipeline.lumen.generate import LumenGenerator
+
+    calls: list[dict[str, Any]] = []
+    plain_generate = LumenGenerator.generate
+
+    def spy(self: LumenGenerator, conditions: Any, *args: Any, **kwargs: Any) -> np.ndarray:
+        calls.append({"conditions": np.asarray(conditions), **kwargs})
+        return plain_generate(self, conditions, *args, **kwargs)
+
+    monkeypatch.setattr(LumenGenerator, "generate", spy)
+    assert run_expand(fine, fine_dir, progress=False).synthetic == 6
+    assert calls and all(
+        c["early_fraction"] == 0.5 for c in calls
+    )  # the usual layouts first, then the 2x ones
+    for c in calls:
+        assert c["early_conditions"].shape == c["conditions"].shape == (len(c["conditions"]), 4, RES, RES)
+        assert not np.allclose(c["early_conditions"], c["conditions"])
+    record = next(
+        d["json"] for d in read_shards(fine_dir / "shards" / "synthetic") if d["__key__"] == variant.key
+    )
+    assert record["layout_supersample"] == [2, 0.5] and record_of_plain["layout_supersample"] is None
 
 
 def _filtered_run(tmp_path: Path, quality: dict) -> Any:

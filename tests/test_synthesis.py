@@ -538,24 +538,30 @@ def test_quality_settings_that_cannot_work_fail_before_any_work() -> None:
     )
 
 
-def test_evaluate_synthesis_warns_that_candidates_are_not_mirrored(
+def test_evaluate_synthesis_warns_what_it_does_not_mirror(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A run config with generate.candidates > 1 is scored one candidate per variant, and says so."""
+    """A run config with generate.candidates > 1 is scored one candidate per variant, and one with
+    generate.layout_supersample with the usual layouts at every step; each says so."""
     from pipeline.synthesis.inputs import EvalSettings, OpenedRun, RunSpec
     from pipeline.synthesis.scoring import EvalPaths, Scorer
 
     run = OpenedRun(RunSpec("x", None), "layout", 3, base=None, base_id="b", controlnet=object())  # type: ignore[arg-type]
     unused: Any = None  # the dataset info and the latent encoder: no seed, nothing generated or scored
     paths = EvalPaths(tmp_path)
-    for k, warned in ((1, False), (4, True)):
-        cfg = build_config({"generate": {"candidates": k}})
+    for generate, warned in (
+        ({}, ""),
+        ({"candidates": 4}, "candidates=4"),
+        ({"layout_supersample": 3}, "layout_supersample=3"),
+    ):
+        cfg = build_config({"generate": generate})
         scorer = Scorer(cfg, EvalSettings(seeds=()), [], unused, {}, unused, "b", torch.device("cpu"), paths)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="pipeline.synthesis.scoring"):
             row = scorer.run_row(run)
         assert row["name"] == "x" and row["per_seed"] == []
-        assert ("generate.candidates=4 is not mirrored" in caplog.text) is warned
+        assert ("is not mirrored" in caplog.text) is bool(warned)
+        assert not warned or f"generate.{warned} is not mirrored" in caplog.text
 
 
 @pytest.mark.parametrize("until", [1.0, 0.5])

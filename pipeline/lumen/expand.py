@@ -247,6 +247,12 @@ def generate_chunk(
             plain = np.asarray(worker.make_conditions(samples))
             made, early = sharpen_schedule(plain, g.layout_sharpen, g.layout_sharpen_radius,
                                            g.layout_sharpen_until)  # fmt: skip
+            fraction = g.layout_sharpen_until
+            if worker.make_fine is not None:  # generate.layout_supersample: finer layouts for the later steps
+                made, early = np.asarray(worker.make_fine(samples)), plain
+                fraction = g.layout_supersample_after
+                if fraction == 0:
+                    early = None
             conds = dict(zip((s.key for s in samples), made, strict=True))
             sharp = {} if early is None else dict(zip((s.key for s in samples), early, strict=True))
 
@@ -261,7 +267,7 @@ def generate_chunk(
                     condition_guidance=g.condition_guidance,
                     init_images=np.stack([s.image for s in sources]) if g.strength < 1 else None,
                     early_conditions=np.stack([sharp[sp.key] for sp in chosen]).astype(np.float32) if sharp else None,
-                    early_fraction=g.layout_sharpen_until if sharp else 0.0, layout_guidance=g.layout_guidance,
+                    early_fraction=fraction if sharp else 0.0, layout_guidance=g.layout_guidance,
                     output_size=ctx.size,  # lumen.supersample: generated larger, downsampled to the labels' size
                 )  # fmt: skip
 
@@ -480,6 +486,7 @@ def write_chunk(
                 **({"condition_guidance": True} if g.condition_guidance else {}),
                 **({"layout_sharpen": [g.layout_sharpen, g.layout_sharpen_radius]} if g.layout_sharpen else {}),
                 **({"layout_sharpen_until": g.layout_sharpen_until} if g.layout_sharpen and g.layout_sharpen_until < 1 else {}),
+                **({"layout_supersample": [g.layout_supersample, g.layout_supersample_after]} if g.layout_supersample else {}),
                 **({"layout_guidance": g.layout_guidance} if g.layout_guidance is not None else {}), "models": ctx.models, "layout": ctx.layout_meta}  # fmt: skip
         if "quality" in v:
             prov["quality"] = v["quality"]

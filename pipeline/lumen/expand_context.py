@@ -28,6 +28,7 @@ from pipeline.lumen.stages import (
     base_folder,
     collect_samples,
     condition_maker,
+    fine_condition_maker,
     generation_config,
     generation_size,
     load_run_base,
@@ -136,11 +137,13 @@ class ExpandContext:
 class GenerationWorker:
     """A condition function and a generator over one private copy of the models; with
     ``generate.candidates`` > 1 also ``read_layouts``, the same layouts without the on-disk cache (it reads
-    the layout of a generated candidate, which has its source's key)."""
+    the layout of a generated candidate, which has its source's key); with ``generate.layout_supersample``
+    also ``make_fine``, the layouts of the later steps (:func:`pipeline.lumen.stages.fine_condition_maker`)."""
 
     make_conditions: ConditionFn
     generator: LumenGenerator
     read_layouts: ConditionFn | None = None
+    make_fine: ConditionFn | None = None
 
 
 def expand_slots(cfg: LumenConfig) -> int:
@@ -363,7 +366,11 @@ def _build_context(
         uncached = gen_cfg.model_copy(update={"layouts": gen_cfg.layouts.model_copy(update={"cache": False})})
         return condition_maker(uncached, own_base, base_id, real_source, run_dir, reducer_path=reducer)[0]
 
-    first = GenerationWorker(make_conditions, generator(base, controlnet), reader(base))
+    def fine(own_base: BaseComponents) -> ConditionFn | None:
+        """generate.layout_supersample: the later steps' layouts over ``own_base``."""
+        return fine_condition_maker(gen_cfg, own_base, base_id, real_source, run_dir, reducer_path=reducer)
+
+    first = GenerationWorker(make_conditions, generator(base, controlnet), reader(base), fine(base))
 
     def build_worker() -> GenerationWorker:
         # From the files, not a copy of the first worker's modules: a copy taken while that worker
@@ -376,7 +383,7 @@ def _build_context(
         make, _ = condition_maker(gen_cfg, own_base, base_id, real_source, run_dir, reducer_path=reducer)
         if from_labels is not None:  # images + edited maps: this worker's own extractor, the shared mapper
             make = _with_maps(source, make, from_labels[4])
-        return GenerationWorker(make, generator(own_base, own_cn), reader(own_base))
+        return GenerationWorker(make, generator(own_base, own_cn), reader(own_base), fine(own_base))
 
     controls = class_weights = None
     if cfg.generate.class_edits.classes:

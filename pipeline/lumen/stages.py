@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 __all__ = [
     "base_folder",
     "collect_samples",
+    "fine_condition_maker",
     "generation_config",
     "generation_size",
     "load_run_base",
@@ -381,6 +382,41 @@ def condition_maker(
         return make(to_model_size(samples, size))
 
     return at_model_size, {**meta, "supersample": cfg.lumen.supersample}
+
+
+def fine_condition_maker(
+    gen_cfg: LumenConfig,
+    base: BaseComponents,
+    base_id: str,
+    fit_data: SampleSource,
+    run_dir: Path,
+    reducer_path: Path | None = None,
+) -> ConditionFn | None:
+    """``generate.layout_supersample``: a function from samples to the layouts made from them upsampled
+    K times (the run's PCA as fitted, its layout cache under their own spec) and resized, antialiased, to
+    the generation size of ``gen_cfg`` (:func:`generation_config`); None when it is off. The PCA must
+    exist already (the run's usual condition maker fits it)."""
+    from pipeline.lumen.generate import resize_tensor
+
+    k = gen_cfg.generate.layout_supersample
+    if k is None:
+        return None
+    if gen_cfg.lumen.condition != "layout":
+        raise ValueError(
+            f"generate.layout_supersample needs layout conditions, not {gen_cfg.lumen.condition!r}"
+        )
+    if k == gen_cfg.lumen.supersample:
+        raise ValueError(f"generate.layout_supersample={k} is the generation's own factor: nothing to refine")
+    fine_cfg = gen_cfg.model_copy(update={"lumen": gen_cfg.lumen.model_copy(update={"supersample": k})})
+    reducer = reducer_path or run_reducer_path(gen_cfg, run_dir)
+    make, _ = condition_maker(fine_cfg, base, base_id, fit_data, run_dir, reducer_path=reducer)
+    size = model_size(gen_cfg, base)
+
+    def at_generation_size(samples: Sequence[Sample]) -> np.ndarray:
+        fine = torch.from_numpy(np.asarray(make(samples), dtype=np.float32))
+        return resize_tensor(fine, size).numpy()
+
+    return at_generation_size
 
 
 def run_reducer_path(cfg: LumenConfig, run_dir: Path) -> Path:

@@ -128,6 +128,11 @@ class Provenance(BaseModel):
         description="set when only the first steps saw the sharpened layout: their share "
         "(generate.layout_sharpen_until)",
     )
+    layout_supersample: tuple[int, float] | None = Field(
+        None,
+        description="set when the later steps saw layouts made at a finer size: (factor, share of the first "
+        "steps that saw the usual layouts) (generate.layout_supersample, layout_supersample_after)",
+    )
     models: dict[str, ModelIdentity] = Field(default_factory=dict, description="role -> model, e.g. 'base'")
     layout: dict[str, Any] | None = Field(
         None, description="layout spec: backbone, layer, timestep, PCA hash, N"

@@ -272,6 +272,11 @@ class Scorer:
                 "%s: generate.candidates=%d is not mirrored here: each variant is scored as one candidate "
                 "(benchmarks/ceiling.py --candidates measures the selection)", spec.name, self.cfg.generate.candidates,
             )  # fmt: skip
+        if self.cfg.generate.layout_supersample is not None:
+            log.warning(
+                "%s: generate.layout_supersample=%d is not mirrored here: every step sees the usual layouts "
+                "(benchmarks/ceiling.py --layouts-at measures it)", spec.name, self.cfg.generate.layout_supersample,
+            )  # fmt: skip
         conditions: np.ndarray | None = None
         per_seed: list[dict[str, float]] = []
         t0 = time.perf_counter()
