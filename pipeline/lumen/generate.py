@@ -210,6 +210,17 @@ def _num_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
+def _like_conditions(
+    name: str, value: np.ndarray | torch.Tensor, conditions: torch.Tensor | None
+) -> torch.Tensor:
+    """``value`` as a float32 tensor, checked to have the conditions' shape (it stands in for them)."""
+    t = torch.as_tensor(np.asarray(value, dtype=np.float32))
+    if conditions is None or t.shape != conditions.shape:
+        shape = None if conditions is None else tuple(conditions.shape)
+        raise ValueError(f"{name} must have the conditions' shape {shape}, got {tuple(t.shape)}")
+    return t
+
+
 def resize_tensor(x: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, C, H, W) float images resized to ``size``: area averaging for an exact integer shrink, else
     bilinear (antialiased when shrinking)."""
@@ -447,24 +458,14 @@ class LumenGenerator:
         if layout_negative is not None and self.controlnet is not None:
             if layout_guidance is None:
                 raise ValueError("layout_negative needs layout_guidance (and condition_guidance)")
-            negative_t = torch.as_tensor(np.asarray(layout_negative, dtype=np.float32))
-            if cond_t is None or negative_t.shape != cond_t.shape:
-                raise ValueError(
-                    f"layout_negative must have the conditions' shape {None if cond_t is None else tuple(cond_t.shape)}, "
-                    f"got {tuple(negative_t.shape)}"
-                )
+            negative_t = _like_conditions("layout_negative", layout_negative, cond_t)
         early_t: torch.Tensor | None = None
         if not 0.0 <= early_fraction <= 1.0:
             raise ValueError(f"early_fraction must be in [0, 1], got {early_fraction}")
         if early_conditions is not None and early_fraction > 0 and self.controlnet is not None:
             if not self.fast:
                 raise ValueError("early_conditions need the fast generation path")
-            early_t = torch.as_tensor(np.asarray(early_conditions, dtype=np.float32))
-            if cond_t is None or early_t.shape != cond_t.shape:
-                raise ValueError(
-                    f"early_conditions must have the conditions' shape {None if cond_t is None else tuple(cond_t.shape)}, "
-                    f"got {tuple(early_t.shape)}"
-                )
+            early_t = _like_conditions("early_conditions", early_conditions, cond_t)
         with self._lock, _num_threads(self.threads), torch.inference_mode(), feature_edit or nullcontext():
             for i in range(0, len(prompts), batch_size):
                 if feature_edit is not None:
