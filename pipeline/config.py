@@ -847,6 +847,16 @@ class LumenConfig(_Section):
             raise ValueError(f"name must be non-empty without '/', '\\\\', '.' or spaces, got {v!r}")
         return v
 
+    @model_validator(mode="after")
+    def _layout_supersample(self) -> LumenConfig:
+        k, g = self.generate.supersample or self.lumen.supersample, self.generate.layout_supersample
+        if g is not None and g == k:
+            raise ValueError(
+                f"generate.layout_supersample={g} is the factor the variants are generated at already "
+                f"(generate.supersample or lumen.supersample): set generate.layout_supersample=null or above {k}"
+            )
+        return self
+
 
 # --------------------------------------------------------------------------------------------------
 # Loading, overrides, hashing

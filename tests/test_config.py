@@ -141,6 +141,25 @@ def test_generate_strength_is_bounded_and_needs_source_images_and_a_skipping_sch
             build_config({"name": "s", "generate": gen})
 
 
+def test_layout_supersample_must_refine_the_generation_factor_and_needs_source_images() -> None:
+    g = build_config(
+        {"name": "s", "lumen": {"supersample": 2}, "generate": {"layout_supersample": 3}}
+    ).generate
+    assert (g.layout_supersample, g.layout_supersample_after) == (3, 0.5)
+    assert build_config({"name": "s"}).generate.layout_supersample is None
+    for raw, message in (
+        ({"lumen": {"supersample": 2}, "generate": {"layout_supersample": 2}}, "is the factor the variants"),
+        (
+            {"lumen": {"supersample": 2}, "generate": {"supersample": 3, "layout_supersample": 3}},
+            "null or above 3",
+        ),
+        ({"generate": {"layout_supersample": 3, "layout_sharpen": 2}}, "use one"),
+        ({"generate": {"layout_supersample": 3, "source": "labels", "label_dir": "x"}}, "source=images"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            build_config({"name": "s", **raw})
+
+
 def test_layout_guidance_needs_condition_guidance_and_sharpen_until_is_a_share() -> None:
     g = build_config({"name": "s", "generate": {"condition_guidance": True, "layout_guidance": 5}}).generate
     assert g.layout_guidance == 5.0 and build_config({"name": "s"}).generate.layout_guidance is None
