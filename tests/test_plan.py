@@ -62,7 +62,9 @@ def test_plan_counts_are_what_the_demo_config_implies(demo: tuple[LumenConfig, R
 
 
 def test_plan_counts_a_third_row_for_layout_guidance_and_the_latents_of_a_larger_grid() -> None:
-    cfg = load_config(DEMO, ["generate.layout_guidance=5", "generate.supersample=3"])
+    cfg = load_config(
+        DEMO, ["generate.layout_guidance=5", "generate.supersample=3", "generate.layout_supersample=4"]
+    )
     g = plan_run(cfg).generation
     assert (g.passes_per_step, g.controlnet_passes_per_step) == (3, 1)
     assert g.evaluations == 256 * cfg.generate.steps * 3
@@ -120,7 +122,7 @@ def test_plan_command_prints_the_table(capsys: pytest.CaptureFixture[str]) -> No
     assert "train images  64" in out
     assert "synthetic samples   128" in out  # 64 images x 2 variants
     assert "20 steps x 2" in out and "real+synthetic" in out
-    assert main(["plan", str(DEMO), "generate.supersample=3"]) == 0
+    assert main(["plan", str(DEMO), "generate.supersample=3", "generate.layout_supersample=null"]) == 0
     assert "generated at 192x192, supersample 3" in capsys.readouterr().out  # the 2x ControlNet at 3x
 
 
