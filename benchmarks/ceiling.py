@@ -202,6 +202,21 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "the layout apart from its blur: its boundaries",
     )  # fmt: skip
     p.add_argument(
+        "--outline-sharpen", type=float, nargs=3, default=None, metavar=("K", "R", "W"),
+        help="unsharp-mask the layouts (amount K, box radius R px) only within W px of the source's label "
+        "outlines (pipeline.conditions.outline_sharpen): every layout the generation sees, early and late",
+    )  # fmt: skip
+    p.add_argument(
+        "--outline-sharpen-which", choices=("all", "objects", "inner"), default="all",
+        help="with --outline-sharpen: every label outline, those of the objects (toy scenes' object classes: "
+        "against the background and each other), or only those inside the objects (between touching objects)",
+    )  # fmt: skip
+    p.add_argument(
+        "--outline-sharpen-late", action="store_true",
+        help="with --outline-sharpen and an early/late split (--layouts-at-after): sharpen the later steps' "
+        "layouts only",
+    )  # fmt: skip
+    p.add_argument(
         "--layout-guided-filter", nargs=2, type=float, default=None, metavar=("R", "EPS"),
         help="refine the layouts with a colour guided filter of radius R px (at the model size) and "
         "regulariser EPS, guided by the source images (pipeline.conditions.guided_filter): boundaries "
@@ -415,6 +430,14 @@ def _lumen_rows(
 
         conds, early = sharpen_schedule(conds, args.layout_sharpen[0], int(args.layout_sharpen[1]),
                                         args.layout_sharpen_until)  # fmt: skip
+    if args.outline_sharpen:
+        from pipeline.conditions import outline_sharpen
+
+        outlines = _label_outlines(val, args.outline_sharpen_which)
+        k_, r_, w_ = args.outline_sharpen
+        conds = outline_sharpen(conds, outlines, k_, int(r_), int(w_))
+        if early is not None and not args.outline_sharpen_late:
+            early = outline_sharpen(early, outlines, k_, int(r_), int(w_))
     negative = None
     if args.layout_negative_blur:
         from pipeline.conditions import box_blur
@@ -463,6 +486,23 @@ def _lumen_rows(
                        **_mean_placement(placed[n]), "placement_seeds": placed[n],
                        **({"chosen_candidates": chosen[n]} if args.candidates > 1 else {})}  # fmt: skip
     return rows, grid_rows
+
+
+def _label_outlines(val: list[Any], which: str) -> np.ndarray:
+    """(B, H, W) bool label outlines of the samples (seg changes and depth steps); ``inner``: only those
+    inside the objects (toy scenes' object classes), i.e. between touching objects."""
+    from pipeline.data.toyscenes import SPHERE
+    from pipeline.synthesis.filter import _grow, _interior, label_outlines
+
+    out = []
+    for s in val:
+        o = label_outlines(np.asarray(s.seg), None if s.depth is None else np.asarray(s.depth))
+        if which == "inner":
+            o &= _interior(np.asarray(s.seg) >= SPHERE)
+        elif which == "objects":
+            o &= _grow((np.asarray(s.seg) >= SPHERE)[None])[0]
+        out.append(o)
+    return np.stack(out)
 
 
 def _placement_scorer(
@@ -684,7 +724,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "benchmark": "ceiling", "dataset": args.dataset, "label": args.label, "assets": {"base": str(base_dir), "lumen": str(lumen_dir)},
         "base_training": verify_asset(base_dir).get("training"), "lumen_training": meta.get("training"),
-        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance, "strength": args.strength, "supersample": args.supersample, "layouts_at_trained_size": args.layouts_at_trained_size, "layouts_at": args.layouts_at, "layouts_at_until": args.layouts_at_until, "layouts_at_after": args.layouts_at_after, "layout_sharpen": args.layout_sharpen, "layout_sharpen_until": args.layout_sharpen_until, "layout_guidance": args.layout_guidance, "layout_negative_blur": args.layout_negative_blur, "layout_guided_filter": args.layout_guided_filter, "candidates": args.candidates, "variation": args.variation, "template": args.template, "judge_domains": args.judge_domains,
+        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance, "strength": args.strength, "supersample": args.supersample, "layouts_at_trained_size": args.layouts_at_trained_size, "layouts_at": args.layouts_at, "layouts_at_until": args.layouts_at_until, "layouts_at_after": args.layouts_at_after, "layout_sharpen": args.layout_sharpen, "layout_sharpen_until": args.layout_sharpen_until, "layout_guidance": args.layout_guidance, "layout_negative_blur": args.layout_negative_blur, "layout_guided_filter": args.layout_guided_filter, "outline_sharpen": args.outline_sharpen, "outline_sharpen_which": args.outline_sharpen_which, "outline_sharpen_late": args.outline_sharpen_late, "candidates": args.candidates, "variation": args.variation, "template": args.template, "judge_domains": args.judge_domains,
         "judge": {"train_images": args.train_images, "steps": args.judge_steps}, "rows": rows,
         "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip

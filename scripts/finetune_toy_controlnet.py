@@ -12,6 +12,7 @@ for ``benchmarks/ceiling.py --assets OUT/assets``; resumes from ``OUT/train/chec
     python scripts/finetune_toy_controlnet.py --images 2048 --steps 2400 --jitter 0.0 --out runs/ft-control
     python scripts/finetune_toy_controlnet.py --images 2048 --steps 2000 --jitter 0.0 --edge-weight 2 --out runs/ft-edge
     python scripts/finetune_toy_controlnet.py --images 2048 --steps 2000 --jitter 0.0 --sharpen 2 4 --out runs/ft-sharpen
+    python scripts/finetune_toy_controlnet.py --images 2048 --steps 1000 --jitter 0.0 --layouts-at 3 --out runs/ft-layouts3
 
 The scenes are drawn with their own seed (977), all four domains; results are in docs/models.md.
 """
@@ -73,6 +74,14 @@ def main() -> None:
         metavar=("K", "R"),
         help="train on sharpened layouts (generate.layout_sharpen K, layout_sharpen_radius R)",
     )
+    p.add_argument(
+        "--layouts-at",
+        type=int,
+        default=None,
+        metavar="K",
+        help="train on layouts made from the sources upsampled K times and resized to the model size "
+        "(in-distribution for generate.layout_supersample K)",
+    )
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args()
     n, steps, p_jit, work = args.images, args.steps, args.jitter, args.out
@@ -83,6 +92,8 @@ def main() -> None:
     cfg = load_config(
         ROOT / "configs/demo.yaml", [f"lumen.supersample={meta['config']['lumen'].get('supersample', 1)}"]
     )
+    if args.layouts_at:
+        cfg = cfg.model_copy(update={"lumen": cfg.lumen.model_copy(update={"supersample": args.layouts_at})})
     cfg = cfg.model_copy(update={"layouts": cfg.layouts.model_copy(update={
         **{k: v for k, v in lay.items() if k in ("layer", "timestep", "num_components")}, "cache": False,
         "dtype": "float32"})})  # fmt: skip
@@ -98,6 +109,11 @@ def main() -> None:
     make, _ = condition_maker(cfg, base, str(card["base_model"]), InMemoryDataset(cond_src, ds.info), work,
                               reducer_path=shipped / "pca.safetensors")  # fmt: skip
     conds = make(cond_src).astype(np.float32)
+    if args.layouts_at:  # in-distribution for generate.layout_supersample
+        from pipeline.lumen.generate import resize_tensor
+
+        trained = meta["config"]["lumen"].get("supersample", 1)
+        conds = resize_tensor(torch.from_numpy(conds), (64 * trained, 64 * trained)).numpy()
     if args.sharpen:  # in-distribution for generate.layout_sharpen
         conds = sharpen(conds, args.sharpen[0], int(args.sharpen[1]))
     print("conditions", conds.shape, flush=True)
@@ -105,7 +121,10 @@ def main() -> None:
     settings = ControlTrainSettings(steps=steps, batch_size=16, lr=args.lr, warmup_steps=20, checkpoint_every=100,
                                     validate_every=10**9, seed=0, mixed_precision="no", edge_weight=args.edge_weight)  # fmt: skip
     trainer = LumenTrainer(base, controlnet, work / "train", settings, device=torch.device("cpu"))
-    images = np.stack([s.image for s in to_model_size(samples, model_size(cfg, base))])
+    trained_cfg = load_config(
+        ROOT / "configs/demo.yaml", [f"lumen.supersample={meta['config']['lumen'].get('supersample', 1)}"]
+    )
+    images = np.stack([s.image for s in to_model_size(samples, model_size(trained_cfg, base))])
     trainer.fit(images, conds, [s.caption for s in samples], progress=True)
     out = work / "assets"
     shutil.rmtree(out, ignore_errors=True)
@@ -119,7 +138,7 @@ def main() -> None:
     save_file({k: v.half() for k, v in tensors.items()}, str(dst / "diffusion_pytorch_model.safetensors"))
     meta["files"] = {rel: sha256_file(dst / rel) for rel in meta["files"]}
     meta["training"] = {**meta.get("training", {}), "finetune": {"images": n, "steps": steps, "p_jitter": p_jit,
-                                                                  "edge_weight": args.edge_weight, "sharpen": args.sharpen, "lr": args.lr, "seed": 977}}  # fmt: skip
+                                                                  "edge_weight": args.edge_weight, "sharpen": args.sharpen, "layouts_at": args.layouts_at, "lr": args.lr, "seed": 977}}  # fmt: skip
     (dst / "asset.json").write_text(json.dumps(meta, indent=2))
     print("wrote", out, hashlib.sha256(json.dumps(meta["files"]).encode()).hexdigest()[:8])
 

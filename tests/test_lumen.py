@@ -9,7 +9,15 @@ import pytest
 import torch
 from _tiny import PRESET
 
-from pipeline.conditions import depth_map, edge_map, guided_filter, seg_onehot, sharpen, sparse_mask
+from pipeline.conditions import (
+    depth_map,
+    edge_map,
+    guided_filter,
+    outline_sharpen,
+    seg_onehot,
+    sharpen,
+    sparse_mask,
+)
 from pipeline.data import ToyScenes
 from pipeline.lumen.base import BaseModelNotFoundError, build_tiny_components, load_base
 from pipeline.lumen.controlnet import ControlTrainSettings, LumenTrainer, build_controlnet, embedding_channels
@@ -201,6 +209,23 @@ def test_sharpen_keeps_flat_layouts_and_steepens_boundaries() -> None:
     blur = np.mean([padded[dy : dy + 5, dx : dx + 5] for dy in range(3) for dx in range(3)], axis=0)
     np.testing.assert_allclose(sharpen(c, 0.5, 1)[0, 0], c[0, 0] + 0.5 * (c[0, 0] - blur), atol=1e-5)
     assert np.array_equal(sharpen(c, 0.0, 4), c)
+
+
+def test_outline_sharpen_sharpens_only_the_band_around_label_outlines() -> None:
+    rng = np.random.default_rng(0)
+    conds = rng.random((2, 3, 16, 16)).astype(np.float32)
+    outlines = np.zeros((2, 8, 8), bool)
+    outlines[0, 4, :] = True  # one row at the labels' size = rows 8-9 at the model size
+    out = outline_sharpen(conds, outlines, 2.0, 1, 1)
+    assert out.shape == conds.shape and out.dtype == np.float32
+    full = sharpen(conds, 2.0, 1)
+    np.testing.assert_allclose(out[0, :, 7:11], full[0, :, 7:11], atol=1e-6)  # rows 8-9, widened by 1 px
+    np.testing.assert_allclose(out[0, :, :7], conds[0, :, :7], atol=1e-6)
+    np.testing.assert_allclose(out[0, :, 11:], conds[0, :, 11:], atol=1e-6)
+    np.testing.assert_allclose(out[1], conds[1], atol=1e-6)  # no outlines: unchanged
+    assert np.array_equal(outline_sharpen(conds, outlines, 0.0, 1, 1), conds)
+    with pytest.raises(ValueError, match="outlines must be"):
+        outline_sharpen(conds, outlines[0], 2.0, 1, 1)
 
 
 def test_guided_filter_moves_a_layout_ramp_onto_the_image_edge() -> None:
