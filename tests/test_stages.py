@@ -140,6 +140,18 @@ def test_supersampled_model_trains_larger_and_writes_variants_at_the_labels_size
     assert big.shape[-2:] == (3 * RES, 3 * RES)  # the 3x layouts, resized (antialiased) to the model size:
     expected = resize_tensor(torch.from_numpy(big.astype(np.float32)), (2 * RES, 2 * RES)).numpy()
     np.testing.assert_allclose(made, expected, atol=1e-6)
+    # lumen evaluate-synthesis mirrors it: the opened run makes the same finer layouts (without a cache)
+    import yaml
+
+    from pipeline.config import config_dict
+    from pipeline.synthesis.inputs import BaseModels, RunSpec, open_run
+
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(config_dict(cfg)))
+    bases = BaseModels(torch.device("cpu"))
+    opened = open_run(RunSpec("x", tmp_path), fine_cfg, bases, (base, base_id), data, None)
+    assert opened.make_fine is not None
+    np.testing.assert_allclose(opened.make_fine(list(data)), made, atol=2e-3)
+    assert open_run(RunSpec("x", tmp_path), cfg, bases, (base, base_id), data, None).make_fine is None
     with pytest.raises(ValueError, match="nothing to refine"):
         two = cfg.model_copy(update={"generate": cfg.generate.model_copy(update={"layout_supersample": 2})})
         fine_condition_maker(two, base, base_id, data, tmp_path)

@@ -541,18 +541,26 @@ def test_quality_settings_that_cannot_work_fail_before_any_work() -> None:
 def test_evaluate_synthesis_warns_what_it_does_not_mirror(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A run config with generate.candidates > 1 is scored one candidate per variant, and one with
-    generate.layout_supersample with the usual layouts at every step; each says so."""
+    """A run config with generate.candidates > 1 is scored one candidate per variant, and
+    generate.layout_supersample leaves a row without finer layouts (a label-conditioned ControlNet) at its
+    usual condition; each says so. A layout row with finer layouts is mirrored, with no warning."""
     from pipeline.synthesis.inputs import EvalSettings, OpenedRun, RunSpec
     from pipeline.synthesis.scoring import EvalPaths, Scorer
 
-    run = OpenedRun(RunSpec("x", None), "layout", 3, base=None, base_id="b", controlnet=object())  # type: ignore[arg-type]
+    def fine(samples: object) -> np.ndarray:
+        raise AssertionError("no seed: nothing is made")
+
+    layout = OpenedRun(
+        RunSpec("x", None), "layout", 3, base=None, base_id="b", controlnet=object(), make_fine=fine
+    )  # type: ignore[arg-type]
+    seg = OpenedRun(RunSpec("x", None), "seg", None, base=None, base_id="b", controlnet=object())  # type: ignore[arg-type]
     unused: Any = None  # the dataset info and the latent encoder: no seed, nothing generated or scored
     paths = EvalPaths(tmp_path)
-    for generate, warned in (
-        ({}, ""),
-        ({"candidates": 4}, "candidates=4"),
-        ({"layout_supersample": 3}, "layout_supersample=3"),
+    for generate, run, warned in (
+        ({}, layout, ""),
+        ({"candidates": 4}, layout, "generate.candidates=4 is not mirrored"),
+        ({"layout_supersample": 3}, layout, ""),
+        ({"layout_supersample": 3}, seg, "generate.layout_supersample=3 applies to layout ControlNets only"),
     ):
         cfg = build_config({"generate": generate})
         scorer = Scorer(cfg, EvalSettings(seeds=()), [], unused, {}, unused, "b", torch.device("cpu"), paths)
@@ -560,8 +568,8 @@ def test_evaluate_synthesis_warns_what_it_does_not_mirror(
         with caplog.at_level(logging.WARNING, logger="pipeline.synthesis.scoring"):
             row = scorer.run_row(run)
         assert row["name"] == "x" and row["per_seed"] == []
-        assert ("is not mirrored" in caplog.text) is bool(warned)
-        assert not warned or f"generate.{warned} is not mirrored" in caplog.text
+        assert (caplog.text != "") is bool(warned)
+        assert warned in caplog.text
 
 
 @pytest.mark.parametrize("until", [1.0, 0.5])
@@ -632,3 +640,22 @@ def test_evaluate_synthesis_generates_with_the_configs_conditioning_settings(
     keys = {score_key(run, 0, settings, c, {}, "b", sources)
             for c in (cfg, build_config({"generate": {**g, "conditioning_scale": 1.0}}))}  # fmt: skip
     assert len(keys) == 2
+    # generate.layout_supersample, as expand: the finer layouts after the first half, the usual ones before
+    plain_g = {k: v for k, v in g.items() if not k.startswith("layout_sharpen")}
+    for after in (0.5, 0.0):
+        fine_cfg = build_config(
+            {"generate": {**plain_g, "layout_supersample": 3, "layout_supersample_after": after}}
+        )
+        finer = conds[:, :, ::-1].copy()
+        generate_variants(run, sources, fine_cfg, settings, 0, torch.device("cpu"), conds, finer)
+        np.testing.assert_allclose(seen["conditions"], np.repeat(finer, 2, 0))
+        if after:
+            np.testing.assert_allclose(seen["early_conditions"], np.repeat(conds, 2, 0))
+            assert seen["early_fraction"] == 0.5
+        else:
+            assert seen["early_conditions"] is None
+    with_fine = OpenedRun(RunSpec("x", None), "layout", 3, base=None, base_id="b", controlnet=object(),  # type: ignore[arg-type]
+                          make_fine=lambda samples: conds)  # fmt: skip
+    assert score_key(with_fine, 0, settings, fine_cfg, {}, "b", sources) != score_key(
+        run, 0, settings, fine_cfg, {}, "b", sources
+    )

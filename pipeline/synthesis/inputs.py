@@ -107,6 +107,8 @@ class OpenedRun:
         base, base_id: the base model and its identity.
         controlnet: the ControlNet (None for ``none``).
         make: sources -> (B, C, H, W) conditions (None for ``none``).
+        make_fine: ``generate.layout_supersample``: sources -> the finer layouts the later steps see
+            (None when off or not a layout ControlNet).
         card: the ControlNet's ``lumen.json``.
         weights_sha256: sha256 of the ControlNet's weights file.
     """
@@ -120,6 +122,7 @@ class OpenedRun:
     make: Callable[[Sequence[Sample]], np.ndarray] | None = None
     card: dict[str, Any] = field(default_factory=dict)
     weights_sha256: str = ""
+    make_fine: Callable[[Sequence[Sample]], np.ndarray] | None = None
 
 
 class BaseModels:
@@ -195,7 +198,7 @@ def open_run(spec: RunSpec, cfg: LumenConfig, bases: BaseModels, default: tuple[
     """Load a run's ControlNet, its base model and its condition maker (``none``: ``default`` alone)."""
     from diffusers import ControlNetModel
 
-    from pipeline.lumen.stages import condition_maker, lumen_folder
+    from pipeline.lumen.stages import condition_maker, fine_condition_maker, lumen_folder
 
     if spec.run_dir is None:
         return OpenedRun(spec, "none", None, *default)
@@ -221,10 +224,19 @@ def open_run(spec: RunSpec, cfg: LumenConfig, bases: BaseModels, default: tuple[
             update={"lumen": no_cache.lumen.model_copy(update={"supersample": cfg.generate.supersample})}
         )
     make, _ = condition_maker(no_cache, base, base_id, val, run_dir, reducer_path=pca)
+    make_fine = None
+    if cfg.generate.layout_supersample is not None and run_cfg.lumen.condition == "layout":
+        # as expand: the later steps see layouts made at layout_supersample x, resized to the generation size
+        factor = cfg.generate.supersample or int(card.get("supersample", run_cfg.lumen.supersample))
+        gen_cfg = no_cache.model_copy(update={
+            "generate": cfg.generate, "lumen": no_cache.lumen.model_copy(update={"supersample": factor})})  # fmt: skip
+        make_fine = fine_condition_maker(gen_cfg, base, base_id, val, run_dir, reducer_path=pca)
     controlnet = ControlNetModel.from_pretrained(lumen_dir).to(bases.device).eval()
     n = run_cfg.layouts.channels if run_cfg.lumen.condition == "layout" else None
     weights = sha256_file(lumen_dir / "diffusion_pytorch_model.safetensors")
-    return OpenedRun(spec, run_cfg.lumen.condition, n, base, base_id, controlnet, make, card, weights)
+    return OpenedRun(
+        spec, run_cfg.lumen.condition, n, base, base_id, controlnet, make, card, weights, make_fine
+    )
 
 
 def load_split(cfg: LumenConfig, split: str, count: int, size: tuple[int, int]) -> list[Sample]:

@@ -137,6 +137,10 @@ def score_key(run: OpenedRun, seed: int, settings: EvalSettings, cfg: LumenConfi
         "judges": {t: j.meta.get("key") for t, j in judges.items()}, "latent_base": latent_base,
         "data": config_dict(cfg.data),
     }  # fmt: skip
+    if (
+        run.make_fine is not None
+    ):  # generate.layout_supersample (absent from older keys: their caches stay valid)
+        doc["layout_supersample"] = [g["layout_supersample"], g["layout_supersample_after"]]
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -165,9 +169,12 @@ CONDITIONING = ("conditioning_scale", "condition_guidance", "strength", "layout_
 
 
 def generate_variants(run: OpenedRun, sources: Sequence[Sample], cfg: LumenConfig, settings: EvalSettings,
-                      seed: int, device: torch.device, conditions: np.ndarray | None) -> np.ndarray:  # fmt: skip
+                      seed: int, device: torch.device, conditions: np.ndarray | None,
+                      fine: np.ndarray | None = None) -> np.ndarray:  # fmt: skip
     """K variants of each source, source-major, with expand's prompts, per-variant seeds and conditioning
     settings (``generate.conditioning_scale``, ``condition_guidance``, ``strength``, ``layout_sharpen*``).
+    ``fine`` (``generate.layout_supersample``, from ``run.make_fine``): the layouts the steps after the
+    first ``layout_supersample_after`` see, the usual ``conditions`` before them, as in expand.
     One candidate per variant: ``generate.candidates`` is not applied (:meth:`Scorer.run_row` warns).
 
     A supersampled model generates at its own size (``conditions`` are made from
@@ -182,10 +189,16 @@ def generate_variants(run: OpenedRun, sources: Sequence[Sample], cfg: LumenConfi
     )  # fmt: skip
     gen = LumenGenerator(run.base, run.controlnet, scheduler=g.scheduler, device=device)
     conds = None if conditions is None else np.repeat(conditions.astype(np.float32), settings.variants, 0)
-    early = None
+    early, fraction = None, g.layout_sharpen_until
     if conds is not None:
         conds, early = sharpen_schedule(
             conds, g.layout_sharpen, g.layout_sharpen_radius, g.layout_sharpen_until
+        )
+    if conds is not None and fine is not None:  # the config rules out layout_sharpen with it
+        fraction = g.layout_supersample_after
+        conds, early = (
+            np.repeat(fine.astype(np.float32), settings.variants, 0),
+            (conds if fraction > 0 else None),
         )
     init = np.repeat(np.stack([s.image for s in sources]), settings.variants, 0) if g.strength < 1 else None
     k = supersample(run, cfg)
@@ -196,7 +209,7 @@ def generate_variants(run: OpenedRun, sources: Sequence[Sample], cfg: LumenConfi
         conditioning_scale=g.conditioning_scale,
         condition_guidance=g.condition_guidance and run.controlnet is not None, strength=g.strength,
         layout_guidance=g.layout_guidance if g.condition_guidance and run.controlnet is not None else None,
-        init_images=init, early_conditions=early, early_fraction=g.layout_sharpen_until if early is not None else 0.0,
+        init_images=init, early_conditions=early, early_fraction=fraction if early is not None else 0.0,
     )  # fmt: skip
 
 
@@ -272,12 +285,17 @@ class Scorer:
                 "%s: generate.candidates=%d is not mirrored here: each variant is scored as one candidate "
                 "(benchmarks/ceiling.py --candidates measures the selection)", spec.name, self.cfg.generate.candidates,
             )  # fmt: skip
-        if self.cfg.generate.layout_supersample is not None:
+        if (
+            self.cfg.generate.layout_supersample is not None
+            and run.controlnet is not None
+            and run.make_fine is None
+        ):
             log.warning(
-                "%s: generate.layout_supersample=%d is not mirrored here: every step sees the usual layouts "
-                "(benchmarks/ceiling.py --layouts-at measures it)", spec.name, self.cfg.generate.layout_supersample,
+                "%s: generate.layout_supersample=%d applies to layout ControlNets only: every step of this "
+                "%s row sees its usual condition", spec.name, self.cfg.generate.layout_supersample, run.condition,
             )  # fmt: skip
         conditions: np.ndarray | None = None
+        fine: np.ndarray | None = None
         per_seed: list[dict[str, float]] = []
         t0 = time.perf_counter()
         for i, seed in enumerate(self.settings.seeds):
@@ -288,21 +306,23 @@ class Scorer:
                 continue
             if conditions is None and run.make is not None:
                 conditions = run.make(model_sources(run, self.cfg, self.val))
+            if fine is None and run.make_fine is not None:
+                fine = run.make_fine(model_sources(run, self.cfg, self.val))
             per_seed.append(
-                self._generate_and_score(run, seed, conditions, cache, key, grid if i == 0 else None)
+                self._generate_and_score(run, seed, conditions, cache, key, grid if i == 0 else None, fine)
             )
         row = self._row(run, per_seed, time.perf_counter() - t0)
         log.info("%s: %s", spec.name, {k: round(v["mean"], 4) for k, v in row["metrics"].items()})
         return row
 
     def _generate_and_score(self, run: OpenedRun, seed: int, conditions: np.ndarray | None, cache: Path,
-                            key: str, grid: Path | None) -> dict[str, float]:  # fmt: skip
+                            key: str, grid: Path | None, fine: np.ndarray | None = None) -> dict[str, float]:  # fmt: skip
         """One seed's variants, scored and cached under ``key``; the sample grid is saved when ``grid`` is given."""
         from pipeline.synthesis.render import save_grid
 
         s = self.settings
         log.info("%s: generating %d x %d variants, seed %d", run.spec.name, len(self.val), s.variants, seed)
-        images = generate_variants(run, self.val, self.cfg, s, seed, self.device, conditions)
+        images = generate_variants(run, self.val, self.cfg, s, seed, self.device, conditions, fine)
         scores = score(images, self.val, s.variants, self.judges, self.encoder, self.info)
         atomic_write_json(cache, clean({"key": key, "scores": scores}))
         if grid is not None:
