@@ -20,7 +20,6 @@ The scenes are drawn with their own seed (977), all four domains; results are in
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import shutil
 import sys
@@ -45,6 +44,29 @@ def jitter(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return (np.clip(x, 0, 1) * 255).round().astype(np.uint8)
 
 
+def record_finetune(dst: Path, finetune: dict, flags: str) -> None:
+    """Record a fine-tune in the exported ControlNet folder ``dst``: ``lumen.json`` and ``README.md`` say
+    what it was trained on, and ``asset.json`` gets it under ``training``, the reproduce command (the
+    shipped asset's own, then this fine-tune over it) and the new file hashes."""
+    from pipeline.io import sha256_file
+
+    card = json.loads((dst / "lumen.json").read_text())
+    card["finetune"] = finetune
+    (dst / "lumen.json").write_text(json.dumps(card, indent=2, sort_keys=True))
+    readme = (dst / "README.md").read_text().rstrip("\n")
+    at = finetune.get("layouts_at")
+    layouts = f" on layouts made at {at}x and resized to the model size" if at else ""
+    readme += (f"\n\nFine-tuned on CPU for {finetune['steps']} steps of batch 16 on {finetune['images']} toy scenes of "
+               f"seed {finetune['seed']} (all four domains){layouts}: `scripts/finetune_toy_controlnet.py {flags}`.\n")  # fmt: skip
+    (dst / "README.md").write_text(readme)
+    meta = json.loads((dst / "asset.json").read_text())
+    meta["training"] = {**meta.get("training", {}), "finetune": finetune}
+    meta["command"] = (f"{meta['command']} && python scripts/finetune_toy_controlnet.py {flags} --out OUT "
+                       "&& cp -r OUT/assets/tiny-lumen-layout pipeline/assets/")  # fmt: skip
+    meta["files"] = {rel: sha256_file(dst / rel) for rel in meta["files"]}
+    (dst / "asset.json").write_text(json.dumps(meta, indent=2))
+
+
 def main() -> None:
     from diffusers import ControlNetModel
     from safetensors.torch import load_file, save_file
@@ -55,7 +77,6 @@ def main() -> None:
     from pipeline.data import ToyScenes
     from pipeline.data.memory import InMemoryDataset
     from pipeline.data.sample import Sample
-    from pipeline.io import sha256_file
     from pipeline.lumen.base import load_base
     from pipeline.lumen.controlnet import ControlTrainSettings, LumenTrainer
     from pipeline.lumen.stages import condition_maker, model_size, to_model_size
@@ -136,11 +157,14 @@ def main() -> None:
     )
     tensors = load_file(str(work / "saved" / "diffusion_pytorch_model.safetensors"))
     save_file({k: v.half() for k, v in tensors.items()}, str(dst / "diffusion_pytorch_model.safetensors"))
-    meta["files"] = {rel: sha256_file(dst / rel) for rel in meta["files"]}
-    meta["training"] = {**meta.get("training", {}), "finetune": {"images": n, "steps": steps, "p_jitter": p_jit,
-                                                                  "edge_weight": args.edge_weight, "sharpen": args.sharpen, "layouts_at": args.layouts_at, "lr": args.lr, "seed": 977}}  # fmt: skip
-    (dst / "asset.json").write_text(json.dumps(meta, indent=2))
-    print("wrote", out, hashlib.sha256(json.dumps(meta["files"]).encode()).hexdigest()[:8])
+    finetune = {"images": n, "steps": steps, "p_jitter": p_jit, "edge_weight": args.edge_weight,
+                "sharpen": args.sharpen, "layouts_at": args.layouts_at, "lr": args.lr, "seed": 977}  # fmt: skip
+    flags = f"--images {n} --steps {steps} --jitter {p_jit:g} --lr {args.lr:g}"
+    flags += f" --edge-weight {args.edge_weight:g}" if args.edge_weight else ""
+    flags += f" --sharpen {args.sharpen[0]:g} {args.sharpen[1]:g}" if args.sharpen else ""
+    flags += f" --layouts-at {args.layouts_at}" if args.layouts_at else ""
+    record_finetune(dst, finetune, flags)
+    print("wrote", out)
 
 
 if __name__ == "__main__":
