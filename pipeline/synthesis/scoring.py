@@ -137,9 +137,8 @@ def score_key(run: OpenedRun, seed: int, settings: EvalSettings, cfg: LumenConfi
         "judges": {t: j.meta.get("key") for t, j in judges.items()}, "latent_base": latent_base,
         "data": config_dict(cfg.data),
     }  # fmt: skip
-    if (
-        run.make_fine is not None
-    ):  # generate.layout_supersample (absent from older keys: their caches stay valid)
+    # generate.layout_supersample, only where it applies: older keys and their caches stay valid
+    if run.make_fine is not None:
         doc["layout_supersample"] = [g["layout_supersample"], g["layout_supersample_after"]]
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
