@@ -541,9 +541,8 @@ def test_quality_settings_that_cannot_work_fail_before_any_work() -> None:
 def test_evaluate_synthesis_warns_what_it_does_not_mirror(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    """A run config with generate.candidates > 1 is scored one candidate per variant, and
-    generate.layout_supersample leaves a row without finer layouts (a label-conditioned ControlNet) at its
-    usual condition; each says so. A layout row with finer layouts is mirrored, with no warning."""
+    """generate.candidates and generate.layout_supersample leave a label-conditioned row at one candidate
+    and its usual condition, and say so; a layout row has both mirrored, with no warning."""
     from pipeline.synthesis.inputs import EvalSettings, OpenedRun, RunSpec
     from pipeline.synthesis.scoring import EvalPaths, Scorer
 
@@ -558,7 +557,8 @@ def test_evaluate_synthesis_warns_what_it_does_not_mirror(
     paths = EvalPaths(tmp_path)
     for generate, run, warned in (
         ({}, layout, ""),
-        ({"candidates": 4}, layout, "generate.candidates=4 is not mirrored"),
+        ({"candidates": 4}, layout, ""),
+        ({"candidates": 4}, seg, "generate.candidates=4 applies to layout ControlNets only"),
         ({"layout_supersample": 3}, layout, ""),
         ({"layout_supersample": 3}, seg, "generate.layout_supersample=3 applies to layout ControlNets only"),
     ):
@@ -570,6 +570,51 @@ def test_evaluate_synthesis_warns_what_it_does_not_mirror(
         assert row["name"] == "x" and row["per_seed"] == []
         assert (caplog.text != "") is bool(warned)
         assert warned in caplog.text
+
+
+def test_evaluate_synthesis_keeps_the_best_of_k_candidates_as_expand(monkeypatch: pytest.MonkeyPatch) -> None:
+    """generate.candidates: candidate c of each variant is made under expand's candidate seed, its layout
+    is read back with the run's condition maker, and the one agreeing best with the condition is kept."""
+    from pipeline.lumen.generate import LumenGenerator, variant_seed
+    from pipeline.synthesis.inputs import EvalSettings, OpenedRun, RunSpec
+    from pipeline.synthesis.scoring import generate_variants, score_key
+
+    cfg = build_config({"generate": {"candidates": 3, "candidate_score": "mse"}})
+    scenes = ToyScenes(num_images=2, image_size=(RES, RES))
+    sources = [scenes.load(k) for k in scenes.keys()]
+    calls: list[list[int]] = []
+
+    def fake_generate(self, conditions, prompts, seeds, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(list(seeds))  # an image of one grey level per seed
+        return np.stack([np.full((RES, RES, 3), s % 251, np.uint8) for s in seeds])
+
+    def read(samples):  # type: ignore[no-untyped-def]  # the read-back "layout": the image's grey level
+        return np.stack([np.full((1, RES, RES), s.image.mean() / 255, np.float32) for s in samples])
+
+    monkeypatch.setattr(LumenGenerator, "generate", fake_generate)
+    monkeypatch.setattr(LumenGenerator, "__init__", lambda self, *a, **k: None)
+    run = OpenedRun(RunSpec("x", None), "layout", 1, base=None, base_id="b", controlnet=object(), make=read)  # type: ignore[arg-type]
+    conds = np.zeros((2, 1, RES, RES), np.float32)  # mse against 0: the darkest candidate agrees best
+    out = generate_variants(run, sources, cfg, EvalSettings(variants=2), 7, torch.device("cpu"), conds)
+    assert len(calls) == 3
+    keys = [k for k in scenes.keys() for _ in range(2)]
+    for c in (1, 2):
+        assert calls[c] == [
+            variant_seed(7, f"{k}#candidate{c}", v) for k, v in zip(keys, [0, 1, 0, 1], strict=True)
+        ]
+    np.testing.assert_array_equal(out[:, 0, 0, 0], (np.array(calls) % 251).min(axis=0))
+    # the selection is part of a layout run's score key; a label-conditioned run generates one candidate
+    one = build_config({})
+    assert score_key(run, 0, EvalSettings(), cfg, {}, "b", sources) != score_key(
+        run, 0, EvalSettings(), one, {}, "b", sources
+    )
+    seg = OpenedRun(RunSpec("x", None), "seg", None, base=None, base_id="b", controlnet=object(), make=read)  # type: ignore[arg-type]
+    assert score_key(seg, 0, EvalSettings(), cfg, {}, "b", sources) == score_key(
+        seg, 0, EvalSettings(), one, {}, "b", sources
+    )
+    calls.clear()
+    generate_variants(seg, sources, cfg, EvalSettings(variants=2), 7, torch.device("cpu"), conds)
+    assert len(calls) == 1
 
 
 @pytest.mark.parametrize("until", [1.0, 0.5])

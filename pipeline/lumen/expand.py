@@ -341,6 +341,7 @@ def _best_candidates(
     (``layout_agreement``, ``generate.candidate_score``); the best one is kept, ties to the earlier.
     Returns the kept images, their seeds (so each can be remade) and, per variant, its provenance:
     ``{"candidate": c, "layout_agreement": score}``."""
+    from pipeline.lumen.generate import best_of_candidates
     from pipeline.synthesis.metrics import layout_agreement
 
     g = cfg.generate
@@ -352,17 +353,12 @@ def _best_candidates(
         back = read([replace(sources[sp.key], image=im) for sp, im in zip(specs, images, strict=True)])
         return layout_agreement(reference, np.asarray(back, dtype=np.float32), g.candidate_score)
 
-    best, best_score = first.copy(), agreement(first)
-    seeds = [sp.seed for sp in specs]
-    chosen = np.zeros(len(specs), int)
-    for c in range(1, g.candidates):
-        seeds_c = [variant_seed(cfg.seed, f"{sp.key}#candidate{c}", sp.variant) for sp in specs]
-        images = make(list(range(len(specs))), seeds_c)
-        score = agreement(images)
-        better = score > best_score
-        best[better], chosen[better] = images[better], c
-        best_score = np.where(better, score, best_score)
-        seeds = [s_c if b else s for s, s_c, b in zip(seeds, seeds_c, better, strict=True)]
+    everything = list(range(len(specs)))
+    best, seeds, chosen, best_score = best_of_candidates(
+        first, [sp.seed for sp in specs], g.candidates,
+        lambda c: [variant_seed(cfg.seed, f"{sp.key}#candidate{c}", sp.variant) for sp in specs],
+        lambda seeds_c: make(everything, seeds_c), agreement,
+    )  # fmt: skip
     picked = {i: {"candidate": int(chosen[i]), "layout_agreement": round(float(best_score[i]), 6)}
               for i in range(len(specs))}  # fmt: skip
     return best, seeds, picked

@@ -43,6 +43,7 @@ __all__ = [
     "SCHEDULERS",
     "LumenGenerator",
     "VariantSpec",
+    "best_of_candidates",
     "condition_preview",
     "count_generation_flops",
     "guidance_embedding",
@@ -80,6 +81,42 @@ def variant_seed(run_seed: int, key: str, variant: int) -> int:
     """A 63-bit seed derived from (run seed, sample key, variant index): stable across runs and machines."""
     digest = hashlib.sha256(f"{run_seed}/{key}/{variant}".encode()).hexdigest()
     return int(digest[:16], 16) & ((1 << 63) - 1)
+
+
+def best_of_candidates(
+    first: np.ndarray,
+    seeds: Sequence[int],
+    candidates: int,
+    candidate_seeds: Callable[[int], list[int]],
+    generate: Callable[[list[int]], np.ndarray],
+    agreement: Callable[[np.ndarray], np.ndarray],
+) -> tuple[np.ndarray, list[int], np.ndarray, np.ndarray]:
+    """``generate.candidates``: keep, per variant, the candidate whose score is highest (ties to the earlier).
+
+    Args:
+        first: (B, H, W, 3) candidate 0 of each variant, made with ``seeds``.
+        seeds: the B variants' own seeds.
+        candidates: K, candidates per variant (candidate 0 included).
+        candidate_seeds: c -> the B seeds of candidate c (1 <= c < K).
+        generate: B seeds -> (B, H, W, 3) images.
+        agreement: (B, H, W, 3) images -> (B,) scores, higher is better (``layout_agreement`` of the layout
+            read back from each image with its condition).
+
+    Returns:
+        The kept images, their seeds (so each can be remade), the (B,) chosen candidate index and its score.
+    """
+    best, best_score = np.array(first, copy=True), np.asarray(agreement(first), dtype=np.float64)
+    kept = list(seeds)
+    chosen = np.zeros(len(kept), int)
+    for c in range(1, candidates):
+        seeds_c = candidate_seeds(c)
+        images = generate(seeds_c)
+        score = np.asarray(agreement(images), dtype=np.float64)
+        better = score > best_score
+        best[better], chosen[better] = images[better], c
+        best_score = np.where(better, score, best_score)
+        kept = [s_c if b else s for s, s_c, b in zip(kept, seeds_c, better, strict=True)]
+    return best, kept, chosen, best_score
 
 
 @dataclass(frozen=True)

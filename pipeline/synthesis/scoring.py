@@ -137,9 +137,11 @@ def score_key(run: OpenedRun, seed: int, settings: EvalSettings, cfg: LumenConfi
         "judges": {t: j.meta.get("key") for t, j in judges.items()}, "latent_base": latent_base,
         "data": config_dict(cfg.data),
     }  # fmt: skip
-    # generate.layout_supersample, only where it applies: older keys and their caches stay valid
+    # generate.layout_supersample and candidates, only where they apply: older keys and caches stay valid
     if run.make_fine is not None:
         doc["layout_supersample"] = [g["layout_supersample"], g["layout_supersample_after"]]
+    if selects_candidates(run, cfg):
+        doc["candidates"] = [g["candidates"], g["candidate_score"]]
     return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -174,12 +176,17 @@ def generate_variants(run: OpenedRun, sources: Sequence[Sample], cfg: LumenConfi
     settings (``generate.conditioning_scale``, ``condition_guidance``, ``strength``, ``layout_sharpen*``).
     ``fine`` (``generate.layout_supersample``, from ``run.make_fine``): the layouts the steps after the
     first ``layout_supersample_after`` see, the usual ``conditions`` before them, as in expand.
-    One candidate per variant: ``generate.candidates`` is not applied (:meth:`Scorer.run_row` warns).
+    ``generate.candidates`` > 1 (layout runs, :func:`selects_candidates`): each variant is the best of K
+    candidates by the agreement of the layout read back from it (``run.make``) with its condition, as in
+    expand, the others made under ``variant_seed(seed, f"{key}#candidate{c}", variant)``.
 
     A supersampled model generates at its own size (``conditions`` are made from
     :func:`model_sources`) and the variants are area-downsampled to the sources' size, as in expand."""
+    from dataclasses import replace
+
     from pipeline.conditions import sharpen_schedule
-    from pipeline.lumen.generate import LumenGenerator, plan_variants
+    from pipeline.lumen.generate import LumenGenerator, best_of_candidates, plan_variants, variant_seed
+    from pipeline.synthesis.metrics import layout_agreement
 
     g = cfg.generate
     specs = plan_variants(
@@ -188,6 +195,7 @@ def generate_variants(run: OpenedRun, sources: Sequence[Sample], cfg: LumenConfi
     )  # fmt: skip
     gen = LumenGenerator(run.base, run.controlnet, scheduler=g.scheduler, device=device)
     conds = None if conditions is None else np.repeat(conditions.astype(np.float32), settings.variants, 0)
+    reference = conds  # the usual layouts: what generate.candidates compares each candidate with
     early, fraction = None, g.layout_sharpen_until
     if conds is not None:
         conds, early = sharpen_schedule(
@@ -201,15 +209,40 @@ def generate_variants(run: OpenedRun, sources: Sequence[Sample], cfg: LumenConfi
         )
     init = np.repeat(np.stack([s.image for s in sources]), settings.variants, 0) if g.strength < 1 else None
     k = supersample(run, cfg)
-    return gen.generate(
-        conds, [s.prompt for s in specs], [s.seed for s in specs], steps=settings.generation_steps(cfg),
-        guidance_scale=settings.guidance_scale(cfg), batch_size=settings.batch_size,
-        size=tuple(k * d for d in sources[0].image.shape[:2]), output_size=sources[0].image.shape[:2],
-        conditioning_scale=g.conditioning_scale,
-        condition_guidance=g.condition_guidance and run.controlnet is not None, strength=g.strength,
-        layout_guidance=g.layout_guidance if g.condition_guidance and run.controlnet is not None else None,
-        init_images=init, early_conditions=early, early_fraction=fraction if early is not None else 0.0,
-    )  # fmt: skip
+
+    def make(seeds: list[int]) -> np.ndarray:
+        return gen.generate(
+            conds, [s.prompt for s in specs], seeds, steps=settings.generation_steps(cfg),
+            guidance_scale=settings.guidance_scale(cfg), batch_size=settings.batch_size,
+            size=tuple(k * d for d in sources[0].image.shape[:2]), output_size=sources[0].image.shape[:2],
+            conditioning_scale=g.conditioning_scale,
+            condition_guidance=g.condition_guidance and run.controlnet is not None, strength=g.strength,
+            layout_guidance=g.layout_guidance if g.condition_guidance and run.controlnet is not None else None,
+            init_images=init, early_conditions=early, early_fraction=fraction if early is not None else 0.0,
+        )  # fmt: skip
+
+    seeds = [s.seed for s in specs]
+    images = make(seeds)
+    if not selects_candidates(run, cfg) or reference is None or run.make is None:
+        return images
+    by_key = {s.key: s for s in sources}
+    read = run.make
+
+    def agreement(candidates: np.ndarray) -> np.ndarray:
+        again = [replace(by_key[sp.key], image=im) for sp, im in zip(specs, candidates, strict=True)]
+        back = np.asarray(read(model_sources(run, cfg, again)), dtype=np.float32)
+        return layout_agreement(reference, back, g.candidate_score)
+
+    return best_of_candidates(
+        images, seeds, g.candidates,
+        lambda c: [variant_seed(seed, f"{sp.key}#candidate{c}", sp.variant) for sp in specs], make, agreement,
+    )[0]  # fmt: skip
+
+
+def selects_candidates(run: OpenedRun, cfg: LumenConfig) -> bool:
+    """Whether ``generate.candidates`` applies to a row: K > 1 and a layout ControlNet (the selection
+    compares layouts read back from the candidates)."""
+    return cfg.generate.candidates > 1 and run.condition == "layout" and run.controlnet is not None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -279,10 +312,14 @@ class Scorer:
     def run_row(self, run: OpenedRun) -> dict[str, Any]:
         """Every generation seed of one run, read from the cache or generated and scored."""
         spec = run.spec
-        if self.cfg.generate.candidates > 1:
+        if (
+            self.cfg.generate.candidates > 1
+            and run.controlnet is not None
+            and not selects_candidates(run, self.cfg)
+        ):
             log.warning(
-                "%s: generate.candidates=%d is not mirrored here: each variant is scored as one candidate "
-                "(benchmarks/ceiling.py --candidates measures the selection)", spec.name, self.cfg.generate.candidates,
+                "%s: generate.candidates=%d applies to layout ControlNets only: each variant of this %s row "
+                "is one candidate", spec.name, self.cfg.generate.candidates, run.condition,
             )  # fmt: skip
         if (
             self.cfg.generate.layout_supersample is not None
