@@ -45,7 +45,7 @@ from pipeline.lumen.expand_context import (
     expand_slots,
     stage_hash,
 )
-from pipeline.lumen.generate import VariantSpec, plan_variants, variant_seed
+from pipeline.lumen.generate import VariantSpec, best_of_candidates, plan_variants, variant_seed
 from pipeline.runs import RunPaths, stage_key
 from pipeline.shards.writer import MANIFEST_NAME, ShardSetWriter
 from pipeline.synthesis.judging import JudgeFactory
@@ -341,7 +341,6 @@ def _best_candidates(
     (``layout_agreement``, ``generate.candidate_score``); the best one is kept, ties to the earlier.
     Returns the kept images, their seeds (so each can be remade) and, per variant, its provenance:
     ``{"candidate": c, "layout_agreement": score}``."""
-    from pipeline.lumen.generate import best_of_candidates
     from pipeline.synthesis.metrics import layout_agreement
 
     g = cfg.generate
