@@ -258,8 +258,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--candidates", type=int, default=1, metavar="K",
         help="generate K candidates per variant (the first with the usual seed) and add one row per "
-        "label-free selection score (layout_agreement: the layout extracted again from each candidate "
-        "against its condition), keeping the best candidate",
+        "selection score, keeping the best candidate: the label-free layout_agreement scores (the layout "
+        "extracted again from each candidate against its condition), the label-aware label_edge_contrast "
+        "ones (the image's edges at its labels' outlines) and the judges' own pick (the ceiling)",
+    )  # fmt: skip
+    p.add_argument(
+        "--late-scale", type=float, default=None, metavar="S",
+        help="the ControlNet scale of the steps after the early conditions' (--layouts-at-after, "
+        "--layout-sharpen-until); default: --scales throughout",
     )  # fmt: skip
     p.add_argument("--work", type=Path, default=Path("runs/ceiling"))
     p.add_argument(
@@ -372,9 +378,15 @@ def _lumen_rows(
     from diffusers import ControlNetModel
 
     from pipeline.data.memory import InMemoryDataset
+    from pipeline.data.toyscenes import SPHERE
     from pipeline.lumen.generate import LumenGenerator
     from pipeline.lumen.stages import condition_maker
-    from pipeline.synthesis.metrics import LAYOUT_AGREEMENTS, layout_agreement
+    from pipeline.synthesis.metrics import (
+        LABEL_EDGE_SCORES,
+        LAYOUT_AGREEMENTS,
+        label_edge_contrast,
+        layout_agreement,
+    )
 
     card = json.loads((lumen_dir / "lumen.json").read_text())
     trained = args.layouts_at_trained_size and args.trained_supersample != cfg.lumen.supersample
@@ -402,9 +414,12 @@ def _lumen_rows(
         gen_size = (args.supersample * val[0].size[0], args.supersample * val[0].size[1])
         conds = resize_tensor(torch.from_numpy(conds), gen_size).numpy()
     layouts_early, layouts_fraction = None, 0.0
-    if args.layouts_at and (args.layouts_at_until < 1 or args.layouts_at_after > 0):
+    read_back, reference = make, conds  # --candidates: the usual layouts, read back as expand does
+    if args.layouts_at:
         usual, _ = condition_maker(usual_cfg, base, str(card["base_model"]), InMemoryDataset(val, info), args.work,
                                    reducer_path=lumen_dir / "pca.safetensors")  # fmt: skip
+        read_back, reference = usual, usual(val).astype(np.float32)
+    if args.layouts_at and (args.layouts_at_until < 1 or args.layouts_at_after > 0):
         if args.layouts_at_after > 0:  # the usual layouts first, the K x ones from then on
             layouts_early, layouts_fraction = usual(val).astype(np.float32), args.layouts_at_after
         else:  # the K x layouts for the first steps only
@@ -413,7 +428,6 @@ def _lumen_rows(
                 usual(val).astype(np.float32),
                 args.layouts_at_until,
             )
-    plain = conds
     if trained:
         k = args.supersample
         big = (k * val[0].size[0], k * val[0].size[1])
@@ -444,6 +458,9 @@ def _lumen_rows(
 
         negative = box_blur(conds, args.layout_negative_blur)
     controlnet = ControlNetModel.from_pretrained(lumen_dir).to(device).eval()
+    segs = np.stack([np.asarray(s.seg) for s in val])
+    depths = None if val[0].depth is None else np.stack([np.asarray(s.depth) for s in val])
+    object_classes = [c for c in range(len(info.classes)) if c >= SPHERE]  # toy scenes' object classes
     gen = LumenGenerator(base, controlnet, scheduler=args.scheduler, device=device)
     rows: dict[str, Any] = {}
     grid_rows = []
@@ -460,17 +477,23 @@ def _lumen_rows(
                                     guidance_scale=args.guidance, conditioning_scale=scale, strength=args.strength,
                                     condition_guidance=args.condition_guidance, init_images=np.stack([s.image for s in val]) if args.strength < 1 else None,
                                     output_size=val[0].size, early_conditions=early, layout_guidance=args.layout_guidance, layout_negative=negative,
+                                    late_conditioning_scale=args.late_scale,
                                     early_fraction=(layouts_fraction if layouts_early is not None else args.layout_sharpen_until) if early is not None else 0.0)  # fmt: skip
                 candidates.append(imgs)
                 if args.candidates > 1:  # the layout read back from each candidate, against its condition
-                    again = make([replace(s, image=im) for s, im in zip(val, imgs, strict=True)])
+                    again = read_back([replace(s, image=im) for s, im in zip(val, imgs, strict=True)])
                     for a in LAYOUT_AGREEMENTS:
-                        agreement[a].append(layout_agreement(plain, again.astype(np.float32), a))
+                        agreement[a].append(layout_agreement(reference, again.astype(np.float32), a))
             picks = {f"lumen@{scale:g}": np.zeros(len(val), int)}
             judged = [placement(c).get("per_image") for c in candidates] if args.candidates > 1 else [None]
             for k in range(2, args.candidates + 1):  # best of the first k candidates
                 for a in LAYOUT_AGREEMENTS:
                     picks[f"lumen@{scale:g}+best{k}-{a}"] = np.argmax(np.stack(agreement[a][:k]), axis=0)
+                for a in LABEL_EDGE_SCORES:  # label-aware: the image's edges at its labels' outlines
+                    contrast = [
+                        label_edge_contrast(c, segs, depths, a, object_classes) for c in candidates[:k]
+                    ]
+                    picks[f"lumen@{scale:g}+best{k}-labeledges-{a}"] = np.argmax(np.stack(contrast), axis=0)
                 if judged[0] is not None:  # the judges pick: the ceiling of any label-free score
                     picks[f"lumen@{scale:g}+best{k}-judges"] = np.argmax(np.array(judged[:k]), axis=0)
             for n, pick in picks.items():
@@ -724,7 +747,7 @@ def main(argv: list[str] | None = None) -> int:
     doc = {
         "benchmark": "ceiling", "dataset": args.dataset, "label": args.label, "assets": {"base": str(base_dir), "lumen": str(lumen_dir)},
         "base_training": verify_asset(base_dir).get("training"), "lumen_training": meta.get("training"),
-        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance, "strength": args.strength, "supersample": args.supersample, "layouts_at_trained_size": args.layouts_at_trained_size, "layouts_at": args.layouts_at, "layouts_at_until": args.layouts_at_until, "layouts_at_after": args.layouts_at_after, "layout_sharpen": args.layout_sharpen, "layout_sharpen_until": args.layout_sharpen_until, "layout_guidance": args.layout_guidance, "layout_negative_blur": args.layout_negative_blur, "layout_guided_filter": args.layout_guided_filter, "outline_sharpen": args.outline_sharpen, "outline_sharpen_which": args.outline_sharpen_which, "outline_sharpen_late": args.outline_sharpen_late, "candidates": args.candidates, "variation": args.variation, "template": args.template, "judge_domains": args.judge_domains,
+        "split": args.split, "images": len(val), "judge_train_images": len(train), "seeds": args.seeds, "steps": args.steps, "scheduler": args.scheduler, "guidance": args.guidance, "strength": args.strength, "supersample": args.supersample, "layouts_at_trained_size": args.layouts_at_trained_size, "layouts_at": args.layouts_at, "layouts_at_until": args.layouts_at_until, "layouts_at_after": args.layouts_at_after, "layout_sharpen": args.layout_sharpen, "layout_sharpen_until": args.layout_sharpen_until, "layout_guidance": args.layout_guidance, "layout_negative_blur": args.layout_negative_blur, "layout_guided_filter": args.layout_guided_filter, "outline_sharpen": args.outline_sharpen, "outline_sharpen_which": args.outline_sharpen_which, "outline_sharpen_late": args.outline_sharpen_late, "candidates": args.candidates, "late_scale": args.late_scale, "variation": args.variation, "template": args.template, "judge_domains": args.judge_domains,
         "judge": {"train_images": args.train_images, "steps": args.judge_steps}, "rows": rows,
         "seconds": round(time.perf_counter() - started, 1),
     }  # fmt: skip

@@ -332,6 +332,27 @@ def test_early_conditions_drive_the_first_steps_and_the_conditions_the_rest(
     assert np.abs(mixed.astype(int) - plain.astype(int)).max() > 10
 
 
+def test_late_conditioning_scale_applies_after_the_early_steps(models, conds: np.ndarray) -> None:
+    base, cn = models
+    gen = LumenGenerator(base, cn)
+    early = conds[::-1].copy()
+    kw = {"steps": 4, "guidance_scale": 3.0, "conditioning_scale": 1.5, "early_conditions": early}
+    scales: list[float] = []
+    hook = cn.register_forward_pre_hook(
+        lambda m, args, kwargs: scales.append(kwargs["conditioning_scale"]), with_kwargs=True
+    )
+    try:
+        late = gen.generate(conds, PROMPTS, SEEDS, early_fraction=0.5, late_conditioning_scale=3.0, **kw)
+    finally:
+        hook.remove()
+    assert scales == [1.5, 1.5, 3.0, 3.0]
+    same = gen.generate(conds, PROMPTS, SEEDS, early_fraction=0.5, late_conditioning_scale=1.5, **kw)
+    np.testing.assert_array_equal(same, gen.generate(conds, PROMPTS, SEEDS, early_fraction=0.5, **kw))
+    assert not np.array_equal(late, same)  # the tiny models: the last two steps move a few levels
+    with pytest.raises(ValueError, match="late_conditioning_scale needs early_conditions"):
+        gen.generate(conds, PROMPTS, SEEDS, steps=2, late_conditioning_scale=2.0)
+
+
 def test_early_conditions_are_validated(models, conds: np.ndarray) -> None:
     base, cn = models
     with pytest.raises(ValueError, match="early_fraction must be in"):

@@ -39,6 +39,7 @@ from pipeline.synthesis.metrics import (
     diversity,
     instance_boundaries,
     l1_distance,
+    label_edge_contrast,
     layout_agreement,
     normal_agreement,
     object_placement,
@@ -133,6 +134,47 @@ def test_layout_agreement_prefers_the_candidate_that_keeps_its_conditions_bounda
         layout_agreement(ref, ref, "psnr")
     with pytest.raises(ValueError, match=r"\(B, C, H, W\)"):
         layout_agreement(ref[0], ref[0])
+
+
+def test_label_edge_contrast_prefers_the_variant_that_keeps_touching_objects_apart() -> None:
+    seg = np.zeros((1, 8, 8), np.int64)
+    seg[0, 2:6, 1:4], seg[0, 2:6, 4:7] = 3, 4  # two touching objects (classes 3, 4) on background 0
+    depth = np.full((1, 8, 8), 10.0)
+    depth[seg > 0] = 5.0
+    apart = np.zeros((1, 8, 8, 3), np.uint8)
+    apart[0][seg[0] == 3], apart[0][seg[0] == 4] = (200, 0, 0), (0, 0, 200)
+    merged = apart.copy()
+    merged[0][seg[0] > 0] = (200, 0, 0)  # one blob: the outer outline is kept, the inner one is gone
+    for which in ("all", "inner"):
+        keep, lose = (
+            label_edge_contrast(im, seg, depth, which, object_classes=(3, 4))[0] for im in (apart, merged)
+        )
+        assert keep > lose >= 0, which
+    assert label_edge_contrast(merged, seg, depth, "all")[0] > 0  # its outer outline is still there
+    # inner scores only the boundary between the objects: the blob has no edge there
+    assert label_edge_contrast(merged, seg, depth, "inner", object_classes=(3, 4))[0] == 0.0
+    # the score is a ratio to the image's colour spread: a darker copy scores the same
+    assert label_edge_contrast(apart // 2, seg, None, "all")[0] == pytest.approx(
+        label_edge_contrast(apart, seg, None, "all")[0]
+    )
+    # fewer than min_pairs inner pairs: scored on all outlines
+    assert label_edge_contrast(merged, seg, depth, "inner", object_classes=(3, 4), min_pairs=100)[
+        0
+    ] == pytest.approx(label_edge_contrast(merged, seg, depth, "all")[0])
+    # a depth step alone is an outline: one class, two depths
+    one = np.where(seg > 0, 3, 0)
+    no_step = label_edge_contrast(apart, one, depth, "inner", object_classes=(3,), min_pairs=1)[0]
+    assert no_step == pytest.approx(label_edge_contrast(apart, one, depth, "all")[0])  # no inner outline
+    near = depth.copy()
+    near[0, 2:6, 4:7] = 3.0
+    assert label_edge_contrast(apart, one, near, "inner", object_classes=(3,), min_pairs=1)[0] > 1.0
+    assert label_edge_contrast(merged, one, near, "inner", object_classes=(3,), min_pairs=1)[0] == 0.0
+    flat = np.zeros_like(apart)
+    assert label_edge_contrast(flat, seg, depth)[0] == 0.0  # no edges anywhere
+    with pytest.raises(ValueError, match="unknown label edge score"):
+        label_edge_contrast(apart, seg, depth, "outer")
+    with pytest.raises(ValueError, match=r"\(B, H, W, C\)"):
+        label_edge_contrast(apart[0], seg, depth)
 
 
 def test_object_separation_counts_a_merged_pair_and_skips_small_objects() -> None:

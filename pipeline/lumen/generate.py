@@ -402,6 +402,7 @@ class LumenGenerator:
         early_fraction: float = 0.0,
         layout_guidance: float | None = None,
         layout_negative: np.ndarray | torch.Tensor | None = None,
+        late_conditioning_scale: float | None = None,
     ) -> np.ndarray:
         """Generate ``len(prompts)`` images; returns (B, H, W, 3) uint8.
 
@@ -448,6 +449,8 @@ class LumenGenerator:
                 (e_negative - e0) + layout_guidance * (e_both - e_negative)``, so a ``layout_guidance``
                 above ``guidance_scale`` amplifies only what sets the layout apart from its negative
                 (its boundaries, for a blurred one). The ControlNet then runs on two rows of three.
+            late_conditioning_scale: with ``early_conditions``, the ControlNet residual scale of the steps
+                after the first ``early_fraction`` (None: ``conditioning_scale`` throughout).
         """
         if len(prompts) != len(seeds):
             raise ValueError(f"{len(prompts)} prompts but {len(seeds)} seeds")
@@ -503,6 +506,8 @@ class LumenGenerator:
             if not self.fast:
                 raise ValueError("early_conditions need the fast generation path")
             early_t = _like_conditions("early_conditions", early_conditions, cond_t)
+        if late_conditioning_scale is not None and early_t is None and self.controlnet is not None:
+            raise ValueError("late_conditioning_scale needs early_conditions and early_fraction > 0")
         with self._lock, _num_threads(self.threads), torch.inference_mode(), feature_edit or nullcontext():
             for i in range(0, len(prompts), batch_size):
                 if feature_edit is not None:
@@ -515,7 +520,7 @@ class LumenGenerator:
                     negative = None if negative_t is None else negative_t[i : i + batch_size]
                     images = self._fast_batch(
                         cond, *batch, (h, w), steps, guidance_scale, conditioning_scale, init,
-                        condition_guidance, early, layout_guidance, negative,
+                        condition_guidance, early, layout_guidance, negative, late_conditioning_scale,
                     )  # fmt: skip
                 else:
                     images = self._stock_batch(
@@ -633,6 +638,7 @@ class LumenGenerator:
         early: tuple[torch.Tensor, float] | None = None,
         layout_guidance: float | None = None,
         negative: torch.Tensor | None = None,
+        late_scale: float | None = None,
     ) -> np.ndarray:
         unet, vae, f = self.base.unet, self.base.vae, self.base.vae_scale
         # A guidance-distilled UNet (pipeline.lumen.distill) takes w as an input: one pass, no guidance
@@ -708,6 +714,7 @@ class LumenGenerator:
             for n, t in enumerate(timesteps):
                 if early_steps and n == early_steps:  # the early conditions' steps are done
                     fixed_embedding.value = embeddings[1]
+                    conditioning_scale = conditioning_scale if late_scale is None else late_scale
                 x = torch.cat([latents] * halves) if guidance else latents
                 x = sched.scale_model_input(x, t)
                 eps = self._predict_noise(x, t, emb, cond, conditioning_scale, timestep_cond, skip)

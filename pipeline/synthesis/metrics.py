@@ -352,6 +352,70 @@ def layout_agreement(reference: np.ndarray, candidates: np.ndarray, score: str =
     raise ValueError(f"unknown layout agreement score {score!r}; expected one of {LAYOUT_AGREEMENTS}")
 
 
+LABEL_EDGE_SCORES = ("all", "inner")
+"""The outline sets :func:`label_edge_contrast` knows."""
+
+
+def label_edge_contrast(
+    images: np.ndarray,
+    segs: np.ndarray,
+    depths: np.ndarray | None = None,
+    which: str = "all",
+    object_classes: Sequence[int] = (),
+    depth_jump: float = 0.1,
+    min_pairs: int = 4,
+) -> np.ndarray:
+    """Are the image's edges where its labels' outlines are? (B,) float64, higher is better.
+
+    A variant reuses its source's labels, so where the labels have an outline (the seg class changes or,
+    where both depths are valid, the depth steps by more than ``depth_jump`` relative, as in
+    :func:`pipeline.synthesis.filter.label_outlines`) the variant should change colour. The score is the
+    mean colour step (L2 over channels) across the outline's 4-neighbour pairs, divided by the image's
+    colour spread (the square root of the summed per-channel variances, so a darker or brighter copy
+    scores the same): a merged pair of touching objects or a lost object leaves an outline with no edge.
+
+    - ``all``: every outline;
+    - ``inner``: only outline pairs with both pixels of ``object_classes`` (the boundaries between touching
+      objects); an image with fewer than ``min_pairs`` such pairs is scored on all its outlines.
+
+    Args:
+        images: (B, H, W, C) images, uint8 or float.
+        segs: (B, H, W) class ids.
+        depths: (B, H, W) depth, or None for seg outlines only.
+    """
+    if which not in LABEL_EDGE_SCORES:
+        raise ValueError(f"unknown label edge score {which!r}; expected one of {LABEL_EDGE_SCORES}")
+    x = np.asarray(images, dtype=np.float64)
+    seg = np.asarray(segs)
+    if x.ndim != 4 or x.shape[:3] != seg.shape:
+        raise ValueError(f"expected (B, H, W, C) images and (B, H, W) labels, got {x.shape} and {seg.shape}")
+    d = None if depths is None else np.asarray(depths, dtype=np.float64)
+    if d is not None and d.shape != seg.shape:
+        raise ValueError(f"depth shape {d.shape} differs from the label shape {seg.shape}")
+    objects = np.isin(seg, list(object_classes))
+    h, w = seg.shape[1:]
+    steps, outline, inner = [], [], []
+    for dy, dx in ((0, 1), (1, 0)):
+        here = (slice(None), slice(0, h - dy), slice(0, w - dx))
+        there = (slice(None), slice(dy, h), slice(dx, w))
+        steps.append(np.sqrt(((x[here] - x[there]) ** 2).sum(axis=-1)).reshape(len(x), -1))
+        edge = seg[here] != seg[there]
+        if d is not None:
+            a, b = d[here], d[there]
+            valid = np.isfinite(a) & np.isfinite(b) & (a > 0) & (b > 0)
+            edge |= valid & (np.abs(a - b) / np.where(valid, np.minimum(a, b), 1.0) > depth_jump)
+        outline.append(edge.reshape(len(x), -1))
+        inner.append((edge & objects[here] & objects[there]).reshape(len(x), -1))
+    step, on, inside = (np.concatenate(v, axis=1) for v in (steps, outline, inner))
+    spread = np.sqrt(x.reshape(len(x), -1, x.shape[-1]).var(axis=1).sum(axis=1))
+    out = np.zeros(len(x))
+    for i in range(len(x)):
+        mask = inside[i] if which == "inner" and inside[i].sum() >= min_pairs else on[i]
+        if mask.any():
+            out[i] = step[i][mask].mean() / max(spread[i], 1e-12)
+    return out
+
+
 def depth_agreement(pred: np.ndarray, target: np.ndarray) -> dict[str, float]:
     """``abs_rel``, ``rmse`` and ``delta1`` of predicted vs source depth over valid source pixels.
 
