@@ -204,9 +204,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in rows.items():
         for method in ("learned", "random", "new seed"):
             m = r[method]
-            div = f"{m['class_diversity']:.3f}" if m["class_diversity"] is not None else "–"
+            div_text = f"{m['class_diversity']:.3f}" if m["class_diversity"] is not None else "–"
             print(f"| {name} | {method} | {m['pixel_inside']:.3f} | {m['pixel_outside']:.3f} | {m['pixel_ratio']:.2f} | "
-                  f"{m['feature_ratio']:.2f} | {div} | {m['judge_miou']:.3f} ({r['judge_miou_unedited']:.3f}) |")  # fmt: skip
+                  f"{m['feature_ratio']:.2f} | {div_text} | {m['judge_miou']:.3f} ({r['judge_miou_unedited']:.3f}) |")  # fmt: skip
     print(f"wrote {out}")
     return 0
 

@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             t: {m: round(v - base["metrics"][t][m], 4) for m, v in ms.items()}
             for t, ms in row["metrics"].items()
         }
-    result = {
+    summary = {
         "config": args.config,
         "tasks": tasks,
         "steps": steps,
@@ -108,9 +108,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         diffs = " | ".join(f"{row['metric_diff'][t][m]:+.4f}" for t in tasks for m in _key(t))
         print(f"| {row['devices']} | {row['wall_s']} | {row['speedup']}x | {diffs} |")
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    args.out.write_text(json.dumps(summary, indent=2) + "\n")
     print(f"wrote {args.out}")
-    return result
+    return summary
 
 
 def _key(task: str) -> list[str]:

@@ -44,11 +44,11 @@ def count(channels: int) -> dict[str, float]:
     from transformers import Dinov2Config, Dinov2Model
 
     with torch.device("meta"):  # the SD 1.5 configuration of benchmarks/generation.py
-        unet = UNet2DConditionModel(**SD15_UNET)
+        unet: Any = UNet2DConditionModel(**SD15_UNET)  # diffusers' stubs lack nn.Module's methods
         cn = ControlNetModel.from_unet(unet, conditioning_channels=channels)
-        vae = AutoencoderKL(**SD15_VAE)
+        vae: Any = AutoencoderKL(**SD15_VAE)  # diffusers' stubs lack encode/decode
         seg = smp.Unet("resnet50", encoder_weights=None, encoder_depth=5, classes=19)
-        dino = Dinov2Model(Dinov2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,
+        dino = Dinov2Model(Dinov2Config(hidden_size=768, num_hidden_layers=12, num_attention_heads=12,  # type: ignore[call-arg]  # not a declared field; configs accept extra keys
                                         intermediate_size=3072, patch_size=14, image_size=518))  # fmt: skip
     unet.requires_grad_(False)
 

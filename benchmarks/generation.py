@@ -118,8 +118,8 @@ def sd15_components(seed: int = 0, conditioning_channels: int = 8) -> tuple[Base
     from pipeline.lumen.tokenizer import build_tokenizer
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(**SD15_UNET)
-    vae = AutoencoderKL(**SD15_VAE)
+    unet: Any = UNet2DConditionModel(**SD15_UNET)  # diffusers' stubs lack nn.Module's methods (eval)
+    vae: Any = AutoencoderKL(**SD15_VAE)  # likewise
     tokenizer = build_tokenizer(PROMPTS, max_length=77)
     text = CLIPTextModel(
         CLIPTextConfig(

@@ -60,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     import ceiling
 
     from pipeline.data import build_dataset
+    from pipeline.data.toyscenes import ToyScenes
     from pipeline.layouts import build_backbone
     from pipeline.layouts.pca import PCA, PCAFitter
     from pipeline.lumen.base import load_base
@@ -98,6 +99,10 @@ def main(argv: list[str] | None = None) -> int:
     fitter.update(pca.residual(features(load_split(cfg, "train", args.fit_images, size))))
     extra = fitter.fit(max(args.extra))
     source = build_dataset(cfg.data, "val")
+    if not isinstance(source, ToyScenes):
+        raise SystemExit(
+            f"layout_separation: needs the toyscenes adapter (its objects), got {cfg.data.adapter!r}"
+        )
     instances = [source.objects(v.key, msize)[0] for v in val]
     min_pixels = 16 * (msize[0] // size[0]) * (msize[1] // size[1])
 
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     rows[f"all {f_val.shape[1]} backbone channels"] = pair_separability(
         upsampled(standardised), instances, min_pixels
     )
-    doc = {
+    doc: dict[str, Any] = {
         "benchmark": "layout_separation", "images": len(val), "pairs": len(rows["RGB image"]),
         "rows": {name: {"balanced_accuracy": float(r.mean()), "share_at_least_0.8": float((r >= 0.8).mean())}
                  for name, r in rows.items()},

@@ -70,7 +70,7 @@ def _backbone(args: argparse.Namespace) -> tuple[Backbone, str]:
 
     torch.manual_seed(0)
     vit = Dinov2Model(
-        Dinov2Config(
+        Dinov2Config(  # type: ignore[call-arg]  # not a declared field; configs accept extra keys
             hidden_size=64,
             num_hidden_layers=4,
             num_attention_heads=4,

@@ -151,6 +151,13 @@ def main(argv: list[str] | None = None) -> int:
     scores, image_sets = generate(val_layouts)
     rows["image layouts"] = row(scores, image_sets)
     grid: list[list[np.ndarray]] = []
+    train_segs: list[np.ndarray] = []
+    val_segs: list[np.ndarray] = []
+    for samples, segs in ((train, train_segs), (val, val_segs)):
+        for s in samples:
+            if s.seg is None:
+                raise SystemExit(f"mapper: sample {s.key!r} has no seg label map")
+            segs.append(s.seg)
     for kind in args.inputs:
         for shots in args.shots:
             n = len(train) if shots == "all" else int(shots)
@@ -158,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                 np.random.default_rng(0).choice(len(train), size=min(n, len(train)), replace=False).tolist()
             )
             draws = 4 if kind == "scribble" else 1
-            x = np.concatenate([np.stack([mapper_input(kind, train[i].seg, info.num_classes, np.random.default_rng([d, i]), info.ignore_index)
+            x = np.concatenate([np.stack([mapper_input(kind, train_segs[i], info.num_classes, np.random.default_rng([d, i]), info.ignore_index)
                                           for i in pick]) for d in range(draws)])  # fmt: skip
             y = np.concatenate([train_layouts[pick]] * draws)
             t0 = time.perf_counter()
@@ -166,8 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                 model, losses = fit_mapper(x, y, "proxy" if proxy else "layout", steps=args.mapper_steps, batch_size=16,
                                            width=32, depth=6, downsample=2, out_classes=y.shape[1] if proxy else None)  # fmt: skip
             fit_s = time.perf_counter() - t0
-            xv = np.stack([mapper_input(kind, s.seg, info.num_classes, np.random.default_rng([99, i]), info.ignore_index)
-                           for i, s in enumerate(val)])  # fmt: skip
+            xv = np.stack([mapper_input(kind, seg, info.num_classes, np.random.default_rng([99, i]), info.ignore_index)
+                           for i, seg in enumerate(val_segs)])  # fmt: skip
             conds = outputs_to_condition(
                 predict(model, xv), "proxy" if proxy else "layout", cfg.layouts.soft_temperature
             )
@@ -228,9 +235,9 @@ def main(argv: list[str] | None = None) -> int:
     for name, r in rows.items():
         if name == "real":
             continue
-        err = f"{r['layout_error']:.4f}" if "layout_error" in r else ""
+        err_text = f"{r['layout_error']:.4f}" if "layout_error" in r else ""
         print(
-            f"| {name} | {r['judge_miou']:.3f} ± {r['judge_miou_std']:.3f} | {r['share_of_real']:.0%} | {r['diversity']:.3f} | {err} |"
+            f"| {name} | {r['judge_miou']:.3f} ± {r['judge_miou_std']:.3f} | {r['share_of_real']:.0%} | {r['diversity']:.3f} | {err_text} |"
         )
     print(f"wrote {out}")
     return 0

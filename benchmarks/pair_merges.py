@@ -92,6 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.data import build_dataset
     from pipeline.data.memory import InMemoryDataset
     from pipeline.data.sample import DatasetInfo
+    from pipeline.data.toyscenes import ToyScenes
     from pipeline.lumen.base import load_base
     from pipeline.lumen.generate import LumenGenerator
     from pipeline.lumen.stages import condition_maker, generation_size
@@ -124,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     train = load_split(cfg, "train", cargs.train_images, size)
     val = load_split(cfg, "val", args.images, size)
     source, train_source = build_dataset(cfg.data, "val"), build_dataset(cfg.data, "train")
+    if not isinstance(source, ToyScenes) or not isinstance(train_source, ToyScenes):
+        raise SystemExit(f"pair_merges: needs the toyscenes adapter (its objects), got {cfg.data.adapter!r}")
     outlined = [replace(s, seg=instance_boundaries(train_source.objects(s.key, size)[0]).astype(np.uint8))
                 for s in train]  # fmt: skip
     info = DatasetInfo(name="toyscenes-outlines", classes=("other", "outline"), labels=("seg",))

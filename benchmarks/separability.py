@@ -32,6 +32,7 @@ from pipeline.data.sample import Sample
 from pipeline.data.toyscenes import CLASSES, ToyScenes
 from pipeline.layouts import LayoutExtractor, build_backbone, fit_pca, images_to_tensor
 from pipeline.layouts.backbones import Backbone
+from pipeline.layouts.backbones.sd import SDBackbone
 from pipeline.layouts.tiny_sd import tiny_sd_components
 
 NS = (1, 3, 8, 16)
@@ -103,7 +104,7 @@ def _tiny_dinov2(seed: int = 0) -> torch.nn.Module:
     from transformers import Dinov2Config, Dinov2Model
 
     torch.manual_seed(seed)
-    cfg = Dinov2Config(
+    cfg = Dinov2Config(  # type: ignore[call-arg]  # not a declared field; configs accept extra keys
         hidden_size=64,
         num_hidden_layers=4,
         num_attention_heads=4,
@@ -131,7 +132,12 @@ def main() -> None:
     data = ToyScenes(num_images=args.num, image_size=(args.size, args.size), seed=args.seed)
     keys = data.keys()
     train, test = _Subset(data, keys[: args.num // 2]), _Subset(data, keys[args.num // 2 :])
-    seg = {k: data.load(k).seg for k in keys}
+    seg: dict[str, np.ndarray] = {}
+    for key in keys:
+        label = data.load(key).seg
+        if label is None:
+            raise SystemExit(f"separability: toy scene {key!r} has no seg label map")
+        seg[key] = label
     train_y = np.concatenate([seg[k].reshape(-1) for k in train.keys()])
     test_y = np.concatenate([seg[k].reshape(-1) for k in test.keys()])
     k = len(CLASSES)
@@ -176,6 +182,10 @@ def main() -> None:
         trained_backbone = build_backbone(
             trained
         )  # loaded once; layer/timestep variants share its components
+        if not isinstance(trained_backbone, SDBackbone):
+            raise SystemExit(
+                f"separability: --sd-model built a {type(trained_backbone).__name__}, not an SD backbone"
+            )
         for layer, t, draws in [("up_blocks.1", 261, 1), ("up_blocks.1", 261, 4), ("up_blocks.1", 100, 1),
                                 ("up_blocks.2", 100, 1), ("up_blocks.0", 261, 1)]:  # fmt: skip
             cfg = trained.model_copy(update={"layer": layer, "timestep": t, "noise_draws": draws})

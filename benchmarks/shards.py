@@ -184,7 +184,7 @@ def main() -> None:
             return sum(1 for _ in read_shards(lumen_dir))
 
         def lumen_read_workers() -> int:
-            loader = torch.utils.data.DataLoader(
+            loader: torch.utils.data.DataLoader[dict[str, Any]] = torch.utils.data.DataLoader(
                 read_shards(lumen_dir), batch_size=32, num_workers=2, collate_fn=_collate
             )
             return sum(len(batch["__key__"]) for batch in loader)
