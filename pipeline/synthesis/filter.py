@@ -61,7 +61,7 @@ from pipeline.execution import progress_bar
 from pipeline.io import atomic_write_json
 from pipeline.runs import RunPaths
 from pipeline.synthesis.judging import JudgeFactory
-from pipeline.synthesis.metrics import confusion_scores, seg_confusion
+from pipeline.synthesis.metrics import confusion_scores, label_outline_pairs, seg_confusion
 
 __all__ = [
     "DEFAULT_IGNORE",
@@ -222,19 +222,8 @@ def label_outlines(seg: np.ndarray, depth: np.ndarray | None = None, depth_jump:
         (H, W) bool.
     """
     seg = np.asarray(seg)
-    d = None if depth is None else np.asarray(depth, np.float64)
-    if d is not None and d.shape != seg.shape:
-        raise ValueError(f"depth shape {d.shape} differs from the label shape {seg.shape}")
     out = np.zeros(seg.shape, bool)
-    h, w = seg.shape
-    for dy, dx in ((0, 1), (1, 0)):
-        here, there = (slice(0, h - dy), slice(0, w - dx)), (slice(dy, h), slice(dx, w))
-        edge = seg[here] != seg[there]
-        if d is not None:
-            a, b = d[here], d[there]
-            valid = np.isfinite(a) & np.isfinite(b) & (a > 0) & (b > 0)
-            step = np.abs(a - b) / np.where(valid, np.minimum(a, b), 1.0)
-            edge |= valid & (step > depth_jump)
+    for edge, here, there in label_outline_pairs(seg, depth, depth_jump):
         out[here] |= edge
         out[there] |= edge
     return out

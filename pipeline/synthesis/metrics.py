@@ -352,6 +352,30 @@ def layout_agreement(reference: np.ndarray, candidates: np.ndarray, score: str =
     raise ValueError(f"unknown layout agreement score {score!r}; expected one of {LAYOUT_AGREEMENTS}")
 
 
+def label_outline_pairs(
+    segs: np.ndarray, depths: np.ndarray | None = None, depth_jump: float = 0.1
+) -> Iterator[tuple[np.ndarray, tuple[Any, ...], tuple[Any, ...]]]:
+    """The labels' outlines between 4-neighbours: for the right and the lower neighbour, (outline, index of
+    here, index of there), where ``outline`` marks the pairs whose seg class differs or, where both depths
+    are valid (finite, > 0), whose relative depth step ``|d1 - d2| / min(d1, d2)`` exceeds ``depth_jump``.
+
+    Args:
+        segs: (..., H, W) class ids.
+        depths: (..., H, W) depth (any positive unit), or None for seg outlines only.
+    """
+    seg = np.asarray(segs)
+    d = None if depths is None else np.asarray(depths, dtype=np.float64)
+    if d is not None and d.shape != seg.shape:
+        raise ValueError(f"depth shape {d.shape} differs from the label shape {seg.shape}")
+    for a, b, here, there in _neighbour_pairs(seg):
+        edge = a != b
+        if d is not None:
+            da, db = d[here], d[there]
+            valid = np.isfinite(da) & np.isfinite(db) & (da > 0) & (db > 0)
+            edge |= valid & (np.abs(da - db) / np.where(valid, np.minimum(da, db), 1.0) > depth_jump)
+        yield edge, here, there
+
+
 LABEL_EDGE_SCORES = ("all", "inner")
 """The outline sets :func:`label_edge_contrast` knows."""
 
@@ -369,7 +393,7 @@ def label_edge_contrast(
 
     A variant reuses its source's labels, so where the labels have an outline (the seg class changes or,
     where both depths are valid, the depth steps by more than ``depth_jump`` relative, as in
-    :func:`pipeline.synthesis.filter.label_outlines`) the variant should change colour. The score is the
+    :func:`label_outline_pairs`) the variant should change colour. The score is the
     mean colour step (L2 over channels) across the outline's 4-neighbour pairs, divided by the image's
     colour spread (the square root of the summed per-channel variances, so a darker or brighter copy
     scores the same): a merged pair of touching objects or a lost object leaves an outline with no edge.
@@ -389,21 +413,14 @@ def label_edge_contrast(
     seg = np.asarray(segs)
     if x.ndim != 4 or x.shape[:3] != seg.shape:
         raise ValueError(f"expected (B, H, W, C) images and (B, H, W) labels, got {x.shape} and {seg.shape}")
-    d = None if depths is None else np.asarray(depths, dtype=np.float64)
-    if d is not None and d.shape != seg.shape:
-        raise ValueError(f"depth shape {d.shape} differs from the label shape {seg.shape}")
     objects = np.isin(seg, list(object_classes))
-    h, w = seg.shape[1:]
     steps, outline, inner = [], [], []
-    for dy, dx in ((0, 1), (1, 0)):
-        here = (slice(None), slice(0, h - dy), slice(0, w - dx))
-        there = (slice(None), slice(dy, h), slice(dx, w))
-        steps.append(np.sqrt(((x[here] - x[there]) ** 2).sum(axis=-1)).reshape(len(x), -1))
-        edge = seg[here] != seg[there]
-        if d is not None:
-            a, b = d[here], d[there]
-            valid = np.isfinite(a) & np.isfinite(b) & (a > 0) & (b > 0)
-            edge |= valid & (np.abs(a - b) / np.where(valid, np.minimum(a, b), 1.0) > depth_jump)
+    for edge, here, there in label_outline_pairs(seg, depths, depth_jump):
+        steps.append(
+            np.sqrt(((x[(*here, slice(None))] - x[(*there, slice(None))]) ** 2).sum(axis=-1)).reshape(
+                len(x), -1
+            )
+        )
         outline.append(edge.reshape(len(x), -1))
         inner.append((edge & objects[here] & objects[there]).reshape(len(x), -1))
     step, on, inside = (np.concatenate(v, axis=1) for v in (steps, outline, inner))
